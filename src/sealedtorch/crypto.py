@@ -1,0 +1,245 @@
+"""The only module that touches cryptographic primitives.
+
+Everything else in sealedtorch calls the small recipes below, so the choice of algorithms,
+nonce construction and error translation lives in one reviewable place.  Failures of
+authenticated decryption are translated into :class:`~sealedtorch.errors.IntegrityError`
+here, so no caller can accidentally swallow ``InvalidTag`` or see a different type.
+
+Algorithms (fixed, no negotiation):
+- bulk data and key wrapping: AES-256-GCM, 96-bit nonces, 128-bit tags;
+- key derivation: HKDF-SHA256;
+- keys in transit: HPKE base mode (RFC 9180) with DHKEM(X25519, HKDF-SHA256),
+  HKDF-SHA256 and AES-256-GCM;
+- signatures: Ed25519 (sim platform keys, tokens).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from dataclasses import dataclass, field
+
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes, hpke, serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from .errors import AttestationError, IntegrityError
+
+KEY_SIZE = 32
+NONCE_SIZE = 12
+TAG_SIZE = 16
+X25519_PUBLIC_KEY_SIZE = 32
+ED25519_PUBLIC_KEY_SIZE = 32
+
+_HPKE_SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
+
+
+def random_bytes(n: int) -> bytes:
+    """Bytes from the OS CSPRNG (nonces, salts, keys)."""
+    return os.urandom(n)
+
+
+def generate_key() -> bytes:
+    """A fresh 256-bit symmetric key (model keys, KEKs)."""
+    return os.urandom(KEY_SIZE)
+
+
+def sha256(*parts: bytes) -> bytes:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p)
+    return h.digest()
+
+
+def sha384(*parts: bytes) -> bytes:
+    h = hashlib.sha384()
+    for p in parts:
+        h.update(p)
+    return h.digest()
+
+
+def sha512(*parts: bytes) -> bytes:
+    h = hashlib.sha512()
+    for p in parts:
+        h.update(p)
+    return h.digest()
+
+
+def constant_time_equal(a: bytes, b: bytes) -> bool:
+    """Compare secrets and MACs without leaking where they differ."""
+    return hmac.compare_digest(a, b)
+
+
+def hkdf_sha256(ikm: bytes, *, salt: bytes, info: bytes, length: int = KEY_SIZE) -> bytes:
+    """Derive a sub-key; ``info`` names its purpose so keys never cross purposes."""
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(ikm)
+
+
+def counter_nonce(counter: int) -> bytes:
+    """96-bit big-endian counter nonce; only safe under a key used for one file/stream."""
+    if not 0 <= counter < 2**96:
+        raise ValueError("nonce counter out of range")
+    return counter.to_bytes(NONCE_SIZE, "big")
+
+
+@dataclass
+class Aead:
+    """AES-256-GCM under one key, with in-place helpers for bulk tensor data.
+
+    ``decrypt_into`` writes plaintext straight into caller memory (a tensor's storage);
+    with ``cryptography`` >= 50 it releases the GIL, so several threads decrypt in parallel.
+    """
+
+    key: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if len(self.key) != KEY_SIZE:
+            raise ValueError("AES-256-GCM needs a 32-byte key")
+        self._aead = AESGCM(self.key)
+
+    def encrypt(self, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
+        return self._aead.encrypt(nonce, plaintext, aad)
+
+    def encrypt_into(self, nonce: bytes, plaintext: memoryview | bytes, aad: bytes,
+                     out: memoryview | bytearray) -> None:
+        """Encrypt into ``out`` (len(plaintext) + 16 bytes: ciphertext then tag)."""
+        self._aead.encrypt_into(nonce, plaintext, aad, out)
+
+    def decrypt(self, nonce: bytes, ciphertext: bytes, aad: bytes, *, what: str) -> bytes:
+        try:
+            return self._aead.decrypt(nonce, ciphertext, aad)
+        except InvalidTag:
+            raise IntegrityError(f"{what}: authentication failed") from None
+
+    def decrypt_into(self, nonce: bytes, ciphertext: memoryview | bytes, aad: bytes,
+                     out: memoryview | bytearray, *, what: str) -> None:
+        """Decrypt into ``out``; on failure ``out`` is zeroed before raising."""
+        try:
+            self._aead.decrypt_into(nonce, ciphertext, aad, out)
+        except InvalidTag:
+            zero(out)
+            raise IntegrityError(f"{what}: authentication failed") from None
+
+
+def zero(buf: memoryview | bytearray) -> None:
+    """Best-effort wipe of a mutable buffer (Python cannot wipe immutable ``bytes``)."""
+    mv = memoryview(buf).cast("B")
+    mv[:] = bytes(len(mv))
+
+
+# --- key wrapping (KEK) ----------------------------------------------------------------
+
+def wrap_key(kek: bytes, key: bytes, aad: bytes) -> bytes:
+    """Wrap ``key`` under ``kek``: nonce ‖ AES-256-GCM(key, aad)."""
+    nonce = random_bytes(NONCE_SIZE)
+    return nonce + Aead(kek).encrypt(nonce, key, aad)
+
+
+def unwrap_key(kek: bytes, wrapped: bytes, aad: bytes) -> bytes:
+    if len(wrapped) != NONCE_SIZE + KEY_SIZE + TAG_SIZE:
+        raise IntegrityError("wrapped key has the wrong length")
+    return Aead(kek).decrypt(wrapped[:NONCE_SIZE], wrapped[NONCE_SIZE:], aad,
+                             what="wrapped key (wrong KEK or tampered record)")
+
+
+# --- HPKE (keys in transit) ------------------------------------------------------------
+
+@dataclass
+class EphemeralKeyPair:
+    """An X25519 key pair that lives only in this process, for receiving HPKE-sealed keys."""
+
+    private_key: X25519PrivateKey = field(repr=False)
+
+    @classmethod
+    def generate(cls) -> EphemeralKeyPair:
+        return cls(X25519PrivateKey.generate())
+
+    @property
+    def public_bytes(self) -> bytes:
+        return self.private_key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+    def open(self, sealed: bytes, *, info: bytes) -> bytes:
+        """Open an HPKE ciphertext addressed to this key pair."""
+        try:
+            return _HPKE_SUITE.decrypt(sealed, self.private_key, info=info)
+        except (InvalidTag, ValueError):
+            raise IntegrityError(
+                "HPKE open failed: the sealed key was not addressed to this key pair, "
+                "was modified, or is bound to different context") from None
+
+
+def hpke_seal(recipient_public_key: bytes, plaintext: bytes, *, info: bytes) -> bytes:
+    """HPKE base-mode seal to a raw X25519 public key; returns enc ‖ ciphertext."""
+    if len(recipient_public_key) != X25519_PUBLIC_KEY_SIZE:
+        raise ValueError("X25519 public key must be 32 bytes")
+    pk = X25519PublicKey.from_public_bytes(recipient_public_key)
+    return _HPKE_SUITE.encrypt(plaintext, pk, info=info)
+
+
+# --- Ed25519 ---------------------------------------------------------------------------
+
+@dataclass
+class SigningKey:
+    """An Ed25519 signing key (sim platform key, token-signing key)."""
+
+    private_key: Ed25519PrivateKey = field(repr=False)
+
+    @classmethod
+    def generate(cls) -> SigningKey:
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def from_pem(cls, data: bytes) -> SigningKey:
+        key = serialization.load_pem_private_key(data, password=None)
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ValueError("not an Ed25519 private key")
+        return cls(key)
+
+    def to_pem(self) -> bytes:
+        return self.private_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption())
+
+    @property
+    def public_bytes(self) -> bytes:
+        return self.private_key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+    def public_pem(self) -> bytes:
+        return self.private_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    def sign(self, message: bytes) -> bytes:
+        return self.private_key.sign(message)
+
+
+def load_ed25519_public(data: bytes) -> bytes:
+    """Accept a PEM SubjectPublicKeyInfo or 32 raw bytes; return the raw public key."""
+    if len(data) == ED25519_PUBLIC_KEY_SIZE:
+        return bytes(data)
+    try:
+        key = serialization.load_pem_public_key(data)
+    except ValueError as exc:
+        raise ValueError(f"not an Ed25519 public key: {exc}") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError("not an Ed25519 public key")
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def ed25519_verify(public_key: bytes, signature: bytes, message: bytes) -> bool:
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+def require_ed25519(public_key: bytes, signature: bytes, message: bytes, *, what: str) -> None:
+    """Verify or raise AttestationError naming ``what`` was not signed correctly."""
+    if not ed25519_verify(public_key, signature, message):
+        raise AttestationError(f"{what}: signature does not verify")

@@ -1,0 +1,105 @@
+"""The one exception tree of sealedtorch.
+
+Every failure a user can cause (a bad file, a wrong key, forged evidence, a policy miss)
+raises a subclass of :class:`SealedTorchError`, so callers can catch the whole family or a
+single reason.  Each class names *what* failed; the message says *why*.  Services map these
+classes to stable problem types (``problem_type``) so HTTP clients see the same taxonomy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class SealedTorchError(Exception):
+    """Base class of every error sealedtorch raises on purpose."""
+
+    #: Short stable identifier, used as the RFC 7807 problem ``type`` suffix and in audit logs.
+    problem_type: str = "error"
+
+
+class ConfigError(SealedTorchError):
+    """A setting, path or command-line option is missing or invalid."""
+
+    problem_type = "config"
+
+
+class FormatError(SealedTorchError):
+    """The input is not a sealed file this version understands (magic, version, layout)."""
+
+    problem_type = "format"
+
+
+class IntegrityError(SealedTorchError):
+    """Authentication failed: the data was modified, truncated, reordered or the key is wrong.
+
+    Raised instead of returning anything partially decrypted.
+    """
+
+    problem_type = "integrity"
+
+
+class KeyFileError(SealedTorchError):
+    """A key file is missing, unreadable, malformed, or would be overwritten."""
+
+    problem_type = "key-file"
+
+
+class UnsupportedTensorError(SealedTorchError):
+    """A state_dict holds something the format refuses to seal (e.g. an unknown dtype)."""
+
+    problem_type = "unsupported-tensor"
+
+
+class AttestationError(SealedTorchError):
+    """Evidence did not verify: bad signature, broken chain, untrusted root, expired collateral,
+    wrong size, or a report_data binding that does not match."""
+
+    problem_type = "attestation"
+
+
+class CollateralError(AttestationError):
+    """Verification collateral (TCB info, CRLs, VCEK, ...) is missing, unreachable or expired."""
+
+    problem_type = "collateral"
+
+
+class BindingError(AttestationError):
+    """Evidence verified, but its report_data does not bind the expected nonce and public key."""
+
+    problem_type = "binding"
+
+
+class NonceError(AttestationError):
+    """A nonce is unknown, expired, or was already used."""
+
+    problem_type = "nonce"
+
+
+class PolicyDenied(SealedTorchError):
+    """Verified claims do not satisfy the policy; ``reasons`` lists every mismatch."""
+
+    problem_type = "policy-denied"
+
+    def __init__(self, message: str, reasons: Sequence[str] = ()) -> None:
+        self.reasons: tuple[str, ...] = tuple(reasons)
+        detail = message if not self.reasons else f"{message}: " + "; ".join(self.reasons)
+        super().__init__(detail)
+
+
+class PolicyError(SealedTorchError):
+    """A policy document is malformed (this is the author's mistake, not a denial)."""
+
+    problem_type = "policy-invalid"
+
+
+class KeyUnavailable(SealedTorchError):
+    """No key can be had for this model/version: unknown, revoked, retired, or source down."""
+
+    problem_type = "key-unavailable"
+
+
+class AuthenticationError(SealedTorchError):
+    """A bearer token (admin or attestation result) is missing, forged, expired or revoked."""
+
+    problem_type = "unauthorized"
