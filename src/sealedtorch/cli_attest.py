@@ -1,0 +1,125 @@
+"""``sealedtorch attest verify | measure`` and ``sealedtorch sim init``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import ConfigError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    attest = sub.add_parser("attest", help="verify attestation evidence, measure, fetch keys")
+    asub = attest.add_subparsers(dest="attest_command", metavar="COMMAND", required=True)
+
+    p = asub.add_parser("verify", help="verify SGX/TDX/SNP/sim evidence and print its claims",
+                        description="Verify evidence; exit 0 only if it verifies (and the "
+                                    "policy, if given, allows it); 1 if the policy denies; "
+                                    "2 if the evidence does not verify.")
+    p.add_argument("--tee", required=True, choices=["sgx", "tdx", "snp", "sim"])
+    p.add_argument("--evidence", type=Path, required=True,
+                   help="quote (sgx/tdx), report (snp) or sim statement")
+    p.add_argument("--collateral", type=Path, help="dcap-qvl collateral JSON (sgx/tdx)")
+    p.add_argument("--pccs-url", help="fetch SGX/TDX collateral from this PCCS when not given")
+    p.add_argument("--vcek", type=Path, help="SNP: VCEK/VLEK certificate (DER or PEM)")
+    p.add_argument("--chain", type=Path, help="SNP: ASK+ARK PEM chain (default: shipped roots)")
+    p.add_argument("--kds-url", help="SNP: fetch the VCEK from this AMD KDS when not given")
+    p.add_argument("--cache-dir", type=Path, help="cache for fetched collateral / VCEKs")
+    p.add_argument("--sim-root", type=Path, action="append", default=[],
+                   help="sim: a trusted sim platform public key (platform.pub); repeatable")
+    p.add_argument("--at", type=float, help="verify as of this Unix time (default: now)")
+    p.add_argument("--policy", type=Path, help="also decide against this policy's allow rules")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=_verify)
+
+    p = asub.add_parser("measure", help="print the sim measurement of this installation")
+    p.add_argument("--config", type=Path,
+                   help="runtime configuration file that is part of the measurement")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_measure)
+
+    try:
+        from .cli_keyserver import add_fetch_key_parser
+    except ImportError:  # the keyserver client is optional for the attest tools
+        pass
+    else:
+        add_fetch_key_parser(asub)
+
+    sim = sub.add_parser("sim", help="the software TEE for development (insecure)")
+    ssub = sim.add_subparsers(dest="sim_command", metavar="COMMAND", required=True)
+    p = ssub.add_parser("init", help="create a sim platform key pair",
+                        description="Create a sim platform (Ed25519 key pair). Relying "
+                                    "parties must explicitly trust its platform.pub.")
+    p.add_argument("--out", type=Path, required=True, help="directory to create")
+    p.set_defaults(handler=_sim_init)
+
+
+def _read(path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from . import crypto
+    from .attest import Evidence, Tee, VerifierConfig, verify
+    from .attest.policy import load_policy
+
+    policy = load_policy(args.policy) if args.policy else None
+    certificates = None
+    if args.vcek or args.chain:
+        certificates = (_read(args.vcek) or b"") + (_read(args.chain) or b"")
+    try:
+        sim_keys = tuple(crypto.load_ed25519_public(_read(p) or b"") for p in args.sim_root)
+    except ValueError as exc:
+        raise ConfigError(f"--sim-root: {exc}") from None
+    evidence = Evidence(Tee(args.tee), _read(args.evidence) or b"",
+                        collateral=_read(args.collateral), certificates=certificates)
+    config = VerifierConfig(sim_platform_keys=sim_keys, pccs_url=args.pccs_url,
+                            kds_url=args.kds_url, cache_dir=args.cache_dir)
+    claims = verify(evidence, at=args.at, config=config)
+    decision = policy.decide_use(claims) if policy else None
+    if args.json:
+        out: dict[str, object] = {"verified": True, "claims": claims.to_json()}
+        if decision is not None and policy is not None:
+            out["policy"] = {"digest": policy.digest(), "allowed": decision.allowed,
+                             "reasons": list(decision.reasons)}
+        json.dump(out, sys.stdout, indent=2)
+        print()
+    else:
+        label = ", INSECURE software TEE" if claims.insecure else ""
+        print(f"evidence verified ({args.tee}{label})")
+        for k, v in claims.to_json().items():
+            print(f"  {k:<18} {v}")
+        if decision is not None:
+            print(f"policy: {'ALLOWED' if decision.allowed else 'DENIED'}")
+            for r in decision.reasons:
+                print(f"  - {r}")
+    return 0 if decision is None or decision.allowed else 1
+
+
+def _measure(args: argparse.Namespace) -> int:
+    from .attest.measure import measurement
+
+    value = measurement(_read(args.config) or b"").hex()
+    if args.json:
+        print(json.dumps({"tee": "sim", "measurement": value}))
+    else:
+        print(value)
+    return 0
+
+
+def _sim_init(args: argparse.Namespace) -> int:
+    from .attest.sim import init_platform
+
+    platform = init_platform(args.out)
+    print(f"sim platform created in {args.out}: platform.key (0600, keep private), "
+          f"platform.pub (give to relying parties: --trust-sim-root / --sim-root)")
+    print(f"public key: {platform.public_key.hex()}")
+    print("WARNING: the sim TEE is a software stand-in; it proves nothing about hardware.")
+    return 0

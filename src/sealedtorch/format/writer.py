@@ -1,0 +1,197 @@
+"""Sealing: a state_dict in, a ``.sealed`` file out.
+
+The output appears atomically: it is written to a temporary file beside the target and
+renamed only after every chunk is encrypted and flushed, so a failure never leaves a partial
+file under the target name.  Chunks are independent (counter nonces, per-chunk AAD), so they
+are encrypted by several threads, each into its own buffer, and written with ``pwrite``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import tempfile
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import crypto
+from ..errors import ConfigError, UnsupportedTensorError
+from ..keys import ModelKey
+from ..progress import Progress
+from .header import AliasEntry, Header, TensorEntry
+from .spec import (
+    DEFAULT_CHUNK_SIZE,
+    DTYPE_NAMES,
+    MAX_CHUNK_SIZE,
+    MIN_CHUNK_SIZE,
+    TAG_SIZE,
+    FileKeys,
+    Preamble,
+    align,
+    chunk_aad,
+    file_digest,
+    header_aad,
+)
+
+
+@dataclass(frozen=True)
+class SealResult:
+    path: Path
+    model_id: str
+    key_version: int
+    tensor_count: int
+    data_length: int
+    file_size: int
+
+
+def _plan(state_dict: Mapping[str, Any]) -> tuple[list[TensorEntry | AliasEntry],
+                                                    list[tuple[int, memoryview]], int]:
+    """Lay tensors out at aligned offsets; detect tied tensors; refuse what we cannot seal."""
+    entries: list[TensorEntry | AliasEntry] = []
+    sources: list[tuple[int, memoryview]] = []
+    seen_views: dict[tuple[Any, ...], str] = {}
+    storage_ranges: dict[int, list[tuple[int, int, str]]] = {}
+    offset = 0
+    for name, t in state_dict.items():
+        if not isinstance(name, str):
+            raise UnsupportedTensorError(f"state_dict key {name!r} is not a string")
+        if not isinstance(t, torch.Tensor):
+            raise UnsupportedTensorError(
+                f"{name!r} is a {type(t).__name__}, not a tensor; only tensors can be sealed")
+        if t.layout != torch.strided or t.is_quantized or t.device.type == "meta":
+            raise UnsupportedTensorError(
+                f"{name!r}: only dense (strided) tensors with data can be sealed "
+                f"(got layout {t.layout}, device {t.device})")
+        if t.dtype not in DTYPE_NAMES:
+            raise UnsupportedTensorError(f"{name!r}: dtype {t.dtype} is not supported")
+        t = t.detach()
+        if t.numel() > 0:
+            st = t.untyped_storage()
+            view_key = (st.data_ptr(), t.device, t.storage_offset(), tuple(t.shape),
+                        tuple(t.stride()), t.dtype)
+            if view_key in seen_views:
+                entries.append(AliasEntry(name, seen_views[view_key]))
+                continue
+            begin = st.data_ptr() + t.storage_offset() * t.element_size()
+            span = _byte_span(t)
+            ranges = storage_ranges.setdefault(st.data_ptr(), [])
+            for (b, e, other) in ranges:
+                if begin < e and b < begin + span:
+                    raise UnsupportedTensorError(
+                        f"{name!r} shares memory with {other!r} but is a different view; "
+                        "tied weights are kept only when both names refer to the identical "
+                        "tensor. Clone one of them before sealing.")
+            ranges.append((begin, begin + span, name))
+            seen_views[view_key] = name
+        flat = t.cpu().contiguous().reshape(-1)
+        nbytes = flat.numel() * flat.element_size()
+        entries.append(TensorEntry(name, DTYPE_NAMES[t.dtype], tuple(t.shape), offset, nbytes))
+        if nbytes:
+            sources.append((offset, memoryview(flat.view(torch.uint8).numpy())))
+        offset = align(offset + nbytes)
+    data_length = max((e.offset + e.nbytes for e in entries if isinstance(e, TensorEntry)),
+                      default=0)
+    return entries, sources, data_length
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _byte_span(t: torch.Tensor) -> int:
+    if t.numel() == 0:
+        return 0
+    return (sum((s - 1) * st for s, st in zip(t.shape, t.stride(), strict=True)) + 1) \
+        * t.element_size()
+
+
+def _fill_chunk(out: memoryview, start: int, sources: list[tuple[int, memoryview]],
+                starts: list[int]) -> None:
+    """Copy the plaintext bytes [start, start+len(out)) of the data segment into ``out``."""
+    end = start + len(out)
+    out[:] = bytes(len(out))
+    i = max(bisect.bisect_right(starts, start) - 1, 0)
+    while i < len(sources) and sources[i][0] < end:
+        off, mv = sources[i]
+        lo, hi = max(off, start), min(off + len(mv), end)
+        if lo < hi:
+            out[lo - start:hi - start] = mv[lo - off:hi - off]
+        i += 1
+
+
+def seal_state_dict(state_dict: Mapping[str, Any], path: str | os.PathLike[str], key: ModelKey,
+                    *, metadata: Mapping[str, Any] | None = None,
+                    chunk_size: int = DEFAULT_CHUNK_SIZE, workers: int | None = None,
+                    overwrite: bool = False, progress: bool | None = None) -> SealResult:
+    """Encrypt ``state_dict`` under ``key`` into ``path`` (atomically)."""
+    if not (MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE and chunk_size % 64 == 0):
+        raise ConfigError(f"chunk size must be a multiple of 64 in "
+                          f"[{MIN_CHUNK_SIZE}, {MAX_CHUNK_SIZE}], got {chunk_size}")
+    target = Path(path)
+    if target.exists() and not overwrite:
+        raise ConfigError(f"{target}: already exists (pass overwrite=True / --force to replace)")
+    entries, sources, data_length = _plan(state_dict)
+    header = Header(tuple(entries), dict(metadata or {}))
+    try:
+        header_plain = header.encode()
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"metadata must be JSON-serialisable: {exc}") from None
+
+    salt = crypto.random_bytes(32)
+    keys = FileKeys.derive(key, salt)
+    preamble = Preamble(model_id=key.model_id, key_version=key.version, salt=salt,
+                        key_check=keys.check, chunk_size=chunk_size,
+                        header_length=len(header_plain) + TAG_SIZE, data_length=data_length)
+    pre = preamble.encode()
+    header_ct = keys.header.encrypt(crypto.counter_nonce(0), header_plain, header_aad(pre))
+    digest = file_digest(pre, header_ct)
+    count = preamble.chunk_count
+    starts = [s for s, _ in sources]
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        os.fchmod(fd, 0o644 & ~_umask())  # ciphertext is meant to be copied around
+        os.write(fd, pre + header_ct)
+        base = preamble.data_offset
+
+        def work(indices: range, bar: Progress) -> None:
+            plain = bytearray(chunk_size)
+            sealed = bytearray(chunk_size + TAG_SIZE)
+            for i in indices:
+                start = i * chunk_size
+                n = min(chunk_size, data_length - start)
+                pv, sv = memoryview(plain)[:n], memoryview(sealed)[:n + TAG_SIZE]
+                _fill_chunk(pv, start, sources, starts)
+                keys.data.encrypt_into(crypto.counter_nonce(i), pv,
+                                       chunk_aad(digest, i, i == count - 1), sv)
+                os.pwrite(fd, sv, base + i * (chunk_size + TAG_SIZE))
+                bar.update(n)
+            crypto.zero(plain)
+
+        n_workers = max(1, min(workers or os.cpu_count() or 1, count or 1))
+        with Progress(data_length, f"sealing {target.name}", enabled=progress) as bar, \
+                ThreadPoolExecutor(n_workers) as pool:
+            per = -(-count // n_workers) if count else 0
+            futures = [pool.submit(work, range(w * per, min((w + 1) * per, count)), bar)
+                       for w in range(n_workers)]
+            for f in futures:
+                f.result()
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, target)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return SealResult(target, key.model_id, key.version,
+                      sum(isinstance(e, TensorEntry) for e in entries), data_length,
+                      preamble.file_size)
