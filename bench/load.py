@@ -1,0 +1,167 @@
+"""Load speed: plaintext baselines and sealed files, side by side in one process.
+
+    .venv/bin/python bench/load.py [--rounds 5] [--synthetic-gib 2] [--skip-synthetic]
+
+Prints medians and ratios for a torchvision ResNet-50 (seeded random weights) and a
+synthetic state_dict, plus this machine's AES-256-GCM limit (``decrypt_into`` a
+preallocated buffer, 1 and N threads), the effective decryption throughput, and the peak
+anonymous memory a sealed load uses beyond the tensors themselves.  Nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from safetensors.torch import load_file, save_file
+
+import sealedtorch
+from sealedtorch.keys import ModelKey
+
+CORES = os.cpu_count() or 1
+
+
+def median_ms(fn: Callable[[], object], rounds: int) -> float:
+    fn()  # warm the page cache and the allocator, as a second load would
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+        del out
+    return statistics.median(times) * 1e3
+
+
+def aes_limit(threads: int, size: int = 256 << 20, chunk: int = 1 << 20) -> float:
+    """GB/s of AES-256-GCM decrypt_into a preallocated buffer, ``threads`` threads."""
+    aead = AESGCM(os.urandom(32))
+    n = size // chunk
+    cts = [aead.encrypt(i.to_bytes(12, "big"), os.urandom(chunk), b"") for i in range(n)]
+    out = memoryview(bytearray(size))
+
+    def work(lo: int, hi: int) -> None:
+        for i in range(lo, hi):
+            aead.decrypt_into(i.to_bytes(12, "big"), cts[i], b"", out[i * chunk:(i + 1) * chunk])
+
+    best = 0.0
+    for _ in range(3):
+        ths = [threading.Thread(target=work, args=(k * n // threads, (k + 1) * n // threads))
+               for k in range(threads)]
+        t = time.perf_counter()
+        for th in ths:
+            th.start()
+        for th in ths:
+            th.join()
+        best = max(best, size / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def _rss_anon() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def peak_extra_memory(fn: Callable[[], dict[str, torch.Tensor]]) -> tuple[int, int]:
+    """(peak anonymous RSS growth during fn, bytes of the tensors it returned)."""
+    base = _rss_anon()
+    peak = base
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _rss_anon())
+            time.sleep(0.0005)
+
+    th = threading.Thread(target=sample)
+    th.start()
+    out = fn()
+    done.set()
+    th.join()
+    peak = max(peak, _rss_anon())
+    tensor_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in out.values()}
+                       .values())
+    return peak - base, tensor_bytes
+
+
+def bench_state_dict(label: str, sd: dict[str, torch.Tensor], work: Path,
+                     rounds: int) -> tuple[int, float]:
+    """Print the table for one state_dict; return (bytes, sealed ms with all cores)."""
+    size = sum(t.numel() * t.element_size() for t in sd.values())
+    key = ModelKey.generate("bench")
+    st, pt, sealed = work / f"{label}.safetensors", work / f"{label}.pt", work / f"{label}.sealed"
+    save_file(sd, st)
+    torch.save(sd, pt)
+    sealedtorch.seal(sd, sealed, key=key, overwrite=True, progress=False)
+    print(f"\n== {label}: {len(sd)} tensors, {size / 1e6:.1f} MB, median of {rounds} ==")
+    rows = [
+        ("safetensors load_file", lambda: load_file(st)),
+        ("torch.load(weights_only=True)", lambda: torch.load(pt, weights_only=True)),
+        ("sealed, 1 worker", lambda: sealedtorch.load_state_dict(sealed, key=key, workers=1)),
+        (f"sealed, {CORES} workers",
+         lambda: sealedtorch.load_state_dict(sealed, key=key, workers=CORES)),
+    ]
+    results = {name: median_ms(fn, rounds) for name, fn in rows}
+    base_st = results["safetensors load_file"]
+    base_pt = results["torch.load(weights_only=True)"]
+    print(f"{'loader':<32}{'ms':>10}{'GB/s':>8}{'vs safetensors':>16}{'vs torch.load':>15}")
+    for name, ms in results.items():
+        print(f"{name:<32}{ms:>10.1f}{size / ms / 1e6:>8.2f}{ms / base_st:>15.2f}x"
+              f"{ms / base_pt:>14.2f}x")
+    extra, tensors = peak_extra_memory(
+        lambda: sealedtorch.load_state_dict(sealed, key=key, workers=CORES))
+    print(f"peak anonymous memory during a sealed load: {extra / 1e6:.1f} MB for "
+          f"{tensors / 1e6:.1f} MB of tensors (extra beyond tensors: "
+          f"{(extra - tensors) / 1e6:+.1f} MB; budget: one 1-MiB chunk per worker)")
+    for p in (st, pt, sealed):
+        p.unlink()
+    return size, results[f"sealed, {CORES} workers"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--synthetic-gib", type=float, default=2.0)
+    ap.add_argument("--skip-synthetic", action="store_true")
+    args = ap.parse_args()
+    import cryptography
+
+    print(f"sealedtorch {sealedtorch.__version__}, torch {torch.__version__}, "
+          f"cryptography {cryptography.__version__}, {CORES} cores")
+    one, many = aes_limit(1), aes_limit(CORES)
+    print(f"AES-256-GCM limit (decrypt_into 256 MiB, preallocated): 1 thread {one:.2f} GB/s, "
+          f"{CORES} threads {many:.2f} GB/s (scaling {many / one:.2f}x)")
+    with tempfile.TemporaryDirectory(prefix="sealedtorch-bench-") as tmp:
+        work = Path(tmp)
+        import torchvision
+
+        torch.manual_seed(0)
+        size, ms = bench_state_dict("resnet50", torchvision.models.resnet50().state_dict(),
+                                    work, args.rounds)
+        print(f"effective sealed throughput {size / ms / 1e6:.2f} GB/s = "
+              f"{size / ms / 1e6 / (one * CORES) * 100:.0f}% of limit x cores "
+              f"({one:.2f} x {CORES})")
+        if not args.skip_synthetic:
+            n = max(1, int(args.synthetic_gib * 1024 / 64))  # 64 MiB float32 tensors
+            sd = {f"layer{i}.weight": torch.randn(16 << 20) for i in range(n)}
+            size, ms = bench_state_dict(f"synthetic-{args.synthetic_gib:g}GiB", sd, work,
+                                        max(2, args.rounds // 2))
+            print(f"effective sealed throughput {size / ms / 1e6:.2f} GB/s = "
+                  f"{size / ms / 1e6 / (one * CORES) * 100:.0f}% of limit x cores")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
