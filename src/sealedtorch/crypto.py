@@ -243,3 +243,45 @@ def require_ed25519(public_key: bytes, signature: bytes, message: bytes, *, what
     """Verify or raise AttestationError naming ``what`` was not signed correctly."""
     if not ed25519_verify(public_key, signature, message):
         raise AttestationError(f"{what}: signature does not verify")
+
+# --- ECDSA P-384 and X.509 issuer signatures (SEV-SNP reports and AMD certificates) -----
+
+def verify_ecdsa_p384_sha384(public_key: object, r: int, s: int, message: bytes) -> bool:
+    """True iff ``(r, s)`` is a valid ECDSA P-384 / SHA-384 signature over ``message``.
+
+    ``public_key`` is an ``EllipticCurvePublicKey`` on P-384 or an uncompressed SEC1 point.
+    Never raises for malformed input (wrong curve, r or s out of range): it returns False.
+    """
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+    try:
+        if isinstance(public_key, bytes | bytearray):
+            key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP384R1(), bytes(public_key))
+        elif isinstance(public_key, ec.EllipticCurvePublicKey):
+            key = public_key
+        else:
+            return False
+        if not isinstance(key.curve, ec.SECP384R1) or r <= 0 or s <= 0:
+            return False
+        key.verify(encode_dss_signature(r, s), message, ec.ECDSA(hashes.SHA384()))
+    except (InvalidSignature, ValueError, TypeError, OverflowError):
+        return False
+    return True
+
+
+def cert_signed_by(cert: object, issuer: object) -> bool:
+    """True iff X.509 ``cert`` names ``issuer``'s subject as its issuer and its signature
+    verifies under ``issuer``'s public key (with the algorithm and, for RSA-PSS, the
+    parameters the certificate declares).  Never raises: anything malformed is False."""
+    from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
+
+    if not isinstance(cert, x509.Certificate) or not isinstance(issuer, x509.Certificate):
+        return False
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
+        return False
+    return True
+
