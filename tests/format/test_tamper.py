@@ -199,17 +199,17 @@ def test_failed_load_zeroes_the_decrypted_buffer(sealed, tmp_path, monkeypatch):
     (tmp_path / "m.sealed").write_bytes(head + b"".join(chunks))
     from sealedtorch.format import reader
 
-    captured: list[torch.Tensor] = []
+    captured: list[dict[str, torch.Tensor]] = []
     real = reader._allocate
 
-    def spy(n: int, *, pin: bool) -> torch.Tensor:
-        captured.append(real(n, pin=pin))
+    def spy(entries, *, pin: bool) -> dict[str, torch.Tensor]:
+        captured.append(real(entries, pin=pin))
         return captured[-1]
 
     monkeypatch.setattr(reader, "_allocate", spy)
     with pytest.raises(IntegrityError):
         sealedtorch.load_state_dict(tmp_path / "m.sealed", key=key, workers=1)
-    assert captured and int(captured[0].count_nonzero()) == 0
+    assert captured and all(int(t.count_nonzero()) == 0 for t in captured[0].values())
 
 
 def test_preamble_region_mutation_without_key_is_reported_on_load(sealed, tmp_path):

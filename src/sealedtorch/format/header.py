@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import FormatError
-from .spec import ALIGNMENT, DTYPES
+from .spec import DTYPES, chunks_of
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,8 @@ class Header:
         return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
 
     @classmethod
-    def decode(cls, raw: bytes, *, data_length: int, source: str) -> Header:
+    def decode(cls, raw: bytes, *, data_length: int, chunk_size: int, chunk_count: int,
+               source: str) -> Header:
         try:
             doc = json.loads(raw)
             entries = [_entry(e) for e in doc["tensors"]]
@@ -70,12 +71,14 @@ class Header:
         except (ValueError, KeyError, TypeError) as exc:
             raise FormatError(f"{source}: header is authentic but malformed ({exc})") from None
         header = cls(tuple(entries), metadata)
-        header.validate(data_length, source=source)
+        header.validate(data_length, chunk_size, chunk_count, source=source)
         return header
 
-    def validate(self, data_length: int, *, source: str) -> None:
+    def validate(self, data_length: int, chunk_size: int, chunk_count: int, *,
+                 source: str) -> None:
+        """Tensors are stored back to back, in order, each in its own whole chunks."""
         names: set[str] = set()
-        end = 0
+        end = chunks = 0
         for e in self.entries:
             if e.name in names:
                 raise FormatError(f"{source}: duplicate tensor name {e.name!r}")
@@ -84,11 +87,13 @@ class Header:
                     raise FormatError(f"{source}: alias {e.name!r} points to unknown tensor")
             else:
                 expected = math.prod(e.shape) * e.torch_dtype.itemsize
-                if (e.nbytes != expected or e.offset % ALIGNMENT or e.offset < end
-                        or e.offset + e.nbytes > data_length):
+                if e.nbytes != expected or e.offset != end:
                     raise FormatError(f"{source}: tensor {e.name!r} has an invalid extent")
                 end = e.offset + e.nbytes
+                chunks += chunks_of(e.nbytes, chunk_size)
             names.add(e.name)
+        if end != data_length or chunks != chunk_count:
+            raise FormatError(f"{source}: tensor table does not cover the data segment")
 
 
 def _entry(e: dict[str, Any]) -> TensorEntry | AliasEntry:

@@ -18,7 +18,6 @@ from ..keys import ModelKey
 MAGIC = b"\x89STSEAL\n"
 FORMAT_VERSION = 1
 CIPHER_AES256GCM_HKDF_SHA256 = 1
-ALIGNMENT = 64
 DEFAULT_CHUNK_SIZE = 1 << 20
 MIN_CHUNK_SIZE = 4096
 MAX_CHUNK_SIZE = 64 << 20
@@ -26,9 +25,9 @@ MAX_HEADER_SIZE = 64 << 20
 TAG_SIZE = crypto.TAG_SIZE
 
 # magic, version, cipher, flags, key_version, salt, key_check, chunk_size, header_len,
-# data_len, model_id_len
-_FIXED = struct.Struct("<8sHBBI32s16sIIQH")
-FIXED_SIZE = _FIXED.size  # 82
+# data_len, chunk_count, model_id_len
+_FIXED = struct.Struct("<8sHBBI32s16sIIQQH")
+FIXED_SIZE = _FIXED.size  # 90
 _IDENT_SIZE = 12  # magic + version + cipher + flags: what FormatError (not IntegrityError) covers
 
 _INFO_HEADER = b"sealedtorch/format/v1/header-key"
@@ -61,6 +60,7 @@ class Preamble:
     chunk_size: int
     header_length: int
     data_length: int
+    chunk_count: int
     format_version: int = FORMAT_VERSION
     cipher: int = CIPHER_AES256GCM_HKDF_SHA256
     raw: bytes = field(default=b"", repr=False, compare=False)
@@ -68,10 +68,6 @@ class Preamble:
     @property
     def size(self) -> int:
         return FIXED_SIZE + len(self.model_id.encode())
-
-    @property
-    def chunk_count(self) -> int:
-        return -(-self.data_length // self.chunk_size)
 
     @property
     def data_offset(self) -> int:
@@ -85,7 +81,7 @@ class Preamble:
         mid = self.model_id.encode()
         return _FIXED.pack(MAGIC, self.format_version, self.cipher, 0, self.key_version,
                            self.salt, self.key_check, self.chunk_size, self.header_length,
-                           self.data_length, len(mid)) + mid
+                           self.data_length, self.chunk_count, len(mid)) + mid
 
     def to_json(self) -> dict[str, object]:
         return {"format_version": self.format_version, "cipher": "AES-256-GCM/HKDF-SHA256",
@@ -115,7 +111,7 @@ def parse_preamble(head: bytes, *, source: str) -> Preamble:
     if len(head) < FIXED_SIZE:
         raise IntegrityError(f"{source}: file is truncated inside the preamble")
     (_, _, _, _, key_version, salt, key_check, chunk_size, header_length, data_length,
-     mid_len) = _FIXED.unpack_from(head)
+     chunk_count, mid_len) = _FIXED.unpack_from(head)
     if len(head) < FIXED_SIZE + mid_len:
         raise IntegrityError(f"{source}: file is truncated inside the preamble")
     try:
@@ -123,17 +119,20 @@ def parse_preamble(head: bytes, *, source: str) -> Preamble:
     except UnicodeDecodeError:
         raise IntegrityError(f"{source}: preamble is corrupt (model id is not UTF-8)") from None
     problems = []
-    if not (MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE and chunk_size % ALIGNMENT == 0):
+    if not (MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE and chunk_size % 64 == 0):
         problems.append(f"chunk size {chunk_size}")
     if not TAG_SIZE < header_length <= MAX_HEADER_SIZE:
         problems.append(f"header length {header_length}")
     if key_version == 0 or mid_len == 0:
         problems.append("key version or model id")
+    if not problems and not chunks_of(data_length, chunk_size) <= chunk_count <= data_length:
+        problems.append(f"chunk count {chunk_count}")
     if problems:
         raise IntegrityError(f"{source}: preamble is corrupt ({', '.join(problems)})")
     return Preamble(model_id=model_id, key_version=key_version, salt=salt, key_check=key_check,
                     chunk_size=chunk_size, header_length=header_length,
-                    data_length=data_length, raw=bytes(head[:FIXED_SIZE + mid_len]))
+                    data_length=data_length, chunk_count=chunk_count,
+                    raw=bytes(head[:FIXED_SIZE + mid_len]))
 
 
 @dataclass(frozen=True)
@@ -166,5 +165,6 @@ def chunk_aad(digest: bytes, index: int, last: bool) -> bytes:
     return _AAD_CHUNK + digest + struct.pack("<QB", index, 1 if last else 0)
 
 
-def align(n: int) -> int:
-    return -(-n // ALIGNMENT) * ALIGNMENT
+def chunks_of(nbytes: int, chunk_size: int) -> int:
+    """Chunks a tensor of ``nbytes`` occupies: chunks never span two tensors."""
+    return -(-nbytes // chunk_size)

@@ -8,7 +8,6 @@ are encrypted by several threads, each into its own buffer, and written with ``p
 
 from __future__ import annotations
 
-import bisect
 import os
 import tempfile
 from collections.abc import Mapping
@@ -32,8 +31,8 @@ from .spec import (
     TAG_SIZE,
     FileKeys,
     Preamble,
-    align,
     chunk_aad,
+    chunks_of,
     file_digest,
     header_aad,
 )
@@ -51,7 +50,7 @@ class SealResult:
 
 def _plan(state_dict: Mapping[str, Any]) -> tuple[list[TensorEntry | AliasEntry],
                                                     list[tuple[int, memoryview]], int]:
-    """Lay tensors out at aligned offsets; detect tied tensors; refuse what we cannot seal."""
+    """Lay tensors out back to back; detect tied tensors; refuse what we cannot seal."""
     entries: list[TensorEntry | AliasEntry] = []
     sources: list[tuple[int, memoryview]] = []
     seen_views: dict[tuple[Any, ...], str] = {}
@@ -93,10 +92,8 @@ def _plan(state_dict: Mapping[str, Any]) -> tuple[list[TensorEntry | AliasEntry]
         entries.append(TensorEntry(name, DTYPE_NAMES[t.dtype], tuple(t.shape), offset, nbytes))
         if nbytes:
             sources.append((offset, memoryview(flat.view(torch.uint8).numpy())))
-        offset = align(offset + nbytes)
-    data_length = max((e.offset + e.nbytes for e in entries if isinstance(e, TensorEntry)),
-                      default=0)
-    return entries, sources, data_length
+        offset += nbytes
+    return entries, sources, offset
 
 
 def _umask() -> int:
@@ -110,20 +107,6 @@ def _byte_span(t: torch.Tensor) -> int:
         return 0
     return (sum((s - 1) * st for s, st in zip(t.shape, t.stride(), strict=True)) + 1) \
         * t.element_size()
-
-
-def _fill_chunk(out: memoryview, start: int, sources: list[tuple[int, memoryview]],
-                starts: list[int]) -> None:
-    """Copy the plaintext bytes [start, start+len(out)) of the data segment into ``out``."""
-    end = start + len(out)
-    out[:] = bytes(len(out))
-    i = max(bisect.bisect_right(starts, start) - 1, 0)
-    while i < len(sources) and sources[i][0] < end:
-        off, mv = sources[i]
-        lo, hi = max(off, start), min(off + len(mv), end)
-        if lo < hi:
-            out[lo - start:hi - start] = mv[lo - off:hi - off]
-        i += 1
 
 
 def seal_state_dict(state_dict: Mapping[str, Any], path: str | os.PathLike[str], key: ModelKey,
@@ -144,16 +127,24 @@ def seal_state_dict(state_dict: Mapping[str, Any], path: str | os.PathLike[str],
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"metadata must be JSON-serialisable: {exc}") from None
 
+    # Chunk i: (plaintext source slice, ciphertext file position).  Chunks never span two
+    # tensors, so each is encrypted straight from that tensor's memory.
+    plan: list[tuple[memoryview, int]] = []
+    for off, mv in sources:
+        for k in range(chunks_of(len(mv), chunk_size)):
+            part = mv[k * chunk_size:(k + 1) * chunk_size]
+            plan.append((part, off + k * chunk_size + len(plan) * TAG_SIZE))
+    count = len(plan)
+
     salt = crypto.random_bytes(32)
     keys = FileKeys.derive(key, salt)
     preamble = Preamble(model_id=key.model_id, key_version=key.version, salt=salt,
                         key_check=keys.check, chunk_size=chunk_size,
-                        header_length=len(header_plain) + TAG_SIZE, data_length=data_length)
+                        header_length=len(header_plain) + TAG_SIZE, data_length=data_length,
+                        chunk_count=count)
     pre = preamble.encode()
     header_ct = keys.header.encrypt(crypto.counter_nonce(0), header_plain, header_aad(pre))
     digest = file_digest(pre, header_ct)
-    count = preamble.chunk_count
-    starts = [s for s, _ in sources]
 
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
@@ -162,24 +153,19 @@ def seal_state_dict(state_dict: Mapping[str, Any], path: str | os.PathLike[str],
         base = preamble.data_offset
 
         def work(indices: range, bar: Progress) -> None:
-            plain = bytearray(chunk_size)
             sealed = bytearray(chunk_size + TAG_SIZE)
             for i in indices:
-                start = i * chunk_size
-                n = min(chunk_size, data_length - start)
-                pv, sv = memoryview(plain)[:n], memoryview(sealed)[:n + TAG_SIZE]
-                _fill_chunk(pv, start, sources, starts)
-                keys.data.encrypt_into(crypto.counter_nonce(i), pv,
+                part, pos = plan[i]
+                sv = memoryview(sealed)[:len(part) + TAG_SIZE]
+                keys.data.encrypt_into(crypto.counter_nonce(i), part,
                                        chunk_aad(digest, i, i == count - 1), sv)
-                os.pwrite(fd, sv, base + i * (chunk_size + TAG_SIZE))
-                bar.update(n)
-            crypto.zero(plain)
+                os.pwrite(fd, sv, base + pos)
+                bar.update(len(part))
 
         n_workers = max(1, min(workers or os.cpu_count() or 1, count or 1))
         with Progress(data_length, f"sealing {target.name}", enabled=progress) as bar, \
                 ThreadPoolExecutor(n_workers) as pool:
-            per = -(-count // n_workers) if count else 0
-            futures = [pool.submit(work, range(w * per, min((w + 1) * per, count)), bar)
+            futures = [pool.submit(work, range(w, count, n_workers), bar)
                        for w in range(n_workers)]
             for f in futures:
                 f.result()
