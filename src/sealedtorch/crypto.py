@@ -244,6 +244,7 @@ def require_ed25519(public_key: bytes, signature: bytes, message: bytes, *, what
     if not ed25519_verify(public_key, signature, message):
         raise AttestationError(f"{what}: signature does not verify")
 
+
 # --- ECDSA P-384 and X.509 issuer signatures (SEV-SNP reports and AMD certificates) -----
 
 def verify_ecdsa_p384_sha384(public_key: object, r: int, s: int, message: bytes) -> bool:
@@ -285,3 +286,84 @@ def cert_signed_by(cert: object, issuer: object) -> bool:
         return False
     return True
 
+
+# --- X.509 for the keyserver's TLS (a private CA and one server certificate) ----------
+
+def generate_tls_ca(common_name: str, *, days: int = 3650) -> tuple[bytes, bytes]:
+    """A self-signed ECDSA P-256 CA for one deployment: (certificate PEM, key PEM).
+
+    Clients pin this CA (``--ca``) instead of trusting the web PKI, so a keyserver needs no
+    public certificate.  The key is PKCS#8 PEM, unencrypted: store it 0600.
+    """
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder()
+            .subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(
+                digital_signature=False, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    return (cert.public_bytes(serialization.Encoding.PEM),
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()))
+
+
+def issue_tls_server_cert(ca_cert_pem: bytes, ca_key_pem: bytes, *, common_name: str,
+                          dns_names: tuple[str, ...] = (), ip_addresses: tuple[str, ...] = (),
+                          days: int = 825) -> tuple[bytes, bytes]:
+    """An ECDSA P-256 TLS server certificate signed by the CA: (certificate PEM, key PEM).
+
+    Subject alternative names are exactly ``dns_names`` and ``ip_addresses`` (clients match
+    the host they dial against these, never against the common name).
+    """
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    ca_cert = x509.load_pem_x509_certificate(ca_cert_pem)
+    ca_key = serialization.load_pem_private_key(ca_key_pem, password=None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ValueError("the CA key must be an ECDSA key")
+    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
+    sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in ip_addresses]
+    if not sans:
+        raise ValueError("a server certificate needs at least one DNS name or IP address")
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .issuer_name(ca_cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+                           critical=False)
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    return (cert.public_bytes(serialization.Encoding.PEM),
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()))

@@ -103,3 +103,17 @@ class AuthenticationError(SealedTorchError):
     """A bearer token (admin or attestation result) is missing, forged, expired or revoked."""
 
     problem_type = "unauthorized"
+
+
+class RequestError(SealedTorchError):
+    """A service request is malformed: invalid JSON, a missing or ill-typed field, a body
+    that is too large.  The caller's (or client library's) mistake, never a denial."""
+
+    problem_type = "bad-request"
+
+
+class ConflictError(SealedTorchError):
+    """The request contradicts stored state: a model id or key version that already exists,
+    or a key version that is already revoked or retired."""
+
+    problem_type = "conflict"

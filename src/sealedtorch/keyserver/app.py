@@ -1,0 +1,301 @@
+"""The keyserver's HTTP API (FastAPI): a thin translation of JSON to :class:`Keyserver` calls.
+
+Every error leaves as ``application/problem+json`` (RFC 7807) with a stable ``type`` URI
+(see :mod:`.problems`).  Bodies are limited in size before they are parsed.  Each request
+gets an id (``X-Request-Id``), used in the access log, the audit log and problem bodies.
+The OpenAPI description is served at ``/v1/openapi.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from fastapi import FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .. import crypto
+from ..errors import RequestError, SealedTorchError
+from . import protocol
+from .audit import iso
+from .problems import internal_problem, problem_for, with_status
+from .protocol import PROBLEM_MEDIA_TYPE
+from .service import Keyserver, RequestContext
+from .store import KeyState
+
+access_log = logging.getLogger("sealedtorch.keyserver.access")
+log = logging.getLogger("sealedtorch.keyserver")
+
+_EVENTS = (("/v1/attest/challenge", "attest.challenge"), ("/v1/attest", "attest"),
+           ("/v1/keys", "release"), ("/v1/admin/models", "register"),
+           ("/v1/admin/policies", "policy.set"), ("/v1/admin/rotations", "rotate"),
+           ("/v1/admin/revocations", "revoke"), ("/v1/admin/retirements", "retire"))
+
+
+def _event_for(path: str) -> str:
+    for prefix, event in _EVENTS:
+        if path == prefix or path.startswith(prefix + "/"):
+            return event
+    return "request"
+
+
+def _problem_response(body: dict[str, Any]) -> JSONResponse:
+    headers = {"WWW-Authenticate": 'Bearer realm="sealedtorch-keyserver"'} \
+        if body["status"] == 401 else None
+    return JSONResponse(body, status_code=body["status"], media_type=PROBLEM_MEDIA_TYPE,
+                        headers=headers)
+
+
+def _bearer(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, value = authorization.partition(" ")
+    return value.strip() or None if scheme.lower() == "bearer" else None
+
+
+class _Envelope:
+    """Pure-ASGI outer layer: request id, body-size limit, access log.
+
+    The body is read (up to ``max_body``) before the application sees it, whatever the
+    Content-Length header claims, so an oversized or endless body is refused early.
+    """
+
+    def __init__(self, app: ASGIApp, service: Keyserver, max_body: int) -> None:
+        self.app = app
+        self.service = service
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        request_id = crypto.random_bytes(8).hex()
+        scope.setdefault("state", {})["request_id"] = request_id
+        client = scope.get("client")
+        client_addr = client[0] if client else None
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"],
+                                      (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            body = await self._read_body(scope, receive)
+            if body is None:
+                exc = with_status(RequestError(
+                    f"request body exceeds the limit of {self.max_body} bytes"), 413)
+                ctx = RequestContext(client_addr, request_id)
+                event = _event_for(scope.get("path", ""))
+                await _run_sync(self.service.record_request_error, ctx, event, exc)
+                response = _problem_response(problem_for(exc, request_id=request_id))
+                await response(scope, receive, send_wrapper)
+                return
+            replayed = False
+
+            async def replay() -> Message:
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
+
+            await self.app(scope, replay, send_wrapper)
+        finally:
+            access_log.info(
+                "%s %s %s", scope.get("method"), scope.get("path"), status,
+                extra={"fields": {"method": scope.get("method"), "path": scope.get("path"),
+                                  "status": status, "client": client_addr,
+                                  "request_id": request_id,
+                                  "ms": round((time.perf_counter() - start) * 1000, 2)}})
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    if int(value) > self.max_body:
+                        return None
+                except ValueError:
+                    pass
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
+
+
+async def _run_sync(fn: Any, *args: Any) -> Any:
+    from starlette.concurrency import run_in_threadpool
+
+    return await run_in_threadpool(fn, *args)
+
+
+def _ctx(request: Request) -> RequestContext:
+    return RequestContext(request.client.host if request.client else None,
+                          getattr(request.state, "request_id", None))
+
+
+def create_app(service: Keyserver, *, max_body: int = 1 << 20) -> ASGIApp:
+    """The ASGI application serving ``service``."""
+    app = FastAPI(
+        title="sealedtorch keyserver", version="1",
+        description="Attested key release for sealed PyTorch models. See docs/protocol.md.",
+        openapi_url="/v1/openapi.json", docs_url=None, redoc_url=None)
+    app.state.service = service
+
+    @app.exception_handler(SealedTorchError)
+    async def _sealedtorch_error(request: Request, exc: SealedTorchError) -> JSONResponse:
+        return _problem_response(problem_for(exc, request_id=_ctx(request).request_id))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for err in exc.errors()[:10]:  # never echo "input": it may hold key material
+            loc = ".".join(str(p) for p in err.get("loc", ()))
+            problems.append(f"{loc}: {err.get('msg', 'invalid')}")
+        error = RequestError("invalid request: " + "; ".join(problems))
+        ctx = _ctx(request)
+        await _run_sync(service.record_request_error, ctx, _event_for(request.url.path), error)
+        return _problem_response(problem_for(error, request_id=ctx.request_id))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        body = {"type": "about:blank", "title": str(exc.detail), "status": exc.status_code,
+                "detail": str(exc.detail), "request_id": _ctx(request).request_id}
+        return _problem_response(body)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        request_id = _ctx(request).request_id
+        log.error("internal error handling %s %s: %s", request.method, request.url.path,
+                  type(exc).__name__, exc_info=exc,
+                  extra={"fields": {"request_id": request_id}})
+        return _problem_response(internal_problem(request_id=request_id))
+
+    # ---------------------------------------------------------------- operations
+
+    @app.get("/healthz", tags=["operations"], summary="Liveness: the process serves HTTP")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["operations"], summary="Readiness: the store answers")
+    def readyz() -> Any:
+        try:
+            service.ready()
+        except Exception as exc:
+            log.error("not ready: %s", exc)
+            return JSONResponse({"status": "unavailable"}, status_code=503)
+        return {"status": "ready"}
+
+    # ---------------------------------------------------------------- attestation
+
+    @app.post("/v1/attest/challenge", tags=["attestation"], response_model=None,
+              responses={200: {"model": protocol.ChallengeResponse}},
+              summary="A single-use nonce to bind into evidence")
+    def challenge(req: protocol.ChallengeRequest, request: Request) -> dict[str, str]:
+        ch = service.challenge(req.tee, _ctx(request))
+        return {"nonce": protocol.b64encode(ch.nonce), "expires_at": iso(ch.expires_at)}
+
+    @app.post("/v1/attest", tags=["attestation"], response_model=None,
+              responses={200: {"model": protocol.AttestResponse}},
+              summary="Verify evidence; answer an attestation-result token")
+    def attest(req: protocol.AttestRequest, request: Request) -> dict[str, Any]:
+        issued = service.attest(req, _ctx(request))
+        info = issued.info
+        return {"token": issued.token, "token_type": "Bearer",
+                "expires_at": iso(info.expires_at), "role": info.role.value,
+                "tee": info.claims.tee.value, "insecure": info.claims.insecure,
+                "claims": info.claims.to_json()}
+
+    @app.get("/v1/keys", tags=["keys"], response_model=None,
+             responses={200: {"model": protocol.KeysResponse}},
+             summary="Every key this attested identity may have, HPKE-sealed to its key")
+    def keys_all(request: Request,
+                 authorization: str | None = Header(None)) -> dict[str, Any]:
+        keys = service.release(_bearer(authorization), _ctx(request))
+        return {"keys": [k.to_json() for k in keys]}
+
+    @app.get("/v1/keys/{model_id:path}", tags=["keys"], response_model=None,
+             responses={200: {"model": protocol.KeysResponse}},
+             summary="One model's key (latest active version unless ?version=)")
+    def keys_one(model_id: str, request: Request,
+                 version: int | None = Query(None, ge=1, le=2**32 - 1),
+                 authorization: str | None = Header(None)) -> dict[str, Any]:
+        keys = service.release(_bearer(authorization), _ctx(request), model_id=model_id,
+                               version=version)
+        return {"keys": [k.to_json() for k in keys]}
+
+    # ---------------------------------------------------------------- administration
+
+    def admin(request: Request, authorization: str | None, action: str) -> Any:
+        return service.authenticate_admin(_bearer(authorization), _ctx(request), action)
+
+    @app.get("/v1/admin/models", tags=["admin"], response_model=protocol.ModelsResponse)
+    def list_models(request: Request,
+                    authorization: str | None = Header(None)) -> protocol.ModelsResponse:
+        who = admin(request, authorization, "admin.list")
+        return protocol.ModelsResponse(models=service.list_models(who, _ctx(request)))
+
+    @app.get("/v1/admin/models/{model_id:path}", tags=["admin"],
+             response_model=protocol.ModelInfo)
+    def get_model(model_id: str, request: Request,
+                  authorization: str | None = Header(None)) -> protocol.ModelInfo:
+        who = admin(request, authorization, "admin.get")
+        return service.list_models(who, _ctx(request), model_id)[0]
+
+    @app.post("/v1/admin/models", tags=["admin"], status_code=201,
+              response_model=protocol.ModelInfo, summary="Register a model key and policy")
+    def register(req: protocol.RegisterRequest, request: Request,
+                 authorization: str | None = Header(None)) -> protocol.ModelInfo:
+        who = admin(request, authorization, "register")
+        return service.register(who, _ctx(request), req)
+
+    @app.put("/v1/admin/policies", tags=["admin"], response_model=protocol.ModelInfo,
+             summary="Replace a model's policy")
+    def set_policy(req: protocol.PolicyRequest, request: Request,
+                   authorization: str | None = Header(None)) -> protocol.ModelInfo:
+        who = admin(request, authorization, "policy.set")
+        return service.set_policy(who, _ctx(request), req)
+
+    @app.post("/v1/admin/rotations", tags=["admin"], status_code=201,
+              response_model=protocol.RotateResponse, summary="Add a new key version")
+    def rotate(req: protocol.RotateRequest, request: Request,
+               authorization: str | None = Header(None)) -> protocol.RotateResponse:
+        who = admin(request, authorization, "rotate")
+        return service.rotate(who, _ctx(request), req)
+
+    @app.post("/v1/admin/revocations", tags=["admin"],
+              response_model=protocol.StateChangeResponse,
+              summary="Stop releasing a model (or one version) immediately")
+    def revoke(req: protocol.StateChangeRequest, request: Request,
+               authorization: str | None = Header(None)) -> protocol.StateChangeResponse:
+        who = admin(request, authorization, "revoke")
+        return service.change_state(who, _ctx(request), req, KeyState.REVOKED)
+
+    @app.post("/v1/admin/retirements", tags=["admin"],
+              response_model=protocol.StateChangeResponse,
+              summary="Retire a model (or one version): no more releases, key erased")
+    def retire(req: protocol.StateChangeRequest, request: Request,
+               authorization: str | None = Header(None)) -> protocol.StateChangeResponse:
+        who = admin(request, authorization, "retire")
+        return service.change_state(who, _ctx(request), req, KeyState.RETIRED)
+
+    return _Envelope(app, service, max_body)

@@ -1,0 +1,180 @@
+"""The keyserver's data directory: what ``keyserver init`` creates and ``run`` reads.
+
+Layout (all secrets mode 0600, the directory 0700)::
+
+    DIR/keyserver.json        settings; names the store and KEK providers by type
+    DIR/keyserver.db          SQLite store (WAL): models, wrapped keys, nonces, audit log
+    DIR/kek.json              the file KEK (AES-256 key-encryption key)
+    DIR/token-signing.key     Ed25519 key that signs attestation-result tokens
+    DIR/tls/ca.pem, ca.key    the deployment's private CA (give ca.pem to clients)
+    DIR/tls/server.pem, .key  the server certificate (127.0.0.1, localhost, --hostname)
+    DIR/admin-token           the first admin token, written once (only its hash is stored)
+
+``store`` and ``kek`` in keyserver.json carry a ``type`` so that PostgreSQL and PKCS#11
+providers slot in beside ``sqlite`` and ``file`` without changing this layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import crypto
+from ..errors import ConfigError, KeyFileError
+from . import tls, tokens
+from .kek import FileKek, KekProvider
+from .store import AdminTokenRecord, SqliteStore, Store
+
+CONFIG_FILE = "keyserver.json"
+CONFIG_FORMAT = "sealedtorch-keyserver/v1"
+ADMIN_TOKEN_FILE = "admin-token"  # noqa: S105 (a file name)
+
+
+@dataclass(frozen=True)
+class KeyserverConfig:
+    data_dir: Path
+    store: dict[str, Any]
+    kek: dict[str, Any]
+    tls_cert: Path
+    tls_key: Path
+    tls_ca: Path | None
+    token_signing_key: Path
+    nonce_ttl: float = 60.0
+    token_ttl: float = 300.0
+    max_body: int = 1 << 20
+    pccs_url: str | None = None
+    kds_url: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def path(self, value: str | Path) -> Path:
+        p = Path(value)
+        return p if p.is_absolute() else self.data_dir / p
+
+
+def write_new(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Create ``path`` exclusively with ``mode`` (never overwrites, never widens)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:
+        raise KeyFileError(f"{path}: already exists; refusing to overwrite") from None
+    try:
+        os.fchmod(fd, mode)
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_config(data_dir: Path | str) -> KeyserverConfig:
+    d = Path(data_dir)
+    path = d / CONFIG_FILE
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{d} is not a keyserver data directory (no {CONFIG_FILE}); "
+                          f"create one with `sealedtorch keyserver init --data {d}`") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    if not isinstance(raw, dict) or raw.get("format") != CONFIG_FORMAT:
+        raise ConfigError(f"{path}: not a {CONFIG_FORMAT} configuration")
+    try:
+        tls_conf = raw["tls"]
+        cfg = KeyserverConfig(
+            data_dir=d, store=dict(raw["store"]), kek=dict(raw["kek"]),
+            tls_cert=Path(tls_conf["cert"]), tls_key=Path(tls_conf["key"]),
+            tls_ca=Path(tls_conf["ca"]) if tls_conf.get("ca") else None,
+            token_signing_key=Path(raw["token_signing_key"]),
+            nonce_ttl=float(raw.get("nonce_ttl", 60.0)),
+            token_ttl=float(raw.get("token_ttl", 300.0)),
+            max_body=int(raw.get("max_body", 1 << 20)),
+            pccs_url=raw.get("pccs_url"), kds_url=raw.get("kds_url"), extra=raw)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{path}: missing or invalid setting: {exc}") from None
+    if not 1 <= cfg.nonce_ttl <= 3600 or not 1 <= cfg.token_ttl <= 86400:
+        raise ConfigError(f"{path}: nonce_ttl must be 1..3600 s and token_ttl 1..86400 s")
+    return cfg
+
+
+def open_store(cfg: KeyserverConfig) -> Store:
+    kind = cfg.store.get("type")
+    if kind == "sqlite":
+        return SqliteStore(cfg.path(cfg.store["path"]),
+                           synchronous=str(cfg.store.get("synchronous", "FULL")))
+    raise ConfigError(f"unknown store type {kind!r} (this version supports: sqlite)")
+
+
+def open_kek(cfg: KeyserverConfig) -> KekProvider:
+    kind = cfg.kek.get("type")
+    if kind == "file":
+        return FileKek.load(cfg.path(cfg.kek["path"]))
+    raise ConfigError(f"unknown KEK provider {kind!r} (this version supports: file)")
+
+
+@dataclass(frozen=True)
+class InitResult:
+    config: KeyserverConfig
+    admin_token_file: Path
+    ca_file: Path | None
+
+
+def init_data_dir(data_dir: Path | str, *, hostnames: tuple[str, ...] = (),
+                  tls_cert: Path | None = None, tls_key: Path | None = None,
+                  now: float) -> InitResult:
+    """Create a keyserver data directory.  Refuses to touch an existing configuration."""
+    d = Path(data_dir)
+    if (tls_cert is None) != (tls_key is None):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    if (d / CONFIG_FILE).exists():
+        raise ConfigError(f"{d} already holds a keyserver ({CONFIG_FILE}); refusing to "
+                          f"re-initialise it")
+    try:
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (d / "tls").mkdir(mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create {d}: {exc.strerror}") from None
+
+    ca_path: Path | None
+    if tls_cert is not None and tls_key is not None:
+        tls.check_server_files(tls_cert, tls_key)
+        cert_path, key_path, ca_path = tls_cert.resolve(), tls_key.resolve(), None
+    else:
+        ca_cert, ca_key, cert, key = tls.make_ca_and_server(hostnames)
+        write_new(d / "tls" / "ca.pem", ca_cert, 0o644)
+        write_new(d / "tls" / "ca.key", ca_key)
+        write_new(d / "tls" / "server.pem", cert, 0o644)
+        write_new(d / "tls" / "server.key", key)
+        cert_path, key_path, ca_path = (Path("tls/server.pem"), Path("tls/server.key"),
+                                        Path("tls/ca.pem"))
+
+    FileKek.create(d / "kek.json")
+    write_new(d / "token-signing.key", crypto.SigningKey.generate().to_pem())
+    settings = {
+        "format": CONFIG_FORMAT,
+        "store": {"type": "sqlite", "path": "keyserver.db", "synchronous": "FULL"},
+        "kek": {"type": "file", "path": "kek.json"},
+        "tls": {"cert": str(cert_path), "key": str(key_path),
+                "ca": str(ca_path) if ca_path else None},
+        "token_signing_key": "token-signing.key",
+        "nonce_ttl": 60, "token_ttl": 300, "max_body": 1 << 20,
+    }
+    write_new(d / CONFIG_FILE, (json.dumps(settings, indent=2) + "\n").encode(), 0o600)
+    cfg = load_config(d)
+
+    token = tokens.new_admin_token()
+    token_hash = tokens.admin_token_hash(token)
+    store = open_store(cfg)
+    try:
+        with store.transaction() as tx:
+            tx.insert_admin_token(AdminTokenRecord(tokens.admin_token_id(token_hash),
+                                                   "initial", "admin", now), token_hash)
+            tx.append_audit({"time": now, "event": "keyserver.init", "decision": "ok",
+                             "actor": "local", "details": {
+                                 "admin_token": tokens.admin_token_id(token_hash),
+                                 "kek": open_kek(cfg).kek_id}})
+    finally:
+        store.close()
+    write_new(d / ADMIN_TOKEN_FILE, (token + "\n").encode())
+    return InitResult(cfg, d / ADMIN_TOKEN_FILE, cfg.path(ca_path) if ca_path else None)

@@ -1,0 +1,193 @@
+"""Running the keyserver: assembling it from a data directory, serving it over TLS with
+uvicorn, structured (JSON) logs, graceful shutdown, and a background server for tests.
+
+``uvicorn`` stops accepting connections on SIGTERM/SIGINT and waits (up to
+``graceful_timeout`` seconds) for requests in flight before the store is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from .. import attest, crypto
+from ..errors import ConfigError
+from . import tls
+from .app import create_app
+from .config import KeyserverConfig, load_config, open_kek, open_store
+from .service import Clock, Keyserver
+from .tokens import TokenSigner
+
+log = logging.getLogger("sealedtorch.keyserver")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and the record's ``fields``.
+    Callers put only non-secret values in ``fields`` (ids, digests, decisions)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+                               "level": record.levelname, "logger": record.name,
+                               "message": record.getMessage()}
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            out.update({k: v for k, v in fields.items() if k not in out})
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def configure_logging(fmt: str = "json", level: int = logging.INFO) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if fmt == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("sealedtorch")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def load_trusted_sim_roots(paths: Sequence[Path | str]) -> tuple[bytes, ...]:
+    """Raw Ed25519 keys from sim platforms' ``platform.pub`` files (``--trust-sim-root``)."""
+    keys = []
+    for p in paths:
+        try:
+            keys.append(crypto.load_ed25519_public(Path(p).read_bytes()))
+        except OSError as exc:
+            raise ConfigError(f"cannot read sim platform key {p}: {exc.strerror}") from None
+        except ValueError as exc:
+            raise ConfigError(f"{p}: {exc}") from None
+    return tuple(keys)
+
+
+def build_keyserver(cfg: KeyserverConfig, *, trust_sim_roots: Sequence[Path | str] = (),
+                    clock: Clock = time.time) -> Keyserver:
+    roots = load_trusted_sim_roots(trust_sim_roots)
+    if roots:
+        log.warning("trusting %d INSECURE sim platform key(s): every release to sim evidence "
+                    "is development-only and is audited as insecure", len(roots),
+                    extra={"fields": {"sim_platform_keys": [k.hex() for k in roots]}})
+    verifier = attest.VerifierConfig(
+        sim_platform_keys=roots, pccs_url=cfg.pccs_url, kds_url=cfg.kds_url,
+        cache_dir=cfg.data_dir / "cache")
+    return Keyserver(store=open_store(cfg), kek=open_kek(cfg),
+                     signer=TokenSigner.load(cfg.path(cfg.token_signing_key)),
+                     verifier=verifier, clock=clock, nonce_ttl=cfg.nonce_ttl,
+                     token_ttl=cfg.token_ttl)
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"--listen expects HOST:PORT, got {listen!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def uvicorn_config(cfg: KeyserverConfig, service: Keyserver, host: str, port: int, *,
+                   graceful_timeout: float = 10.0) -> uvicorn.Config:
+    cert, key = cfg.path(cfg.tls_cert), cfg.path(cfg.tls_key)
+    tls.check_server_files(cert, key)
+    return uvicorn.Config(
+        create_app(service, max_body=cfg.max_body), host=host, port=port,
+        ssl_certfile=str(cert), ssl_keyfile=str(key), log_config=None, access_log=False,
+        lifespan="off", timeout_graceful_shutdown=int(graceful_timeout), server_header=False,
+        backlog=1024)
+
+
+def run(data_dir: Path | str, listen: str, *, trust_sim_roots: Sequence[Path | str] = (),
+        log_format: str = "json") -> None:
+    """Serve until SIGTERM/SIGINT, then drain and close the store."""
+    configure_logging(log_format)
+    cfg = load_config(data_dir)
+    host, port = parse_listen(listen)
+    service = build_keyserver(cfg, trust_sim_roots=trust_sim_roots)
+    server = _QuietServer(uvicorn_config(cfg, service, host, port))
+
+    def stop(signum: int, _frame: object) -> None:
+        log.info("signal %d: draining requests in flight, then stopping", signum)
+        server.force_exit = server.should_exit  # a second signal: stop now
+        server.should_exit = True
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    log.info("keyserver listening on https://%s:%d", host, port,
+             extra={"fields": {"data_dir": str(cfg.data_dir), "kek": service.kek.kek_id,
+                               "token_key": service.signer.key_id}})
+    try:
+        asyncio.run(server.serve())
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        service.store.close()
+        log.info("keyserver stopped")
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn's server without its own signal capture (which re-raises the signal after
+    draining and so would skip closing the store); :func:`run` installs handlers instead."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class BackgroundServer:
+    """A keyserver on 127.0.0.1 in a background thread (tests, benchmarks, demos).
+
+    >>> with BackgroundServer.start(cfg, trust_sim_roots=[pub]) as srv:
+    ...     srv.url   # https://127.0.0.1:PORT
+    """
+
+    service: Keyserver
+    server: uvicorn.Server
+    thread: threading.Thread
+    url: str
+
+    @classmethod
+    def start(cls, cfg: KeyserverConfig, *, trust_sim_roots: Sequence[Path | str] = (),
+              clock: Clock = time.time, service: Keyserver | None = None,
+              timeout: float = 10.0) -> BackgroundServer:
+        service = service or build_keyserver(cfg, trust_sim_roots=trust_sim_roots,
+                                             clock=clock)
+        port = free_port()
+        server = uvicorn.Server(uvicorn_config(cfg, service, "127.0.0.1", port,
+                                               graceful_timeout=2))
+        thread = threading.Thread(target=lambda: asyncio.run(server.serve()),
+                                  name=f"keyserver-{port}", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + timeout
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("keyserver did not start")
+            time.sleep(0.01)
+        return cls(service, server, thread, f"https://127.0.0.1:{port}")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.service.store.close()
+
+    def __enter__(self) -> BackgroundServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+

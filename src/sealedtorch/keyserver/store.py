@@ -1,0 +1,367 @@
+"""Keyserver storage: the :class:`Store` protocol and its SQLite implementation.
+
+The service logic (:mod:`.service`) talks to storage only through :class:`Store` and the
+transaction object it hands out (:class:`StoreTx`), so a PostgreSQL implementation for
+several keyserver replicas is a second class, not a rewrite.  Rules every implementation
+keeps:
+
+- ``transaction()`` is serialisable for writers: the audit hash chain, nonce burning and key
+  state changes are decided and written inside one transaction, so a revocation that has
+  committed is seen by every later release, and a nonce can be burnt once only.
+- Model keys are stored *wrapped* (see :mod:`.kek`); a store never sees a plaintext key.
+- The audit table is append-only (SQLite enforces it with triggers; the hash chain proves it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Protocol
+
+from ..errors import ConfigError, NonceError
+from . import audit
+
+SCHEMA_VERSION = 1
+
+
+class KeyState(StrEnum):
+    ACTIVE = "active"      # released to identities the model's policy admits
+    REVOKED = "revoked"    # emergency stop: never released again
+    RETIRED = "retired"    # end of life: never released again, wrapped key erased
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    model_id: str
+    policy: dict[str, Any]
+    policy_digest: str
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    model_id: str
+    version: int
+    state: KeyState
+    wrapped: bytes | None = field(repr=False)
+    kek_id: str | None
+    created_at: float
+    changed_at: float | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class AdminTokenRecord:
+    token_id: str
+    name: str
+    role: str
+    created_at: float
+    revoked_at: float | None = None
+
+
+class StoreTx(Protocol):
+    """Operations inside one transaction.  Raising inside ``transaction()`` rolls back."""
+
+    # nonces
+    def insert_nonce(self, nonce: bytes, tee: str, issued_at: float,
+                     expires_at: float) -> None: ...
+    def check_nonce(self, nonce: bytes, tee: str, now: float) -> None:
+        """Raise :class:`NonceError` unless the nonce was issued for ``tee``, is unexpired
+        and unused."""
+        ...
+    def consume_nonce(self, nonce: bytes, tee: str, now: float) -> None:
+        """:meth:`check_nonce`, then mark it used (atomically, inside the transaction)."""
+        ...
+    def burn_nonce(self, nonce: bytes, now: float) -> None:
+        """Mark a nonce used whatever its state (after a failed attempt)."""
+        ...
+    def purge_nonces(self, expired_before: float) -> int: ...
+    # models and keys
+    def get_model(self, model_id: str) -> ModelRecord | None: ...
+    def list_models(self) -> list[ModelRecord]: ...
+    def insert_model(self, model: ModelRecord) -> None: ...
+    def update_policy(self, model_id: str, policy: dict[str, Any], digest: str,
+                      now: float) -> None: ...
+    def key_versions(self, model_id: str) -> list[KeyRecord]: ...
+    def insert_key(self, key: KeyRecord) -> None: ...
+    def set_key_state(self, model_id: str, version: int, state: KeyState, now: float,
+                      reason: str, *, erase: bool) -> None: ...
+    # admin tokens
+    def insert_admin_token(self, record: AdminTokenRecord, token_hash: bytes) -> None: ...
+    def admin_token(self, token_hash: bytes) -> AdminTokenRecord | None: ...
+    # audit
+    def append_audit(self, entry: dict[str, Any]) -> audit.AuditRecord: ...
+    def audit_records(self, *, model_id: str | None = None, since: float | None = None,
+                      limit: int | None = None) -> list[audit.AuditRecord]: ...
+
+
+class Store(Protocol):
+    def transaction(self) -> contextlib.AbstractContextManager[StoreTx]:
+        """A write transaction (serialised with every other writer)."""
+        ...
+
+    def snapshot(self) -> contextlib.AbstractContextManager[StoreTx]:
+        """A read-only, consistent view (never blocks writers)."""
+        ...
+
+    def ping(self) -> None:
+        """Raise if the store cannot serve requests (readiness probe)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+# --------------------------------------------------------------------------- SQLite
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS models (
+    model_id TEXT PRIMARY KEY, policy TEXT NOT NULL, policy_digest TEXT NOT NULL,
+    created_at REAL NOT NULL, updated_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS key_versions (
+    model_id TEXT NOT NULL REFERENCES models(model_id), version INTEGER NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('active', 'revoked', 'retired')),
+    wrapped BLOB, kek_id TEXT, created_at REAL NOT NULL, changed_at REAL, reason TEXT,
+    PRIMARY KEY (model_id, version));
+CREATE TABLE IF NOT EXISTS nonces (
+    nonce BLOB PRIMARY KEY, tee TEXT NOT NULL, issued_at REAL NOT NULL,
+    expires_at REAL NOT NULL, used_at REAL);
+CREATE INDEX IF NOT EXISTS nonces_expiry ON nonces (expires_at);
+CREATE TABLE IF NOT EXISTS admin_tokens (
+    token_id TEXT PRIMARY KEY, token_hash BLOB NOT NULL UNIQUE, name TEXT NOT NULL,
+    role TEXT NOT NULL, created_at REAL NOT NULL, revoked_at REAL);
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY, time REAL NOT NULL, event TEXT NOT NULL, model_id TEXT,
+    decision TEXT NOT NULL, record TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS audit_model ON audit (model_id, seq);
+CREATE INDEX IF NOT EXISTS audit_time ON audit (time);
+CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+"""
+
+
+class _SqliteTx:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._c = conn
+
+    # --- nonces
+    def insert_nonce(self, nonce: bytes, tee: str, issued_at: float,
+                     expires_at: float) -> None:
+        self._c.execute("INSERT INTO nonces (nonce, tee, issued_at, expires_at) "
+                        "VALUES (?, ?, ?, ?)", (nonce, tee, issued_at, expires_at))
+
+    def check_nonce(self, nonce: bytes, tee: str, now: float) -> None:
+        row = self._c.execute("SELECT tee, expires_at, used_at FROM nonces WHERE nonce = ?",
+                              (nonce,)).fetchone()
+        if row is None:
+            raise NonceError("nonce was never issued by this keyserver (or has long expired); "
+                             "ask /v1/attest/challenge for a fresh one")
+        issued_tee, expires_at, used_at = row
+        if used_at is not None:
+            raise NonceError(f"nonce was already used at {audit.iso(used_at)} "
+                             "(replay refused; nonces are single-use)")
+        if now >= expires_at:
+            raise NonceError(f"nonce expired at {audit.iso(expires_at)}; ask for a fresh one "
+                             "and attest promptly")
+        if issued_tee != tee:
+            raise NonceError(f"nonce was issued for {issued_tee} evidence, not {tee}")
+
+    def consume_nonce(self, nonce: bytes, tee: str, now: float) -> None:
+        self.check_nonce(nonce, tee, now)
+        self._c.execute("UPDATE nonces SET used_at = ? WHERE nonce = ?", (now, nonce))
+
+    def burn_nonce(self, nonce: bytes, now: float) -> None:
+        self._c.execute("UPDATE nonces SET used_at = ? WHERE nonce = ? AND used_at IS NULL",
+                        (now, nonce))
+
+    def purge_nonces(self, expired_before: float) -> int:
+        return self._c.execute("DELETE FROM nonces WHERE expires_at < ?",
+                               (expired_before,)).rowcount
+
+    # --- models and keys
+    @staticmethod
+    def _model(row: tuple[Any, ...]) -> ModelRecord:
+        return ModelRecord(row[0], json.loads(row[1]), row[2], row[3], row[4])
+
+    def get_model(self, model_id: str) -> ModelRecord | None:
+        row = self._c.execute("SELECT model_id, policy, policy_digest, created_at, updated_at "
+                              "FROM models WHERE model_id = ?", (model_id,)).fetchone()
+        return self._model(row) if row else None
+
+    def list_models(self) -> list[ModelRecord]:
+        rows = self._c.execute("SELECT model_id, policy, policy_digest, created_at, updated_at "
+                               "FROM models ORDER BY model_id").fetchall()
+        return [self._model(r) for r in rows]
+
+    def insert_model(self, model: ModelRecord) -> None:
+        self._c.execute("INSERT INTO models VALUES (?, ?, ?, ?, ?)",
+                        (model.model_id, json.dumps(model.policy, sort_keys=True),
+                         model.policy_digest, model.created_at, model.updated_at))
+
+    def update_policy(self, model_id: str, policy: dict[str, Any], digest: str,
+                      now: float) -> None:
+        self._c.execute("UPDATE models SET policy = ?, policy_digest = ?, updated_at = ? "
+                        "WHERE model_id = ?",
+                        (json.dumps(policy, sort_keys=True), digest, now, model_id))
+
+    def key_versions(self, model_id: str) -> list[KeyRecord]:
+        rows = self._c.execute(
+            "SELECT model_id, version, state, wrapped, kek_id, created_at, changed_at, reason "
+            "FROM key_versions WHERE model_id = ? ORDER BY version", (model_id,)).fetchall()
+        return [KeyRecord(r[0], r[1], KeyState(r[2]), r[3], r[4], r[5], r[6], r[7])
+                for r in rows]
+
+    def insert_key(self, key: KeyRecord) -> None:
+        self._c.execute("INSERT INTO key_versions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (key.model_id, key.version, key.state.value, key.wrapped, key.kek_id,
+                         key.created_at, key.changed_at, key.reason))
+
+    def set_key_state(self, model_id: str, version: int, state: KeyState, now: float,
+                      reason: str, *, erase: bool) -> None:
+        self._c.execute("UPDATE key_versions SET state = ?, changed_at = ?, reason = ?, "
+                        "wrapped = CASE WHEN ? THEN NULL ELSE wrapped END "
+                        "WHERE model_id = ? AND version = ?",
+                        (state.value, now, reason, erase, model_id, version))
+
+    # --- admin tokens
+    def insert_admin_token(self, record: AdminTokenRecord, token_hash: bytes) -> None:
+        self._c.execute("INSERT INTO admin_tokens VALUES (?, ?, ?, ?, ?, ?)",
+                        (record.token_id, token_hash, record.name, record.role,
+                         record.created_at, record.revoked_at))
+
+    def admin_token(self, token_hash: bytes) -> AdminTokenRecord | None:
+        row = self._c.execute("SELECT token_id, name, role, created_at, revoked_at "
+                              "FROM admin_tokens WHERE token_hash = ?", (token_hash,)).fetchone()
+        return AdminTokenRecord(*row) if row else None
+
+    # --- audit
+    def append_audit(self, entry: dict[str, Any]) -> audit.AuditRecord:
+        head = self._c.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+        seq, prev = (head[0] + 1, head[1]) if head else (1, audit.GENESIS)
+        rec = audit.seal_record(entry, seq=seq, prev_hash=prev)
+        self._c.execute("INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (rec.seq, rec.time, rec.event, rec.model_id, rec.decision,
+                         rec.record_json, rec.prev_hash, rec.hash))
+        return rec
+
+    def audit_records(self, *, model_id: str | None = None, since: float | None = None,
+                      limit: int | None = None) -> list[audit.AuditRecord]:
+        sql = "SELECT seq, time, event, model_id, decision, record, prev_hash, hash FROM audit"
+        where, args = [], []
+        if model_id is not None:
+            where.append("model_id = ?")
+            args.append(model_id)
+        if since is not None:
+            where.append("time >= ?")
+            args.append(since)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY seq"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        return [audit.AuditRecord(*row) for row in self._c.execute(sql, args)]
+
+
+class SqliteStore:
+    """SQLite in WAL mode, one connection per thread, ``synchronous=FULL``: every commit
+    (including each audit record) is on disk before the response leaves."""
+
+    def __init__(self, path: Path | str, *, synchronous: str = "FULL",
+                 busy_timeout_ms: int = 10_000) -> None:
+        self.path = Path(path)
+        if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
+            raise ConfigError("sqlite synchronous must be FULL, NORMAL or EXTRA")
+        self._synchronous = synchronous.upper()
+        self._busy = busy_timeout_ms
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        conn = self._conn()
+        try:
+            conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise ConfigError(f"cannot create the store schema in {self.path}: {exc}") from None
+        with self._write(conn):
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            if row is None:
+                conn.execute("INSERT INTO meta VALUES ('schema_version', ?)",
+                             (str(SCHEMA_VERSION),))
+            elif int(row[0]) != SCHEMA_VERSION:
+                raise ConfigError(f"{self.path}: store schema version {row[0]}, this "
+                                  f"sealedtorch understands {SCHEMA_VERSION}")
+
+    def __repr__(self) -> str:
+        return f"SqliteStore({str(self.path)!r})"
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn
+        if self._closed:
+            raise ConfigError("store is closed")
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                   timeout=self._busy / 1000)
+        except sqlite3.Error as exc:
+            raise ConfigError(f"cannot open store {self.path}: {exc}") from None
+        conn.execute(f"PRAGMA busy_timeout = {int(self._busy)}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise ConfigError(f"{self.path}: cannot switch SQLite to WAL mode (got {mode})")
+        conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA secure_delete = ON")  # retired (erased) keys leave no free page
+        self._local.conn = conn
+        with self._lock:
+            self._all.append(conn)
+        return conn
+
+    @contextlib.contextmanager
+    def _write(self, conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[StoreTx]:
+        conn = self._conn()
+        with self._write(conn):
+            yield _SqliteTx(conn)
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[StoreTx]:
+        conn = self._conn()
+        conn.execute("BEGIN")
+        try:
+            yield _SqliteTx(conn)
+        finally:
+            conn.execute("ROLLBACK")
+
+    def ping(self) -> None:
+        self._conn().execute("SELECT 1 FROM meta LIMIT 1").fetchone()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            conns, self._all = self._all, []
+        for conn in conns:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+        self._local = threading.local()
