@@ -1,0 +1,339 @@
+"""``sealedtorch keyserver {init,run,audit}``, ``sealedtorch keys {...}`` and
+``sealedtorch attest fetch-key``: thin wrappers over :mod:`sealedtorch.keyserver`."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, KeyFileError
+
+ENV_URL = "SEALEDTORCH_KEYSERVER"
+ENV_CA = "SEALEDTORCH_KEYSERVER_CA"
+ENV_TOKEN = "SEALEDTORCH_ADMIN_TOKEN_FILE"  # noqa: S105 (a variable name)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    _add_keyserver(sub)
+    _add_keys(sub)
+
+
+# --------------------------------------------------------------------------- keyserver
+
+def _add_keyserver(sub: argparse._SubParsersAction) -> None:
+    ks = sub.add_parser("keyserver", help="run the keyserver (model keys, attested release)")
+    ksub = ks.add_subparsers(dest="keyserver_command", metavar="COMMAND", required=True)
+
+    p = ksub.add_parser("init", help="create a keyserver data directory",
+                        description="Create the store (SQLite), KEK file, TLS CA and server "
+                                    "certificate, token-signing key and a first admin token "
+                                    "(written once to DIR/admin-token).")
+    p.add_argument("--data", type=Path, required=True, metavar="DIR")
+    p.add_argument("--hostname", action="append", default=[],
+                   help="extra DNS name or IP for the server certificate (repeatable; "
+                        "127.0.0.1 and localhost are always included)")
+    p.add_argument("--tls-cert", type=Path, help="use this server certificate (PEM) instead")
+    p.add_argument("--tls-key", type=Path, help="... and its private key (PEM)")
+    p.set_defaults(handler=_init)
+
+    p = ksub.add_parser("run", help="serve the keyserver API over TLS")
+    p.add_argument("--data", type=Path, required=True, metavar="DIR")
+    p.add_argument("--listen", default="127.0.0.1:8443", metavar="HOST:PORT")
+    p.add_argument("--trust-sim-root", type=Path, action="append", default=[], metavar="FILE",
+                   help="trust this sim platform's platform.pub (INSECURE, development "
+                        "only; repeatable)")
+    p.add_argument("--log-format", choices=["json", "text"], default="json")
+    p.set_defaults(handler=_run)
+
+    audit = ksub.add_parser("audit", help="inspect the audit log")
+    asub = audit.add_subparsers(dest="audit_command", metavar="COMMAND", required=True)
+    p = asub.add_parser("verify", help="check the hash chain; exit 1 if broken")
+    p.add_argument("--data", type=Path, required=True, metavar="DIR")
+    p.set_defaults(handler=_audit_verify)
+    p = asub.add_parser("list", help="print audit records")
+    p.add_argument("--data", type=Path, required=True, metavar="DIR")
+    p.add_argument("--model", metavar="ID", help="only records about this model")
+    p.add_argument("--since", metavar="T", help="ISO 8601 time (UTC if no zone) or Unix time")
+    p.add_argument("--limit", type=int, help="at most this many records")
+    p.add_argument("--json", action="store_true", help="one JSON record per line")
+    p.set_defaults(handler=_audit_list)
+
+
+def _init(args: argparse.Namespace) -> int:
+    from .keyserver.config import init_data_dir
+
+    result = init_data_dir(args.data, hostnames=tuple(args.hostname), tls_cert=args.tls_cert,
+                           tls_key=args.tls_key, now=time.time())
+    print(f"keyserver data directory: {result.config.data_dir}")
+    if result.ca_file:
+        print(f"CA certificate for clients (--ca): {result.ca_file}")
+    print(f"admin token (keep it secret, mode 0600): {result.admin_token_file}")
+    print(f"start it with: sealedtorch keyserver run --data {result.config.data_dir} "
+          f"--listen 127.0.0.1:8443")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .keyserver.server import run
+
+    run(args.data, args.listen, trust_sim_roots=args.trust_sim_root,
+        log_format=args.log_format)
+    return 0
+
+
+def _open_store(data: Path) -> Any:
+    from .keyserver.config import load_config, open_store
+
+    return open_store(load_config(data))
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from .keyserver.audit import verify_chain
+
+    store = _open_store(args.data)
+    try:
+        with store.snapshot() as tx:
+            report = verify_chain(tx.audit_records())
+    finally:
+        store.close()
+    if report.ok:
+        print(f"audit log intact: {report.count} records; head #{report.head_seq} "
+              f"{report.head_hash}")
+        return 0
+    print(f"audit log BROKEN at record #{report.broken_at}: {report.problem} "
+          f"({report.count} records before it are intact, last good hash "
+          f"{report.head_hash})", file=sys.stderr)
+    return 1
+
+
+def parse_since(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        dt = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError(f"--since: expected ISO 8601 or Unix time, got {text!r}") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=datetime.UTC)
+    return dt.timestamp()
+
+
+def _audit_list(args: argparse.Namespace) -> int:
+    since = parse_since(args.since) if args.since else None
+    store = _open_store(args.data)
+    try:
+        with store.snapshot() as tx:
+            records = tx.audit_records(model_id=args.model, since=since, limit=args.limit)
+    finally:
+        store.close()
+    for rec in records:
+        if args.json:
+            print(rec.record_json)
+            continue
+        body = rec.body
+        who = body.get("actor") or body.get("client") or "-"
+        what = rec.model_id or "-"
+        if body.get("version") is not None:
+            what += f" v{body['version']}"
+        elif body.get("versions"):
+            what += " v" + ",".join(str(v) for v in body["versions"])
+        line = f"#{rec.seq} {body.get('iso_time')} {rec.event} {rec.decision} {what} by {who}"
+        if body.get("insecure"):
+            line += " INSECURE"
+        if body.get("problem"):
+            line += f" [{body['problem']}]"
+        reasons = body.get("reasons") or []
+        if reasons and rec.decision != "ok":
+            line += " — " + "; ".join(str(r) for r in reasons)
+        print(line)
+    return 0
+
+
+# --------------------------------------------------------------------------- keys
+
+def _connection_args(p: argparse.ArgumentParser, *, token: bool = True) -> None:
+    p.add_argument("--keyserver", default=os.environ.get(ENV_URL), metavar="URL",
+                   help=f"keyserver base URL, e.g. https://127.0.0.1:8443 (${ENV_URL})")
+    p.add_argument("--ca", type=Path, default=os.environ.get(ENV_CA), metavar="FILE",
+                   help=f"the keyserver's CA certificate (${ENV_CA})")
+    if token:
+        p.add_argument("--token-file", type=Path, default=os.environ.get(ENV_TOKEN),
+                       metavar="F", help=f"admin token file (${ENV_TOKEN})")
+
+
+def _add_keys(sub: argparse._SubParsersAction) -> None:
+    keys = sub.add_parser("keys", help="manage model keys on a keyserver (owner)")
+    ksub = keys.add_subparsers(dest="keys_command", metavar="COMMAND", required=True)
+
+    p = ksub.add_parser("register", help="register a model key and its policy")
+    _connection_args(p)
+    p.add_argument("--model-id", required=True)
+    p.add_argument("--key", type=Path, required=True, help="key file (from `sealedtorch seal`)")
+    p.add_argument("--policy", type=Path, required=True, help="policy file (YAML/JSON)")
+    p.set_defaults(handler=_register)
+
+    pol = ksub.add_parser("policy", help="a model's policy")
+    psub = pol.add_subparsers(dest="policy_command", metavar="COMMAND", required=True)
+    p = psub.add_parser("set", help="replace a model's policy")
+    _connection_args(p)
+    p.add_argument("--model-id", required=True)
+    p.add_argument("--policy", type=Path, required=True)
+    p.set_defaults(handler=_policy_set)
+
+    p = ksub.add_parser("rotate", help="add a new key version (older ones stay until retired)")
+    _connection_args(p)
+    p.add_argument("--model-id", required=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--key", type=Path, help="upload this key file as the new version")
+    src.add_argument("--key-out", type=Path,
+                     help="let the keyserver generate the key; write it here (mode 0600)")
+    p.set_defaults(handler=_rotate)
+
+    for name, helptext in (("revoke", "stop releasing a model (or one version) now"),
+                           ("retire", "retire a model (or one version): no releases, key "
+                                      "erased")):
+        p = ksub.add_parser(name, help=helptext)
+        _connection_args(p)
+        p.add_argument("--model-id", required=True)
+        p.add_argument("--version", type=int, help="one version (default: all)")
+        p.add_argument("--reason", default="", help="recorded in the audit log")
+        p.set_defaults(handler=_revoke if name == "revoke" else _retire)
+
+    p = ksub.add_parser("list", help="list models, key versions and states")
+    _connection_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_list)
+
+
+def _need(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        if getattr(args, name, None) in (None, ""):
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag} is required (or set its environment variable)")
+
+
+def _admin(args: argparse.Namespace) -> Any:
+    from .keyserver.client import AdminClient
+
+    _need(args, "keyserver", "token_file")
+    return AdminClient.from_token_file(args.keyserver, args.ca, args.token_file)
+
+
+def _register(args: argparse.Namespace) -> int:
+    from .keys import read_key_file
+
+    key = read_key_file(args.key)
+    if key.model_id != args.model_id:
+        raise KeyFileError(f"{args.key} holds the key of model {key.model_id!r}, not "
+                           f"{args.model_id!r}")
+    with _admin(args) as admin:
+        info = admin.register(key, args.policy)
+    print(f"registered {info['model_id']} version {key.version} "
+          f"(policy {info['policy_digest'][:16]}…)")
+    return 0
+
+
+def _policy_set(args: argparse.Namespace) -> int:
+    with _admin(args) as admin:
+        info = admin.set_policy(args.model_id, args.policy)
+    print(f"policy of {info['model_id']} is now {info['policy_digest']}")
+    return 0
+
+
+def _rotate(args: argparse.Namespace) -> int:
+    from .keys import read_key_file, write_key_file
+
+    if args.key_out is not None and args.key_out.exists():
+        raise KeyFileError(f"{args.key_out}: already exists; refusing to overwrite a key file")
+    with _admin(args) as admin:
+        if args.key is not None:
+            version, _ = admin.rotate(args.model_id, read_key_file(args.key))
+        else:
+            version, key = admin.rotate(args.model_id)
+            write_key_file(args.key_out, key)
+    print(f"{args.model_id}: new key version {version}"
+          + (f", key written to {args.key_out}" if args.key_out else ""))
+    return 0
+
+
+def _state_change(args: argparse.Namespace, action: str) -> int:
+    with _admin(args) as admin:
+        result = getattr(admin, action)(args.model_id, args.version, args.reason)
+    versions = ", ".join(str(v) for v in result["changed"])
+    print(f"{result['model_id']}: version(s) {versions} {result['state']}")
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    return _state_change(args, "revoke")
+
+
+def _retire(args: argparse.Namespace) -> int:
+    return _state_change(args, "retire")
+
+
+def _list(args: argparse.Namespace) -> int:
+    with _admin(args) as admin:
+        models = admin.list_models()
+    if args.json:
+        print(json.dumps(models, indent=2))
+        return 0
+    for m in models:
+        versions = ", ".join(f"v{v['version']} {v['state']}" for v in m["versions"])
+        print(f"{m['model_id']}  policy {m['policy_digest'][:16]}…  {versions}")
+    return 0
+
+
+# --------------------------------------------------------------------------- fetch-key
+
+def add_fetch_key_parser(attest_subparsers: argparse._SubParsersAction) -> None:
+    """Add ``fetch-key`` to the ``attest`` group (called from :mod:`cli_attest`)."""
+    p = attest_subparsers.add_parser(
+        "fetch-key", help="attest to a keyserver and fetch one model key (diagnostic)",
+        description="Challenge, evidence, attest, fetch and HPKE-open one model key, as a "
+                    "runtime would, and write it to a key file (mode 0600).")
+    _connection_args(p, token=False)
+    p.add_argument("--tee", default="auto", choices=["auto", "sgx", "tdx", "snp", "sim"])
+    p.add_argument("--sim-platform", type=Path, metavar="DIR",
+                   help="sim platform directory (or $SEALEDTORCH_SIM_PLATFORM)")
+    p.add_argument("--runtime-config", type=Path,
+                   help="sim: configuration file included in the measurement")
+    p.add_argument("--role", choices=["runtime", "holder"], default="runtime")
+    p.add_argument("--model-id", required=True)
+    p.add_argument("--version", type=int, help="key version (default: latest active)")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="KEYFILE")
+    p.set_defaults(handler=_fetch_key)
+
+
+def _fetch_key(args: argparse.Namespace) -> int:
+    from .attest.attesters import get_attester
+    from .keys import write_key_file
+    from .keyserver.client import AttestedKeyClient
+
+    _need(args, "keyserver")
+    if args.output.exists():
+        raise KeyFileError(f"{args.output}: already exists; refusing to overwrite a key file")
+    config = b""
+    if args.runtime_config is not None:
+        try:
+            config = args.runtime_config.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {args.runtime_config}: {exc.strerror}") from None
+    attester = get_attester(args.tee, sim_platform=args.sim_platform, runtime_config=config)
+    with AttestedKeyClient(args.keyserver, args.ca, attester, role=args.role) as client:
+        result = client.attest()
+        released = client.fetch(args.model_id, args.version)
+    write_key_file(args.output, released.model_key)
+    note = " (INSECURE sim evidence)" if result.insecure else ""
+    print(f"fetched {released.model_key.model_id} version {released.model_key.version} as "
+          f"{args.role}{note}; policy {released.policy_digest[:16]}…; key written to "
+          f"{args.output}")
+    return 0
