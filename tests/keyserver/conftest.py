@@ -1,0 +1,152 @@
+"""One real keyserver per test module: TLS on 127.0.0.1 with its generated CA, a sim
+platform it trusts, and a clock the tests can move.  Tests use distinct model ids, so they
+share the server (starting one per test would dominate the run time)."""
+
+from __future__ import annotations
+
+import itertools
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from sealedtorch.attest import binding, measure, sim
+from sealedtorch.attest.attesters import SimAttester
+from sealedtorch.keys import ModelKey
+from sealedtorch.keyserver import config, server
+from sealedtorch.keyserver.client import AdminClient, AttestedKeyClient
+from sealedtorch.keyserver.config import InitResult
+from sealedtorch.keyserver.tls import client_context
+
+
+class FakeClock:
+    """A settable clock (seconds since the epoch); starts at the real time."""
+
+    def __init__(self) -> None:
+        self._t = time.time()
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return self._t
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self._t += seconds
+
+    def set(self, t: float) -> None:
+        with self._lock:
+            self._t = t
+
+
+@dataclass
+class Keyserver:
+    url: str
+    init: InitResult
+    clock: FakeClock
+    platform: sim.SimPlatform
+    measurement: bytes
+    srv: server.BackgroundServer
+    tmp: Path
+
+    @property
+    def ca(self) -> Path:
+        assert self.init.ca_file is not None
+        return self.init.ca_file
+
+    @property
+    def db(self) -> Path:
+        return self.init.config.data_dir / "keyserver.db"
+
+    def admin(self) -> AdminClient:
+        return AdminClient.from_token_file(self.url, self.ca, self.init.admin_token_file)
+
+    def attester(self, measurement: bytes | None = None, **kw: Any) -> SimAttester:
+        return SimAttester(self.platform, measurement or self.measurement, **kw)
+
+    def client(self, role: str = "runtime", attester: Any = None) -> AttestedKeyClient:
+        return AttestedKeyClient(self.url, self.ca, attester or self.attester(), role=role)
+
+    def http(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, verify=client_context(self.ca), timeout=10)
+
+    def policy(self, measurement: bytes | None = None, **extra: Any) -> dict[str, Any]:
+        return {"allow": [{"tee": "sim",
+                           "measurement": (measurement or self.measurement).hex()}], **extra}
+
+    def register(self, model_id: str, policy: dict[str, Any] | None = None) -> ModelKey:
+        key = ModelKey.generate(model_id)
+        with self.admin() as admin:
+            admin.register(key, policy or self.policy())
+        return key
+
+    # --- direct looks at the store (read-only) -----------------------------------------
+    def _query(self, sql: str) -> list[tuple[Any, ...]]:
+        conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)
+        try:
+            return conn.execute(sql).fetchall()
+        finally:
+            conn.close()
+
+    def audit_count(self) -> int:
+        return int(self._query("SELECT count(*) FROM audit")[0][0])
+
+    def last_audit(self) -> dict[str, Any]:
+        import json
+
+        return dict(json.loads(self._query(
+            "SELECT record FROM audit ORDER BY seq DESC LIMIT 1")[0][0]))
+
+    def state(self) -> list[tuple[Any, ...]]:
+        """Models and key versions: what a refused request must leave unchanged."""
+        return self._query("SELECT * FROM models ORDER BY model_id") + \
+            self._query("SELECT * FROM key_versions ORDER BY model_id, version")
+
+    # --- low-level protocol steps --------------------------------------------------------
+    def challenge(self, http: httpx.Client, tee: str = "sim") -> bytes:
+        import base64
+
+        r = http.post("/v1/attest/challenge", json={"tee": tee})
+        assert r.status_code == 200, r.text
+        return base64.b64decode(r.json()["nonce"])
+
+    def attest_body(self, nonce: bytes, public_key: bytes, *,
+                    bind_key: bytes | None = None, attester: SimAttester | None = None,
+                    role: str = "runtime") -> dict[str, Any]:
+        import base64
+
+        rd = binding.report_data(nonce, bind_key or public_key)
+        ev = (attester or self.attester()).evidence(rd)
+        return {"nonce": base64.b64encode(nonce).decode(), "tee": "sim",
+                "evidence": base64.b64encode(ev.data).decode(),
+                "public_key": base64.b64encode(public_key).decode(), "role": role}
+
+
+@pytest.fixture(scope="module")
+def ks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keyserver]:
+    tmp = tmp_path_factory.mktemp("keyserver")
+    clock = FakeClock()
+    init = config.init_data_dir(tmp / "data", now=clock())
+    platform = sim.init_platform(tmp / "sim")
+    srv = server.BackgroundServer.start(init.config, clock=clock,
+                                        trust_sim_roots=[tmp / "sim" / sim.PUB_FILE])
+    try:
+        yield Keyserver(srv.url, init, clock, platform, measure.measurement(b"keyserver-tests"),
+                        srv, tmp)
+    finally:
+        srv.stop()
+
+
+_ids = itertools.count()
+
+
+@pytest.fixture
+def model_id(request: pytest.FixtureRequest) -> str:
+    """A model id unique to the test."""
+    return f"{request.node.name[:80]}-{next(_ids)}".replace("[", "-").replace("]", "")
