@@ -169,7 +169,7 @@ class Keyserver:
             raise
         now = self.clock()
         nonce = crypto.random_bytes(binding.NONCE_SIZE)
-        with self.store.transaction() as tx:
+        with self.store.transaction(durable=False) as tx:
             tx.insert_nonce(nonce, kind.value, now, now + self.nonce_ttl)
             if now - self._last_purge > _PURGE_EVERY:
                 self._last_purge = now

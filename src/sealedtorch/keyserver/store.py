@@ -103,8 +103,11 @@ class StoreTx(Protocol):
 
 
 class Store(Protocol):
-    def transaction(self) -> contextlib.AbstractContextManager[StoreTx]:
-        """A write transaction (serialised with every other writer)."""
+    def transaction(self, *, durable: bool = True) -> contextlib.AbstractContextManager[StoreTx]:
+        """A write transaction (serialised with every other writer).  ``durable=False``
+        may skip flushing to stable storage at commit (PostgreSQL: synchronous_commit off):
+        only for data whose loss in a power cut is harmless, such as a fresh nonce; the
+        next durable commit flushes it anyway."""
         ...
 
     def snapshot(self) -> contextlib.AbstractContextManager[StoreTx]:
@@ -340,10 +343,19 @@ class SqliteStore:
         conn.execute("COMMIT")
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[StoreTx]:
+    def transaction(self, *, durable: bool = True) -> Iterator[StoreTx]:
         conn = self._conn()
-        with self._write(conn):
-            yield _SqliteTx(conn)
+        if durable:
+            with self._write(conn):
+                yield _SqliteTx(conn)
+            return
+        # WAL frames of this commit are not fsynced; the next FULL commit fsyncs them.
+        conn.execute("PRAGMA synchronous = OFF")
+        try:
+            with self._write(conn):
+                yield _SqliteTx(conn)
+        finally:
+            conn.execute(f"PRAGMA synchronous = {self._synchronous}")
 
     @contextlib.contextmanager
     def snapshot(self) -> Iterator[StoreTx]:

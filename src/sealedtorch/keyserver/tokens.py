@@ -15,6 +15,7 @@ SHA-256, so a copy of the database cannot be used to administer the keyserver.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import typing
 from dataclasses import dataclass
@@ -138,12 +139,16 @@ class TokenSigner:
                                 claims_from_json(payload["claims"]))
 
 
+@functools.cache
+def _hints(cls: type[Claims]) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
 def claims_from_json(data: dict[str, Any]) -> Claims:
     """Rebuild the :class:`Claims` subclass that :meth:`Claims.to_json` produced (bytes were
     hex, tuples lists), so a token's claims can be appraised against current policies."""
-    tee = Tee(data["tee"])
-    cls = _CLAIM_CLASSES[tee]
-    hints = typing.get_type_hints(cls)
+    cls = _CLAIM_CLASSES[Tee(data["tee"])]
+    hints = _hints(cls)
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
