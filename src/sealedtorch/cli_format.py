@@ -29,6 +29,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk-size", type=int, default=1 << 20, help="bytes per chunk (1 MiB)")
     p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    reg = p.add_argument_group("register the key with a keyserver in the same step")
+    reg.add_argument("--register", metavar="URL", help="keyserver URL (https://host:port)")
+    reg.add_argument("--ca", type=Path, help="the keyserver's CA certificate")
+    reg.add_argument("--token-file", type=Path, help="admin/owner token file")
+    reg.add_argument("--policy", type=Path, help="policy file for this model's key")
     p.set_defaults(handler=_seal)
 
     p = sub.add_parser("unseal", help="decrypt a .sealed file to .safetensors (owner only)")
@@ -73,6 +78,14 @@ def _seal(args: argparse.Namespace) -> int:
     from .keys import ModelKey, read_key_file, write_key_file
 
     metadata = _parse_metadata(args.metadata, args.metadata_json)
+    policy = None
+    if args.register:
+        from .attest.policy import load_policy
+
+        if not (args.token_file and args.policy):
+            raise ConfigError("--register needs --token-file and --policy (and --ca for a "
+                              "private CA)")
+        policy = load_policy(args.policy)  # validate before any work is done
     state, file_meta = load_plain(args.input)
     if args.output.exists() and not args.force:
         raise ConfigError(f"{args.output}: already exists (use --force to replace)")
@@ -97,8 +110,15 @@ def _seal(args: argparse.Namespace) -> int:
     print(f"sealed {r.tensor_count} tensors ({r.data_length / 1e6:.1f} MB) of model "
           f"{r.model_id!r} key version {r.key_version} -> {r.path} ({r.file_size} bytes)")
     if created_key is not None:
-        print(f"new model key written to {created_key} (mode 0600): keep it secret, register "
-              "it with the keyserver, and do not lose it")
+        print(f"new model key written to {created_key} (mode 0600): keep it secret and do "
+              "not lose it")
+    if args.register:
+        from .keyserver.client import register_key
+
+        assert policy is not None
+        register_key(args.register, args.ca, args.token_file, key, policy)
+        print(f"registered model {key.model_id!r} version {key.version} with {args.register} "
+              f"(policy {policy.digest()[:16]})")
     return 0
 
 
