@@ -367,3 +367,22 @@ def issue_tls_server_cert(ca_cert_pem: bytes, ca_key_pem: bytes, *, common_name:
     return (cert.public_bytes(serialization.Encoding.PEM),
             key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                               serialization.NoEncryption()))
+
+
+def tls_certificate_spki(certificate: bytes) -> bytes:
+    """The DER SubjectPublicKeyInfo of a certificate given as PEM or DER.
+
+    This is what a TLS server's attestation evidence binds and what its clients pin: the
+    public key, not the certificate, so a re-issued certificate for the same key still
+    matches and any other key does not.
+    """
+    from cryptography import x509
+
+    data = bytes(certificate)
+    try:
+        cert = (x509.load_pem_x509_certificate(data) if data.lstrip().startswith(b"-----")
+                else x509.load_der_x509_certificate(data))
+    except ValueError as exc:
+        raise ValueError(f"not an X.509 certificate: {exc}") from None
+    return cert.public_key().public_bytes(serialization.Encoding.DER,
+                                          serialization.PublicFormat.SubjectPublicKeyInfo)

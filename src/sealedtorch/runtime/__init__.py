@@ -1,0 +1,40 @@
+"""The runtime: sealed models loaded inside the TEE and served over KServe v2 REST.
+
+- :mod:`.config` — :class:`RuntimeConfig` (allow-list, limits, device), part of the
+  measurement; :func:`runtime_measurement`.
+- :mod:`.architectures` — allow-listed builders; owner helpers
+  (:func:`~.architectures.sentence_bert_from_directory`,
+  :func:`~.architectures.exported_program_state`).
+- :mod:`.loader` — :func:`load_sealed`: key from the keycache, decrypt once, build, eval.
+- :mod:`.server` — the FastAPI app, :class:`RuntimeServer` (in-process),
+  :class:`SubprocessServer`, :func:`serve` (the CLI).
+- :mod:`.kserve`, :mod:`.batching`, :mod:`.metrics`, :mod:`.tls`, :mod:`.attestation`.
+- :mod:`.client` — :class:`AttestedClient`: attest, pin the TLS key, then infer.
+
+See docs/runtime.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "AttestedClient", "LoadedModel", "ModelSource", "PlainSource", "RuntimeConfig",
+    "RuntimeServer", "SubprocessServer", "load_config", "load_sealed", "runtime_measurement",
+    "serve",
+]
+
+_WHERE = {
+    "AttestedClient": "client", "LoadedModel": "loader", "ModelSource": "loader",
+    "PlainSource": "loader", "load_sealed": "loader", "RuntimeConfig": "config",
+    "load_config": "config", "runtime_measurement": "config", "RuntimeServer": "server",
+    "SubprocessServer": "server", "serve": "server",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

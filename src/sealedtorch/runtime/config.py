@@ -1,0 +1,145 @@
+"""The runtime's configuration: which architectures may be built, limits, device.
+
+The configuration is part of what the runtime attests to: its canonical bytes
+(:meth:`RuntimeConfig.canonical_bytes`) are an input of the sim measurement (and, on real
+TEEs, belong in the measured image), so a relying party that pins the measurement also pins
+the allow-list of architectures, the request limits and the device.  Every setting that
+changes behaviour therefore lives here, and command-line overrides (``--device``) are
+folded into the configuration *before* it is measured.
+
+A configuration file is YAML or JSON with the fields of :class:`RuntimeConfig`; unknown
+fields are errors.  ``sealedtorch serve --print-config`` writes the canonical form, which
+``sealedtorch attest measure --config`` measures to the same value as the running server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..errors import ConfigError
+
+__all__ = ["DEFAULT_ARCHITECTURES", "RuntimeConfig", "load_config", "runtime_measurement"]
+
+_TORCHVISION = (
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2",
+    "resnext50_32x4d", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
+    "efficientnet_b0", "efficientnet_b1", "convnext_tiny", "convnext_small", "regnet_y_400mf",
+    "vit_b_16", "swin_t", "densenet121", "squeezenet1_1", "shufflenet_v2_x1_0",
+)
+
+#: The default allow-list: torchvision classifiers, the built-in sentence-embedding BERT
+#: and MLP, and whole ``torch.export`` programs.
+DEFAULT_ARCHITECTURES: tuple[str, ...] = (
+    *(f"torchvision.models:{name}" for name in _TORCHVISION),
+    "sealedtorch.runtime.architectures:sentence_bert",
+    "sealedtorch.runtime.architectures:mlp",
+    "torch.export",
+)
+
+
+class RuntimeConfig(BaseModel):
+    """Everything that decides what the runtime will build and accept.
+
+    - ``architectures``: the allow-list.  Entries are ``module:callable`` (an importable
+      factory returning an ``nn.Module``) or ``torch.export``.  A sealed model whose
+      architecture is not listed is refused before anything is imported.
+    - ``device``: ``cpu``, ``cuda`` (fails if CUDA is unavailable) or ``auto``.
+    - ``max_batch_size``: the most rows (first dimension) a request may carry and the most
+      rows the dynamic batcher puts into one forward pass.
+    - ``batch_delay_ms``: how long the batcher waits for more requests after the first;
+      0 batches only what is already queued (no added latency).
+    - ``max_queue``: requests waiting per model before new ones get 503.
+    - ``max_request_bytes``: the largest request body (413 above it).
+    - ``max_elements``: the most elements one input tensor may have.
+    - ``request_timeout_s``: how long a request may wait for its result (504 after).
+    - ``key_retries`` / ``key_retry_delay_s``: attempts to get a key while the keycache is
+      unreachable or stale (attempts, first delay; the delay doubles, capped at 5 s).
+    - ``torch_threads``: intra-op threads (``None``: torch's default).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    architectures: tuple[str, ...] = DEFAULT_ARCHITECTURES
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    max_batch_size: int = Field(64, ge=1, le=4096)
+    batch_delay_ms: float = Field(0.0, ge=0, le=1000)
+    max_queue: int = Field(64, ge=1, le=100_000)
+    max_request_bytes: int = Field(64 << 20, ge=1024, le=4 << 30)
+    max_elements: int = Field(1 << 25, ge=1, le=1 << 34)
+    request_timeout_s: float = Field(120.0, gt=0, le=3600)
+    key_retries: int = Field(5, ge=1, le=100)
+    key_retry_delay_s: float = Field(0.5, ge=0, le=60)
+    torch_threads: int | None = Field(None, ge=1, le=1024)
+
+    @field_validator("architectures")
+    @classmethod
+    def _check_architectures(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in value:
+            if entry == "torch.export":
+                continue
+            module, sep, attr = entry.partition(":")
+            if not sep or not module or not attr or not all(
+                    part.isidentifier() for part in (*module.split("."), *attr.split("."))):
+                raise ValueError(f"architecture {entry!r} is not 'module:callable' or "
+                                 f"'torch.export'")
+        return tuple(dict.fromkeys(value))
+
+    def canonical_bytes(self) -> bytes:
+        """Sorted-key compact JSON of every field, defaults spelled out: the measured form."""
+        return (json.dumps(self.model_dump(mode="json"), sort_keys=True,
+                           separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+
+    def with_overrides(self, **changes: Any) -> RuntimeConfig:
+        """A copy with ``changes`` applied (``None`` values are ignored), validated."""
+        data = self.model_dump()
+        data.update({k: v for k, v in changes.items() if v is not None})
+        return _validate(data, "overrides")
+
+    def allows(self, architecture: str) -> bool:
+        return architecture in self.architectures
+
+
+def _validate(data: Any, label: str) -> RuntimeConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"runtime configuration {label}: expected a mapping")
+    try:
+        return RuntimeConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}"
+            for err in exc.errors())
+        raise ConfigError(f"invalid runtime configuration {label}: {problems}") from None
+
+
+def load_config(source: str | os.PathLike[str] | dict[str, Any] | RuntimeConfig | None = None
+                ) -> RuntimeConfig:
+    """The configuration from a YAML/JSON file, a dict, or the defaults (``None``)."""
+    if source is None:
+        return RuntimeConfig()
+    if isinstance(source, RuntimeConfig):
+        return source
+    if isinstance(source, dict):
+        return _validate(source, "(dict)")
+    path = Path(source)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read runtime configuration {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"runtime configuration {path} is not YAML/JSON: {exc}") from None
+    return _validate({} if data is None else data, str(path))
+
+
+def runtime_measurement(config: RuntimeConfig | None = None) -> bytes:
+    """The sim measurement a runtime with ``config`` reports (what policies pin)."""
+    from ..attest.measure import measurement
+
+    return measurement((config or RuntimeConfig()).canonical_bytes())

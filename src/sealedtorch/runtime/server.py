@@ -1,0 +1,680 @@
+"""The inference server: Open Inference Protocol (KServe v2) REST over TLS, attestation,
+metrics, structured logs, graceful shutdown.
+
+Three ways to run it:
+
+- :func:`serve` — the ``sealedtorch serve`` command: blocks until SIGTERM/SIGINT.
+- :class:`RuntimeServer` — in-process, uvicorn in a background thread (tests, demos)::
+
+      with RuntimeServer.start([ModelSource("resnet50", path)], keys=keycache_client,
+                               sim_platform=platform_dir) as srv:
+          srv.wait_ready()
+          srv.url, srv.spki          # https://127.0.0.1:PORT, the attested TLS key
+
+- :class:`SubprocessServer` — ``sealedtorch serve`` in a child process, with its bound URL
+  read back from an announce file.
+
+Endpoints: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{m}``,
+``/v2/models/{m}/ready``, ``POST /v2/models/{m}/infer`` (each also under
+``/v2/models/{m}/versions/{v}``), ``GET /v1/attestation?nonce=``, ``GET /metrics``.
+The server listens (live) at once and loads models in the background; it is ready when every
+model has loaded.  A model that fails to load leaves the server unready, and says why in
+``/v2/health/ready``, the model's ready endpoint and the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import anyio
+import torch
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from .. import __version__
+from ..attest import binding
+from ..errors import ConfigError, SealedTorchError
+from ..keys import KeySource
+from .attestation import evidence_document, parse_nonce
+from .batching import Batcher, InferenceFailed, QueueFull, ShuttingDown
+from .config import RuntimeConfig, load_config
+from .kserve import HEADER_LENGTH, InvalidRequest, PayloadTooLarge, parse_infer_request
+from .kserve import encode_infer_response as _encode
+from .loader import LoadedModel, resolve_device
+from .metrics import CONTENT_TYPE, RuntimeMetrics
+from .tls import ServerTls
+
+__all__ = ["Runtime", "RuntimeServer", "SubprocessServer", "configure_logging", "create_app",
+           "parse_listen", "serve"]
+
+log = logging.getLogger("sealedtorch.runtime")
+
+
+class Source(Protocol):
+    name: str
+
+    def load(self, keys: KeySource | None, config: RuntimeConfig,
+             device: torch.device | None = None) -> LoadedModel: ...
+
+
+# --- logging ----------------------------------------------------------------------------
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line; a record's ``extra={"fields": {...}}`` is merged in.
+    Only ids, sizes, timings and decisions are ever logged, never tensors or keys."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {"ts": round(record.created, 3), "level": record.levelname,
+                               "logger": record.name, "msg": record.getMessage()}
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            for k, v in fields.items():
+                doc.setdefault(k, v)
+        if record.exc_info and record.exc_info[0] is not None:
+            doc["error"] = f"{record.exc_info[0].__name__}: {record.exc_info[1]}"
+        return json.dumps(doc, default=str)
+
+
+def configure_logging(fmt: str = "json", level: int = logging.INFO) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter() if fmt == "json" else logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("sealedtorch")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+# --- the runtime's state ----------------------------------------------------------------
+
+@dataclass
+class _Slot:
+    name: str
+    source: Source | None
+    state: str = "loading"  # loading | ready | failed | stopped
+    error: BaseException | None = None
+    model: LoadedModel | None = None
+    batcher: Batcher | None = None
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "state": self.state}
+        if self.model is not None:
+            out.update(self.model.describe())
+        if self.error is not None:
+            out["error"] = f"{type(self.error).__name__}: {self.error}"
+        return out
+
+
+@dataclass
+class Runtime:
+    """Models, their workers, the TLS identity and the attester of one server."""
+
+    config: RuntimeConfig
+    tls: ServerTls
+    attester: Any = None
+    keys: KeySource | None = None
+    metrics: RuntimeMetrics = field(default_factory=RuntimeMetrics)
+    slots: dict[str, _Slot] = field(default_factory=dict)
+    device: torch.device | None = None
+    _done: threading.Event = field(default_factory=threading.Event)
+    _stopping: bool = False
+
+    def add(self, item: Source | LoadedModel) -> None:
+        if item.name in self.slots:
+            raise ConfigError(f"model name {item.name!r} is given twice")
+        if isinstance(item, LoadedModel):
+            slot = _Slot(item.name, None)
+            self.slots[item.name] = slot
+            self._activate(slot, item)
+        else:
+            self.slots[item.name] = _Slot(item.name, item)
+            self.metrics.ready.set(0, model=item.name)
+
+    def _activate(self, slot: _Slot, model: LoadedModel) -> None:
+        slot.model = model
+        slot.batcher = Batcher(model, max_batch_size=self.config.max_batch_size,
+                               max_queue=self.config.max_queue,
+                               batch_delay_ms=self.config.batch_delay_ms, metrics=self.metrics)
+        slot.state = "ready"
+        self.metrics.load_seconds.set(model.load_seconds, model=model.name)
+        self.metrics.ready.set(1, model=model.name)
+
+    def load_all(self) -> None:
+        """Load every pending model, in order (run in a background thread)."""
+        try:
+            for slot in list(self.slots.values()):
+                if slot.state != "loading" or slot.source is None or self._stopping:
+                    continue
+                try:
+                    model = slot.source.load(self.keys, self.config, self.device)
+                except Exception as exc:
+                    slot.state, slot.error = "failed", exc
+                    log.error("model %s failed to load: %s: %s", slot.name, type(exc).__name__,
+                              exc, extra={"fields": {"model": slot.name,
+                                                     "error_type": type(exc).__name__}})
+                    continue
+                if self._stopping:
+                    model.unload()
+                    continue
+                self._activate(slot, model)
+                log.info("model %s ready", slot.name,
+                         extra={"fields": {**model.describe(), "model": slot.name}})
+            if self.ready:
+                log.info("runtime ready: %d model(s)", len(self.slots))
+        finally:
+            self._done.set()
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.slots) and all(s.state == "ready" for s in self.slots.values()) \
+            and not self._stopping
+
+    @property
+    def failures(self) -> list[_Slot]:
+        return [s for s in self.slots.values() if s.state == "failed"]
+
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    def attested_models(self) -> list[dict[str, Any]]:
+        out = []
+        for s in self.slots.values():
+            m = s.model
+            out.append({"name": s.name, "model_id": m.model_id if m else None,
+                        "key_version": m.key_version if m else None,
+                        "arch": m.arch if m else None, "ready": s.state == "ready"})
+        return out
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Drain the queues, stop the workers, zero the weights."""
+        self._stopping = True
+        for slot in self.slots.values():
+            if slot.batcher is not None:
+                slot.batcher.stop(timeout)
+            if slot.model is not None:
+                slot.model.unload()
+            slot.state = "stopped"
+            self.metrics.ready.set(0, model=slot.name)
+
+
+# --- the application --------------------------------------------------------------------
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+async def _read_body(request: Request, limit: int) -> bytearray:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise InvalidRequest("Content-Length is not an integer") from None
+        if size > limit:
+            raise PayloadTooLarge(f"request body of {size} bytes is larger than the limit "
+                                  f"of {limit} bytes (max_request_bytes)")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(f"request body is larger than the limit of {limit} bytes "
+                                  f"(max_request_bytes)")
+    return body
+
+
+def create_app(runtime: Runtime) -> FastAPI:
+    app = FastAPI(title="sealedtorch runtime", version=__version__, docs_url=None,
+                  redoc_url=None, openapi_url=None)
+    cfg = runtime.config
+    metrics = runtime.metrics
+
+    def slot_or_error(name: str, version: str | None) -> _Slot | JSONResponse:
+        slot = runtime.slots.get(name)
+        if slot is None:
+            return _error(404, f"unknown model {name!r} (served: "
+                               f"{', '.join(runtime.slots) or 'none'})")
+        if slot.state != "ready" or slot.model is None:
+            why = f": {type(slot.error).__name__}: {slot.error}" if slot.error else ""
+            return _error(503, f"model {name!r} is not ready ({slot.state}{why})")
+        if version is not None and version != slot.model.version:
+            return _error(404, f"model {name!r} has no version {version!r} (served: "
+                               f"{slot.model.version})")
+        return slot
+
+    @app.get("/v2")
+    async def server_metadata() -> dict[str, Any]:
+        return {"name": "sealedtorch", "version": __version__,
+                "extensions": ["binary_tensor_data", "sealedtorch_attestation", "metrics"]}
+
+    @app.get("/v2/health/live")
+    async def live() -> dict[str, Any]:
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def ready() -> JSONResponse:
+        ok = runtime.ready
+        body: dict[str, Any] = {"ready": ok}
+        if not ok:
+            body["models"] = [s.describe() for s in runtime.slots.values()]
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/v2/models/{name}")
+    @app.get("/v2/models/{name}/versions/{version}")
+    async def model_metadata(name: str, version: str | None = None) -> Any:
+        slot = slot_or_error(name, version)
+        if isinstance(slot, JSONResponse):
+            return slot
+        m = slot.model
+        assert m is not None
+        return {"name": m.name, "versions": [m.version], "platform": "pytorch",
+                "inputs": [s.to_json() for s in m.inputs],
+                "outputs": [s.to_json() for s in m.outputs],
+                "parameters": {"model_id": m.model_id, "key_version": m.key_version,
+                               "arch": m.arch, "device": str(m.device),
+                               "max_batch_size": cfg.max_batch_size if m.batchable else 0}}
+
+    @app.get("/v2/models/{name}/ready")
+    @app.get("/v2/models/{name}/versions/{version}/ready")
+    async def model_ready(name: str, version: str | None = None) -> JSONResponse:
+        slot = runtime.slots.get(name)
+        if slot is None:
+            return _error(404, f"unknown model {name!r}")
+        body = {"name": name, "ready": slot.state == "ready", **slot.describe()}
+        return JSONResponse(body, status_code=200 if slot.state == "ready" else 503)
+
+    @app.post("/v2/models/{name}/infer")
+    @app.post("/v2/models/{name}/versions/{version}/infer")
+    async def infer(name: str, request: Request, version: str | None = None) -> Response:
+        started = time.perf_counter()
+        response = await _infer(name, version, request)
+        if name in runtime.slots:
+            metrics.requests.inc(model=name, code=str(response.status_code))
+            metrics.request_seconds.observe(time.perf_counter() - started, model=name)
+        return response
+
+    async def _infer(name: str, version: str | None, request: Request) -> Response:
+        slot = slot_or_error(name, version)
+        if isinstance(slot, JSONResponse):
+            return slot
+        model, batcher = slot.model, slot.batcher
+        assert model is not None and batcher is not None
+        try:
+            body = await _read_body(request, cfg.max_request_bytes)
+            parsed = await anyio.to_thread.run_sync(
+                lambda: parse_infer_request(
+                    body, request.headers.get(HEADER_LENGTH), inputs=model.inputs,
+                    outputs=model.outputs,
+                    max_batch_size=cfg.max_batch_size if model.batchable else max(
+                        1, model.inputs[0].shape[0]),
+                    max_elements=cfg.max_elements))
+            future = batcher.submit(parsed)
+            try:
+                outputs = await asyncio.wait_for(asyncio.wrap_future(future),
+                                                 cfg.request_timeout_s)
+            except TimeoutError:
+                future.cancel()
+                return _error(504, f"inference did not finish within "
+                                   f"{cfg.request_timeout_s:g} s")
+            payload, headers = await anyio.to_thread.run_sync(
+                lambda: _encode(model.name, model.version, parsed.id, outputs,
+                                parsed.outputs))
+            return Response(payload, status_code=200, headers=headers)
+        except (InvalidRequest, PayloadTooLarge, InferenceFailed) as exc:
+            reason = type(exc).__name__
+            metrics.rejected.inc(model=name, reason=reason)
+            log.info("rejected request for %s: %s", name, exc,
+                     extra={"fields": {"model": name, "reason": reason}})
+            return _error(exc.status, str(exc))
+        except (QueueFull, ShuttingDown) as exc:
+            return _error(503, str(exc), {"retry-after": "1"})
+
+    @app.get("/v1/attestation")
+    async def attestation(nonce: str | None = None) -> JSONResponse:
+        if runtime.attester is None:
+            metrics.attestations.inc(outcome="unavailable")
+            return _error(503, "this runtime has no attester (no TEE configured)")
+        try:
+            raw_nonce = parse_nonce(nonce)
+        except InvalidRequest as exc:
+            metrics.attestations.inc(outcome="bad_request")
+            return _error(400, str(exc))
+        spki = runtime.tls.spki
+        try:
+            evidence = await anyio.to_thread.run_sync(
+                runtime.attester.evidence, binding.report_data(raw_nonce, spki))
+        except SealedTorchError as exc:
+            metrics.attestations.inc(outcome="error")
+            log.error("attestation failed: %s", exc)
+            return _error(503, f"the TEE did not produce evidence: {exc}")
+        metrics.attestations.inc(outcome="ok")
+        return JSONResponse(evidence_document(
+            evidence, nonce=raw_nonce, spki=spki, models=runtime.attested_models(),
+            config=cfg))
+
+    @app.get("/metrics")
+    async def prometheus() -> PlainTextResponse:
+        for slot in runtime.slots.values():
+            if slot.batcher is not None:
+                metrics.queue_depth.set(slot.batcher.depth, model=slot.name)
+        return PlainTextResponse(metrics.render(), media_type=CONTENT_TYPE)
+
+    return app
+
+
+# --- assembling and running -------------------------------------------------------------
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"--listen expects HOST:PORT, got {listen!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _url(host: str, port: int) -> str:
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104
+    shown = "[::1]" if shown == "::" else (f"[{shown}]" if ":" in shown else shown)
+    return f"https://{shown}:{port}"
+
+
+def build_runtime(models: Sequence[Source | LoadedModel], *, keys: KeySource | None = None,
+                  config: RuntimeConfig | str | os.PathLike[str] | None = None,
+                  tls_cert: str | os.PathLike[str] | None = None,
+                  tls_key: str | os.PathLike[str] | None = None, hosts: Sequence[str] = (),
+                  tee: str | None = "auto", sim_platform: str | os.PathLike[str] | None = None,
+                  attester: Any = None) -> Runtime:
+    """Everything but the network: config, TLS identity, attester, model slots."""
+    cfg = load_config(config)
+    if not models:
+        raise ConfigError("no models to serve: give at least one --model NAME=PATH.sealed")
+    if (tls_cert is None) != (tls_key is None):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    tls = ServerTls.from_files(tls_cert, tls_key) if tls_cert is not None and tls_key \
+        is not None else ServerTls.generate(hosts)
+    if attester is None and tee is not None:
+        from ..attest.attesters import get_attester
+
+        attester = get_attester(tee, sim_platform=sim_platform,
+                                runtime_config=cfg.canonical_bytes())
+    if cfg.torch_threads is not None:
+        torch.set_num_threads(cfg.torch_threads)
+    runtime = Runtime(cfg, tls, attester=attester, keys=keys, device=resolve_device(cfg))
+    for m in models:
+        runtime.add(m)
+    return runtime
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling (:func:`serve` and the thread runner stop it
+    themselves, and must still drain the workers after it returns), with a hook that runs
+    once it listens."""
+
+    after_startup: Any = None
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if not self.should_exit and self.after_startup is not None:
+            self.after_startup()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # Idle keep-alive connections are dropped at once: closing them politely waits for
+        # the client's TLS close_notify, which an idle client never sends.  Connections with
+        # a request in flight finish it first (uvicorn's graceful shutdown).
+        for connection in list(self.server_state.connections):
+            cycle = getattr(connection, "cycle", None)
+            transport = getattr(connection, "transport", None)
+            if transport is not None and (cycle is None or cycle.response_complete):
+                transport.abort()
+        await super().shutdown(sockets=sockets)
+
+
+def _uvicorn(runtime: Runtime, sock: socket.socket, graceful: float) -> _Server:
+    config = uvicorn.Config(
+        create_app(runtime), log_config=None, access_log=False, lifespan="off",
+        ssl_context_factory=lambda _config, _default: runtime.tls.context,
+        timeout_graceful_shutdown=max(1, int(graceful)), server_header=False,
+        backlog=1024)
+    del sock
+    return _Server(config)
+
+
+@dataclass
+class RuntimeServer:
+    """A runtime serving in a background thread of this process."""
+
+    runtime: Runtime
+    server: _Server
+    thread: threading.Thread
+    loader: threading.Thread
+    url: str
+    sock: socket.socket = field(repr=False)
+
+    @classmethod
+    def start(cls, models: Sequence[Source | LoadedModel], *, keys: KeySource | None = None,
+              config: RuntimeConfig | str | os.PathLike[str] | None = None,
+              host: str = "127.0.0.1", port: int = 0,
+              tls_cert: str | os.PathLike[str] | None = None,
+              tls_key: str | os.PathLike[str] | None = None, tee: str | None = "auto",
+              sim_platform: str | os.PathLike[str] | None = None, attester: Any = None,
+              graceful_timeout: float = 5.0, timeout: float = 10.0) -> RuntimeServer:
+        """Listen on ``host:port`` (0: any free port), then load ``models`` in the
+        background.  Returns as soon as the server accepts connections (live)."""
+        runtime = build_runtime(models, keys=keys, config=config, tls_cert=tls_cert,
+                                tls_key=tls_key, hosts=(host,), tee=tee,
+                                sim_platform=sim_platform, attester=attester)
+        sock = _bind(host, port)
+        server = _uvicorn(runtime, sock, graceful_timeout)
+        bound = sock.getsockname()[1]
+        thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])),
+                                  name=f"runtime-{bound}", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + timeout
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                sock.close()
+                raise ConfigError("the runtime's HTTP server did not start")
+            time.sleep(0.005)
+        loader = threading.Thread(target=runtime.load_all, name="runtime-loader", daemon=True)
+        loader.start()
+        return cls(runtime, server, thread, loader, _url(host, bound), sock)
+
+    @property
+    def spki(self) -> bytes:
+        return self.runtime.tls.spki
+
+    @property
+    def cert_pem(self) -> bytes:
+        return self.runtime.tls.cert_pem
+
+    def wait_ready(self, timeout: float = 120.0) -> RuntimeServer:
+        """Block until every model is loaded; raise the first load failure."""
+        if not self.runtime.wait_loaded(timeout):
+            raise TimeoutError(f"models not loaded within {timeout} s")
+        failures = self.runtime.failures
+        if failures and failures[0].error is not None:
+            raise failures[0].error
+        return self
+
+    def stop(self) -> None:
+        """Stop accepting, finish requests in flight, drain workers, zero weights."""
+        self.runtime._stopping = True
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.loader.join(timeout=30)
+        self.runtime.close()
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def __enter__(self) -> RuntimeServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def serve(models: Sequence[Source], *, keys: KeySource | None,
+          config: RuntimeConfig | str | os.PathLike[str] | None = None,
+          listen: str = "127.0.0.1:8443", tls_cert: str | os.PathLike[str] | None = None,
+          tls_key: str | os.PathLike[str] | None = None, tee: str = "auto",
+          sim_platform: str | os.PathLike[str] | None = None,
+          announce: str | os.PathLike[str] | None = None, exit_on_load_failure: bool = True,
+          graceful_timeout: float = 10.0, log_format: str = "json") -> int:
+    """``sealedtorch serve``: run until SIGTERM/SIGINT (then drain and stop), or until a
+    model fails to load (exit status 2 with the reason) unless ``exit_on_load_failure`` is
+    false, in which case the server stays up, live but unready."""
+    configure_logging(log_format)
+    host, port = parse_listen(listen)
+    runtime = build_runtime(models, keys=keys, config=config, tls_cert=tls_cert,
+                            tls_key=tls_key, hosts=(host,), tee=tee, sim_platform=sim_platform)
+    sock = _bind(host, port)
+    bound = sock.getsockname()[1]
+    server = _uvicorn(runtime, sock, graceful_timeout)
+    url = _url(host, bound)
+    failure: list[BaseException] = []
+
+    def load() -> None:
+        runtime.load_all()
+        if runtime.failures and exit_on_load_failure and not runtime._stopping:
+            err = runtime.failures[0].error
+            failure.append(err if err is not None else ConfigError("model failed to load"))
+            server.should_exit = True
+
+    def stop(signum: int, _frame: object) -> None:
+        log.info("signal %d: draining requests in flight, then stopping", signum)
+        server.force_exit = server.should_exit  # a second signal: stop now
+        runtime._stopping = True
+        server.should_exit = True
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    loader = threading.Thread(target=load, name="runtime-loader", daemon=True)
+
+    def started() -> None:
+        log.info("runtime listening on %s", url, extra={"fields": {
+            "url": url, "tls_spki_sha256": runtime.tls.spki_sha256,
+            "tls_generated": runtime.tls.generated, "models": list(runtime.slots),
+            "device": str(runtime.device),
+            "config_sha256": _sha256(runtime.config.canonical_bytes())}})
+        if announce is not None:
+            _announce(Path(announce), {"url": url, "pid": os.getpid(),
+                                       "tls_spki_sha256": runtime.tls.spki_sha256,
+                                       "cert_pem": runtime.tls.cert_pem.decode()})
+        loader.start()
+
+    server.after_startup = started
+
+    try:
+        asyncio.run(server.serve(sockets=[sock]))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        runtime._stopping = True
+        if loader.is_alive():
+            loader.join(timeout=graceful_timeout)
+        runtime.close(graceful_timeout)
+        sock.close()
+        log.info("runtime stopped")
+    if failure:
+        raise failure[0]
+    return 0
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def _announce(path: Path, doc: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, path)
+
+
+# --- a runtime in a child process -------------------------------------------------------
+
+@dataclass
+class SubprocessServer:
+    """``sealedtorch serve`` in a child process (what the demo and fault tests use)."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    cert_pem: bytes
+    log_path: Path
+
+    @classmethod
+    def start(cls, args: Sequence[str], *, timeout: float = 60.0,
+              env: dict[str, str] | None = None) -> SubprocessServer:
+        """Run ``sealedtorch serve ARGS`` (give ``--listen 127.0.0.1:0`` for a free port);
+        return once it listens.  Its log goes to a temporary file (:attr:`log_path`)."""
+        work = Path(tempfile.mkdtemp(prefix="sealedtorch-serve-"))
+        announce = work / "announce.json"
+        log_path = work / "serve.log"
+        cmd = [sys.executable, "-m", "sealedtorch.cli", "serve", *args,
+               "--announce", str(announce)]
+        with log_path.open("wb") as log_file:
+            process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
+                                       env=env)
+        deadline = time.monotonic() + timeout
+        while not announce.exists():
+            if process.poll() is not None:
+                raise ConfigError(f"sealedtorch serve exited with status {process.returncode}:"
+                                  f" {log_path.read_text(errors='replace')[-2000:]}")
+            if time.monotonic() > deadline:
+                process.kill()
+                raise ConfigError(f"sealedtorch serve did not listen within {timeout} s")
+            time.sleep(0.02)
+        doc = json.loads(announce.read_text())
+        return cls(process, doc["url"], doc["cert_pem"].encode(), log_path)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM (graceful), then SIGKILL after ``timeout``; returns the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def __enter__(self) -> SubprocessServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
