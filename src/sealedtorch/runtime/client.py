@@ -1,0 +1,244 @@
+"""The verifying client: attest the runtime, pin its TLS key, only then send inputs.
+
+::
+
+    client = AttestedClient("https://host:8443", policy="runtime-policy.yaml",
+                            sim_roots=["sim/platform.pub"])
+    result = client.attest()                         # raises unless the policy allows it
+    outputs = client.infer("resnet50", {"input": x})  # over a connection pinned to that key
+
+:meth:`AttestedClient.attest` sends a fresh 32-byte nonce to ``/v1/attestation``, reads the
+server key *of the TLS connection that answered* (not a key the document claims), verifies
+the evidence through the attestation front door, checks that its report_data binds the
+nonce and that key, and applies the policy (``decide_use``).  Inference then runs on a
+separate HTTP client whose SSL context accepts only that key: the check runs inside every
+TLS handshake, before the HTTP request is written, so a different server never sees a byte
+of the input.  :meth:`infer` attests first if that has not happened yet, and refuses
+models that the attested runtime did not list.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+
+from .. import crypto
+from ..attest import VerifierConfig
+from ..attest.policy import Policy, load_policy
+from ..errors import AttestationError, BindingError, ConfigError, RequestError
+from .attestation import AttestationResult, encode_nonce, verify_document
+from .kserve import (
+    DATATYPES,
+    HEADER_LENGTH,
+    TensorSpec,
+    decode_infer_response,
+    encode_infer_request,
+)
+from .tls import PinMismatch, capture_context, peer_spki, pinned_context
+
+__all__ = ["AttestedClient", "InferenceError", "load_sim_roots"]
+
+
+class InferenceError(RequestError):
+    """The runtime refused or failed a request; ``status`` is the HTTP status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        super().__init__(f"HTTP {status}: {message}")
+
+
+def load_sim_roots(paths: Sequence[str | os.PathLike[str]]) -> tuple[bytes, ...]:
+    """Raw Ed25519 keys from sim platforms' ``platform.pub`` (``--sim-root``)."""
+    keys = []
+    for p in paths:
+        try:
+            keys.append(crypto.load_ed25519_public(Path(p).read_bytes()))
+        except OSError as exc:
+            raise ConfigError(f"cannot read sim platform key {p}: {exc.strerror}") from None
+        except ValueError as exc:
+            raise ConfigError(f"{p}: {exc}") from None
+    return tuple(keys)
+
+
+class AttestedClient:
+    """A KServe v2 client that talks only to an attested runtime."""
+
+    def __init__(self, url: str, *, policy: Policy | str | os.PathLike[str] | dict[str, Any],
+                 sim_roots: Sequence[str | os.PathLike[str]] = (),
+                 verifier: VerifierConfig | None = None, timeout: float = 120.0) -> None:
+        if not url.startswith("https://"):
+            raise ConfigError(f"the runtime URL must be https:// (got {url!r}): attestation "
+                              f"binds the server's TLS key")
+        self.url = url.rstrip("/")
+        self.policy = load_policy(policy if not isinstance(policy, os.PathLike)
+                                  else Path(policy))
+        if verifier is None:
+            verifier = VerifierConfig(sim_platform_keys=load_sim_roots(sim_roots))
+        elif sim_roots:
+            raise ConfigError("give either verifier= or sim_roots=, not both")
+        self.verifier = verifier
+        self.timeout = timeout
+        self.result: AttestationResult | None = None
+        self._http: httpx.Client | None = None
+        self._metadata: dict[str, dict[str, Any]] = {}
+
+    # --- attestation ----------------------------------------------------------------------
+
+    def attest(self) -> AttestationResult:
+        """Verify the runtime; on success pin its TLS key for every later request."""
+        nonce = crypto.random_bytes(32)
+        with httpx.Client(verify=capture_context(), timeout=self.timeout) as probe:
+            try:
+                response = probe.get(f"{self.url}/v1/attestation",
+                                     params={"nonce": encode_nonce(nonce)})
+            except httpx.HTTPError as exc:
+                raise AttestationError(f"cannot fetch evidence from {self.url}: {exc}") \
+                    from None
+            stream = response.extensions.get("network_stream")
+            ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
+            connection_spki = peer_spki(ssl_object)
+            if response.status_code != 200:
+                raise AttestationError(f"{self.url}/v1/attestation answered HTTP "
+                                       f"{response.status_code}: {_error_text(response)}")
+            try:
+                doc = response.json()
+            except ValueError:
+                raise AttestationError("the attestation answer is not JSON") from None
+        result = verify_document(doc, nonce=nonce, connection_spki=connection_spki,
+                                 policy=self.policy, verifier=self.verifier)
+        self._close_http()
+        self.result = result
+        self._http = httpx.Client(verify=pinned_context(result.spki), timeout=self.timeout,
+                                  base_url=self.url)
+        return result
+
+    def reconnect(self) -> None:
+        """Drop pooled connections; new ones are pinned to the same attested key (no new
+        attestation).  Use :meth:`attest` to appraise the runtime afresh."""
+        if self.result is None:
+            return
+        self._close_http()
+        self._http = httpx.Client(verify=pinned_context(self.result.spki),
+                                  timeout=self.timeout, base_url=self.url)
+
+    @property
+    def pinned_spki(self) -> bytes | None:
+        return self.result.spki if self.result is not None else None
+
+    def _client(self) -> httpx.Client:
+        if self._http is None:
+            self.attest()
+        assert self._http is not None
+        return self._http
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return self._client().request(method, path, **kwargs)
+        except httpx.ConnectError as exc:
+            if isinstance(exc.__cause__, PinMismatch) or "pinning failed" in str(exc):
+                raise BindingError(
+                    f"{self.url} presented a TLS key other than the attested one; nothing "
+                    f"was sent ({exc})") from None
+            raise
+        except httpx.HTTPError as exc:
+            raise InferenceError(0, f"request to {self.url}{path} failed: {exc}") from None
+
+    # --- KServe v2 ----------------------------------------------------------------------
+
+    def _check_listed(self, model: str) -> None:
+        assert self.result is not None
+        if self.result.model(model) is None:
+            listed = ", ".join(str(m.get("name")) for m in self.result.models) or "none"
+            raise AttestationError(f"the attested runtime does not serve model {model!r} "
+                                   f"(it lists: {listed})")
+
+    def model_metadata(self, model: str) -> dict[str, Any]:
+        if model not in self._metadata:
+            self._client()
+            self._check_listed(model)
+            response = self._request("GET", f"/v2/models/{model}")
+            if response.status_code != 200:
+                raise InferenceError(response.status_code, _error_text(response))
+            self._metadata[model] = response.json()
+        return self._metadata[model]
+
+    def ready(self) -> bool:
+        return self._request("GET", "/v2/health/ready").status_code == 200
+
+    def infer(self, model: str, inputs: Mapping[str, Any] | Any, *, binary: bool = True,
+              outputs: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """Run ``model`` on ``inputs`` (name -> tensor/array, or one tensor for a
+        single-input model), cast to the declared datatypes; returns named outputs."""
+        meta = self.model_metadata(model)  # attests first, checks the model is listed
+        specs = [TensorSpec.from_json(s) for s in meta["inputs"]]
+        named = _name_inputs(inputs, specs)
+        body, headers = encode_infer_request(named, binary=binary, binary_outputs=binary,
+                                             outputs=outputs)
+        response = self._request("POST", f"/v2/models/{model}/infer", content=body,
+                                 headers=headers)
+        if response.status_code != 200:
+            raise InferenceError(response.status_code, _error_text(response))
+        return decode_infer_response(response.content, response.headers.get(HEADER_LENGTH))
+
+    def metrics_text(self) -> str:
+        return self._request("GET", "/metrics").text
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def _close_http(self) -> None:
+        if self._http is not None:
+            self._http.close()
+            self._http = None
+
+    def close(self) -> None:
+        self._close_http()
+
+    def __enter__(self) -> AttestedClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        doc = response.json()
+    except ValueError:
+        return response.text[:500]
+    if isinstance(doc, dict) and isinstance(doc.get("error"), str):
+        return doc["error"]
+    return str(doc)[:500]
+
+
+def _as_tensor(value: Any) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(value)))
+
+
+def _name_inputs(inputs: Mapping[str, Any] | Any,
+                 specs: Sequence[TensorSpec]) -> dict[str, torch.Tensor]:
+    if not isinstance(inputs, Mapping):
+        if len(specs) != 1:
+            raise ConfigError(f"the model takes {len(specs)} inputs "
+                              f"({', '.join(s.name for s in specs)}); pass them by name")
+        inputs = {specs[0].name: inputs}
+    by_name = {s.name: s for s in specs}
+    out: dict[str, torch.Tensor] = {}
+    for name, value in inputs.items():
+        t = _as_tensor(value)
+        spec = by_name.get(name)
+        if spec is not None and t.dtype != DATATYPES[spec.datatype]:
+            want = DATATYPES[spec.datatype]
+            if t.dtype.is_floating_point != want.is_floating_point and want != torch.bool:
+                raise ConfigError(f"input {name!r} is {t.dtype}, the model takes "
+                                  f"{spec.datatype}")
+            t = t.to(want)
+        out[name] = t
+    return out
