@@ -1,0 +1,248 @@
+"""The keycache's in-memory key store.
+
+Semantics, in one place:
+
+- The store holds model keys by ``(model_id, version)``, each with its model's policy (the
+  policy the keyserver released it under, enforced again on every local request).
+- :meth:`KeyStore.replace` installs the *complete* answer of one successful refresh.  What
+  the keyserver no longer releases is gone afterwards: revocation, retirement or a policy
+  that no longer lets this cache hold a key all take effect "by absence" within one refresh.
+- ``version=None`` means the latest (highest) version the store holds for that model.
+- Staleness: the store remembers when the last successful refresh happened (on an injectable
+  monotonic clock).  Once that is longer ago than ``max_stale`` seconds, :meth:`KeyStore.get`
+  refuses every request with :class:`KeysStale`, and :meth:`KeyStore.expire` wipes the keys.
+  Before the first successful refresh the store is empty and says so.
+
+Memory hygiene (best effort, see docs/keycache.md): secrets are kept in ``bytearray``\\ s that
+are overwritten with zeros when a key is dropped (revoked, expired, replaced, shut down).
+Python cannot wipe the immutable ``bytes`` objects that the HPKE library and the keyserver
+client hand around briefly, nor prevent the allocator or the OS from leaving copies; the
+TEE's memory encryption, not this zeroing, is what keeps keys from the host.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from .. import crypto
+from ..attest.policy import Policy
+from ..errors import KeyUnavailable
+from ..keys import ModelKey
+
+__all__ = ["Changes", "Entry", "EntryInfo", "KeyStore", "KeysStale"]
+
+Clock = Callable[[], float]
+
+
+class KeysStale(KeyUnavailable):
+    """The keycache refuses to serve: it has not refreshed from the keyserver for longer than
+    its max-stale limit (or has never managed to fetch anything)."""
+
+    problem_type = "keycache-stale"
+    http_status = 503
+
+
+@dataclass(eq=False)
+class Entry:
+    """One key held in memory.  ``secret`` is wiped by :meth:`wipe`; never logged."""
+
+    model_id: str
+    version: int
+    policy: Policy
+    secret: bytearray = field(repr=False)
+    fetched_at: float  # store clock: when this key was first fetched
+    wall_fetched_at: float  # Unix time of the same moment, for humans
+
+    def seal_to(self, recipient_public_key: bytes, *, info: bytes) -> bytes:
+        """HPKE-seal the key to ``recipient_public_key``.  Raises KeyUnavailable if wiped."""
+        if not any(self.secret):
+            raise KeyUnavailable(
+                f"key {self.model_id!r} version {self.version} was dropped while in use")
+        # bytes(...) is an immutable copy that lives until the HPKE call returns.
+        return crypto.hpke_seal(recipient_public_key, bytes(self.secret), info=info)
+
+    def wipe(self) -> None:
+        crypto.zero(self.secret)
+
+
+@dataclass(frozen=True)
+class EntryInfo:
+    """What may be shown about a held key: never the key."""
+
+    model_id: str
+    version: int
+    latest: bool
+    age_s: float
+    fetched_at: float  # Unix time
+    policy_digest: str
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What one :meth:`KeyStore.replace` changed, for the log."""
+
+    added: tuple[tuple[str, int], ...] = ()
+    removed: tuple[tuple[str, int], ...] = ()
+    policy_changed: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed or self.policy_changed)
+
+
+class KeyStore:
+    """Model keys in memory, replaced wholesale by each successful refresh.
+
+    Thread-safe: writers take a lock and publish a new immutable index; readers look up the
+    current index without locking.
+    """
+
+    def __init__(self, *, max_stale: float, clock: Clock = time.monotonic,
+                 wall_clock: Clock = time.time) -> None:
+        if max_stale <= 0:
+            raise ValueError("max_stale must be positive")
+        self.max_stale = float(max_stale)
+        self._clock = clock
+        self._wall = wall_clock
+        self._lock = threading.Lock()
+        self._entries: dict[tuple[str, int], Entry] = {}
+        self._latest: dict[str, int] = {}
+        self._last_ok: float | None = None
+        self._wall_last_ok: float | None = None
+        self._expired = False
+
+    # --- writers ----------------------------------------------------------------------
+
+    def replace(self, released: Iterable[tuple[ModelKey, Policy]]) -> Changes:
+        """Install the complete result of one successful refresh and restart the staleness
+        clock.  Keys absent from ``released`` are wiped and dropped."""
+        now, wall = self._clock(), self._wall()
+        incoming: dict[tuple[str, int], tuple[ModelKey, Policy]] = {}
+        for key, policy in released:
+            if not isinstance(key, ModelKey) or not isinstance(policy, Policy):
+                raise TypeError("released keys must be (ModelKey, Policy) pairs")
+            incoming[(key.model_id, key.version)] = (key, policy)
+        with self._lock:
+            old = self._entries
+            new: dict[tuple[str, int], Entry] = {}
+            added, policy_changed, doomed = [], set(), []
+            for ident, (key, policy) in incoming.items():
+                entry = old.get(ident)
+                if entry is not None and crypto.constant_time_equal(bytes(entry.secret),
+                                                                    key.secret):
+                    if entry.policy != policy:
+                        entry = Entry(entry.model_id, entry.version, policy, entry.secret,
+                                      entry.fetched_at, entry.wall_fetched_at)
+                        policy_changed.add(ident[0])
+                    new[ident] = entry
+                    continue
+                if entry is not None:  # same id and version, different bytes: take the new one
+                    doomed.append(entry)
+                new[ident] = Entry(key.model_id, key.version, policy, bytearray(key.secret),
+                                   now, wall)
+                added.append(ident)
+            removed = [ident for ident in old if ident not in new]
+            doomed.extend(old[ident] for ident in removed)
+            self._publish(new)
+            self._last_ok, self._wall_last_ok = now, wall
+            self._expired = False
+        for entry in doomed:
+            entry.wipe()
+        return Changes(tuple(sorted(added)), tuple(sorted(removed)),
+                       tuple(sorted(policy_changed)))
+
+    def expire(self) -> bool:
+        """Wipe every key if the store is stale.  Returns True if it wiped anything."""
+        if not self.is_stale() or not self._entries:
+            return False
+        self.clear(expired=True)
+        return True
+
+    def clear(self, *, expired: bool = False) -> None:
+        """Wipe and drop every key (shutdown, or the keyserver refusing this cache)."""
+        with self._lock:
+            old = self._entries
+            self._publish({})
+            if expired:
+                self._expired = True
+        for entry in old.values():
+            entry.wipe()
+
+    def _publish(self, entries: dict[tuple[str, int], Entry]) -> None:
+        latest: dict[str, int] = {}
+        for model_id, version in entries:
+            latest[model_id] = max(version, latest.get(model_id, 0))
+        self._entries, self._latest = entries, latest  # readers see one or the other
+
+    # --- readers ----------------------------------------------------------------------
+
+    @property
+    def last_refresh(self) -> float | None:
+        """Store-clock time of the last successful refresh (None: never)."""
+        return self._last_ok
+
+    @property
+    def last_refresh_wall(self) -> float | None:
+        return self._wall_last_ok
+
+    def refresh_age(self) -> float | None:
+        """Seconds since the last successful refresh (None: never)."""
+        return None if self._last_ok is None else max(0.0, self._clock() - self._last_ok)
+
+    def is_stale(self) -> bool:
+        age = self.refresh_age()
+        return age is None or age > self.max_stale
+
+    def get(self, model_id: str, version: int | None = None) -> Entry:
+        """The held key for ``model_id`` (``version=None``: the latest held version).
+
+        Raises :class:`KeysStale` when the store may not serve at all, else
+        :class:`KeyUnavailable` naming what is held instead.
+        """
+        age = self.refresh_age()
+        if age is None:
+            raise KeysStale("the keycache holds no keys yet: it has not completed a fetch "
+                            "from the keyserver since it started")
+        if age > self.max_stale:
+            raise KeysStale(
+                f"the keycache's keys are stale: its last successful refresh from the "
+                f"keyserver was {age:.0f} s ago, more than max-stale ({self.max_stale:g} s); "
+                f"it serves no keys until the keyserver is reachable again")
+        entries, latest = self._entries, self._latest
+        if version is None:
+            if model_id not in latest:
+                raise KeyUnavailable(f"the keycache holds no key for model {model_id!r} "
+                                     f"(unknown to the keyserver, revoked, or not released "
+                                     f"to this keycache)")
+            version = latest[model_id]
+        entry = entries.get((model_id, version))
+        if entry is None:
+            held = sorted(v for (m, v) in entries if m == model_id)
+            if held:
+                raise KeyUnavailable(
+                    f"the keycache holds no key for model {model_id!r} version {version} "
+                    f"(revoked, retired or never released; it holds version(s) "
+                    f"{', '.join(map(str, held))})")
+            raise KeyUnavailable(f"the keycache holds no key for model {model_id!r} "
+                                 f"(unknown to the keyserver, revoked, or not released to "
+                                 f"this keycache)")
+        return entry
+
+    def list(self) -> list[EntryInfo]:
+        """Every held key, without secrets, sorted by model id then version."""
+        now = self._clock()
+        entries, latest = self._entries, self._latest
+        return [EntryInfo(e.model_id, e.version, latest.get(e.model_id) == e.version,
+                          max(0.0, now - e.fetched_at), e.wall_fetched_at,
+                          e.policy.digest())
+                for _, e in sorted(entries.items())]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def expired(self) -> bool:
+        """True if the keys were wiped for staleness and nothing was fetched since."""
+        return self._expired
