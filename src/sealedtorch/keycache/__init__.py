@@ -1,0 +1,40 @@
+"""The keycache (dkeycache): attested keys from the keyserver, served to local runtimes.
+
+- :class:`KeycacheClient` — what a runtime uses: ``client.get_key(model_id, version=None)``,
+  or ``sealedtorch.load_state_dict(path, key=client)``.
+- :class:`~.service.Keycache` — the service (refresh, staleness, local release);
+  :class:`~.server.KeycacheServer` — its Unix-socket HTTP server;
+  :class:`~.store.KeyStore` — the in-memory store; :class:`~.upstream.Upstream` — the
+  keyserver side.
+
+See docs/keycache.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "KeyStore",
+    "Keycache",
+    "KeycacheClient",
+    "KeycacheServer",
+    "KeycacheUnavailable",
+    "KeysStale",
+    "Upstream",
+    "UpstreamUnavailable",
+]
+
+_WHERE = {
+    "KeycacheClient": "client", "KeycacheUnavailable": "client", "Keycache": "service",
+    "KeycacheServer": "server", "KeyStore": "store", "KeysStale": "store",
+    "Upstream": "upstream", "UpstreamUnavailable": "upstream",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
