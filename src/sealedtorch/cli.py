@@ -30,6 +30,7 @@ def _add_attest_commands(sub: argparse._SubParsersAction) -> None:
 
 _GROUPS = [_add_format_commands, _add_attest_commands]
 _GROUPS.append(lambda sub: __import__("sealedtorch.cli_keyserver").cli_keyserver.register(sub))
+_GROUPS.append(lambda sub: __import__("sealedtorch.cli_keycache").cli_keycache.register(sub))
 _GROUPS.append(lambda sub: __import__("sealedtorch.cli_runtime").cli_runtime.register(sub))
 
 
