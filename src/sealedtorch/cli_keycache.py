@@ -148,10 +148,11 @@ def build(args: argparse.Namespace) -> Any:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .keycache.server import KeycacheServer
+    from .keycache.server import KeycacheServer, harden_process
     from .keyserver.server import configure_logging
 
     configure_logging(args.log_format)
+    harden_process()
     group = None
     if args.socket_group is not None:
         try:
@@ -187,6 +188,12 @@ def format_status(socket_path: str, st: dict[str, Any]) -> str:
                                                  else "not serving (no keys fetched yet)")
     ks = {True: "reachable", False: "UNREACHABLE", None: "not contacted yet"}[reachable]
     lines = [f"keycache {socket_path}: {state}; keyserver {ks}"]
+    upstream = st.get("keyserver") or {}
+    if upstream.get("url"):
+        renew = upstream.get("token_renews_in_s")
+        lines.append(f"keyserver: {upstream['url']}" + (
+            f" (attestation token renews in {_ago(max(0.0, renew))})"
+            if isinstance(renew, int | float) else ""))
     age = refresh.get("last_ok_age_s")
     lines.append(f"last refresh: {_ago(age)}{' ago' if age is not None else ''} "
                  f"(every {refresh.get('interval_s', 0):g} s, max-stale "

@@ -176,7 +176,7 @@ def test_garbage_requests_get_clear_errors(start_keycache, content, needle):
         assert r.headers["content-type"] == "application/problem+json"
         assert r.json()["problem"] == "bad-request" and needle in r.json()["detail"]
         big = http.post("/v1/key", content=b"x" * (2 << 20))
-        assert big.status_code == 400 and "too large" in big.json()["detail"]
+        assert big.status_code == 413 and "too large" in big.json()["detail"]
         assert http.get("/v1/nothing").status_code == 404
         assert http.get("/v1/health").json()["ok"] is True
 

@@ -88,14 +88,16 @@ def test_store_staleness_clock():
         store.get("m")
     store.replace([(ModelKey.generate("m"), POLICY)])
     clock.advance(99)
-    assert store.get("m") and not store.is_stale()
+    entry = store.get("m")
+    assert not store.is_stale()
     clock.advance(2)
-    assert store.is_stale()
+    assert store.is_stale() and len(store) == 1  # noticed on the next read, not by a timer
     with pytest.raises(KeysStale, match=r"101 s ago, more than max-stale \(100 s\)"):
         store.get("m")
-    entry = store._entries[("m", 1)]
-    assert store.expire() and len(store) == 0 and entry.secret == bytearray(32)
-    assert store.expired
+    assert len(store) == 0 and entry.secret == bytearray(32) and store.expired
+    assert not store.expire()  # nothing left to wipe
+    with pytest.raises(KeysStale):
+        store.get("m")
     store.replace([(ModelKey.generate("m"), POLICY)])  # the keyserver is back
     assert store.get("m") and not store.expired
 
@@ -248,3 +250,18 @@ def test_adapter_passes_pairs_and_rejects_others():
     with pytest.raises(UpstreamUnavailable):
         KeyserverUpstream(_Client(answer=[(b"x", POLICY)])).fetch_all()
     assert KeyserverUpstream(_Client()).seconds_until_reattest() is None
+
+
+def test_harden_process_in_a_child():
+    import subprocess
+    import sys
+
+    code = ("import ctypes, ctypes.util, resource\n"
+            "from sealedtorch.keycache.server import harden_process\n"
+            "assert harden_process() == []\n"
+            "assert resource.getrlimit(resource.RLIMIT_CORE) == (0, 0)\n"
+            "libc = ctypes.CDLL(ctypes.util.find_library('c'))\n"
+            "print(libc.prctl(3, 0, 0, 0, 0))\n")  # PR_GET_DUMPABLE
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "0"

@@ -160,6 +160,11 @@ def test_keycache_with_a_real_keyserver(tmp_path, short_dir, procs, capsys):
     st = client.status()
     assert sorted((k["model_id"], k["version"]) for k in st["keys"]) == \
         [("e2e/alpha", 1), ("e2e/beta", 1)]
+    capsys.readouterr()
+    assert cli.main(["keycache", "status", "--socket", str(sock)]) == 0
+    out = capsys.readouterr().out
+    assert f"keyserver: {url} (attestation token renews in" in out
+    assert "e2e/alpha" in out and "e2e/beta" in out and key_a.secret.hex() not in out
 
     # --- rotation picked up, revocation gone within one refresh ----------------------------
     with AdminClient.from_token_file(url, ca, data / "admin-token") as admin:

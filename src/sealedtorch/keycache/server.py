@@ -47,7 +47,7 @@ from . import protocol
 from .local import LocalRequest, PeerCred, peer_credentials
 from .service import Keycache
 
-__all__ = ["KeycacheServer", "bind_unix_socket", "create_app"]
+__all__ = ["KeycacheServer", "bind_unix_socket", "create_app", "harden_process"]
 
 log = logging.getLogger("sealedtorch.keycache.server")
 
@@ -88,12 +88,14 @@ def _problem(exc: SealedTorchError, headers: dict[str, str] | None = None) -> Re
 async def _read_json(request: Request) -> Any:
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > protocol.MAX_BODY):
-        raise RequestError(f"request body too large (limit {protocol.MAX_BODY} bytes)")
+        raise problems.with_status(RequestError(
+            f"request body too large (limit {protocol.MAX_BODY} bytes)"), 413)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > protocol.MAX_BODY:
-            raise RequestError(f"request body too large (limit {protocol.MAX_BODY} bytes)")
+            raise problems.with_status(RequestError(
+                f"request body too large (limit {protocol.MAX_BODY} bytes)"), 413)
         chunks.append(chunk)
     try:
         return json.loads(b"".join(chunks))
@@ -195,6 +197,34 @@ def create_app(keycache: Keycache) -> FastAPI:
     return app
 
 
+# --- the process ------------------------------------------------------------------------
+
+def harden_process() -> list[str]:
+    """Best effort: no core dumps, and not dumpable (so processes of the same uid cannot
+    ptrace it or read its /proc/PID/mem).  Returns what could not be done."""
+    problems_found = []
+    try:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (ImportError, OSError, ValueError) as exc:
+        problems_found.append(f"core dumps not disabled: {exc}")
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        pr_set_dumpable = 4
+        if libc.prctl(pr_set_dumpable, 0, 0, 0, 0) != 0:
+            problems_found.append(f"prctl(PR_SET_DUMPABLE, 0) failed: errno "
+                                  f"{ctypes.get_errno()}")
+    except (OSError, AttributeError) as exc:
+        problems_found.append(f"prctl unavailable: {exc}")
+    for problem in problems_found:
+        log.warning("keycache: %s", problem)
+    return problems_found
+
+
 # --- the socket -------------------------------------------------------------------------
 
 def _prepare_directory(directory: Path, dir_mode: int) -> None:
@@ -253,8 +283,8 @@ def bind_unix_socket(path: str | os.PathLike[str], *, mode: int = 0o660,
         os.chmod(staged, mode)
         if group is not None:
             os.chown(staged, -1, group)
+        sock.listen(backlog)  # before it appears: nobody who finds it is refused
         os.rename(staged, path)
-        sock.listen(backlog)
     except OSError as exc:
         sock.close()
         raise ConfigError(f"cannot create socket {path}: {exc}") from None

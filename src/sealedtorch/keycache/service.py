@@ -229,8 +229,17 @@ class Keycache:
         age = store.refresh_age()
         next_in = None if self.next_attempt_at is None else \
             max(0.0, self.next_attempt_at - self._clock())
+        renew = None
+        hint = getattr(self.upstream, "seconds_until_reattest", None)
+        if callable(hint):
+            try:
+                renew = hint()
+            except Exception:
+                renew = None
         return {
             "keys": [protocol.status_key(info) for info in store.list()],
+            "keyserver": {"url": getattr(self.upstream, "url", None),
+                          "token_renews_in_s": None if renew is None else round(renew, 1)},
             "refresh": {
                 "interval_s": self.refresh_interval,
                 "max_stale_s": store.max_stale,

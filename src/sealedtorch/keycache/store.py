@@ -10,7 +10,8 @@ Semantics, in one place:
 - ``version=None`` means the latest (highest) version the store holds for that model.
 - Staleness: the store remembers when the last successful refresh happened (on an injectable
   monotonic clock).  Once that is longer ago than ``max_stale`` seconds, :meth:`KeyStore.get`
-  refuses every request with :class:`KeysStale`, and :meth:`KeyStore.expire` wipes the keys.
+  refuses every request with :class:`KeysStale` and the keys are wiped (by the first
+  :meth:`KeyStore.get`, :meth:`KeyStore.list` or :meth:`KeyStore.expire` that notices).
   Before the first successful refresh the store is empty and says so.
 
 Memory hygiene (best effort, see docs/keycache.md): secrets are kept in ``bytearray``\\ s that
@@ -206,6 +207,7 @@ class KeyStore:
             raise KeysStale("the keycache holds no keys yet: it has not completed a fetch "
                             "from the keyserver since it started")
         if age > self.max_stale:
+            self.expire()  # wipe as soon as staleness is observed, not at the next refresh
             raise KeysStale(
                 f"the keycache's keys are stale: its last successful refresh from the "
                 f"keyserver was {age:.0f} s ago, more than max-stale ({self.max_stale:g} s); "
@@ -232,6 +234,7 @@ class KeyStore:
 
     def list(self) -> list[EntryInfo]:
         """Every held key, without secrets, sorted by model id then version."""
+        self.expire()
         now = self._clock()
         entries, latest = self._entries, self._latest
         return [EntryInfo(e.model_id, e.version, latest.get(e.model_id) == e.version,
