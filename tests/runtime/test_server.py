@@ -209,3 +209,37 @@ def test_metrics_exposition(start_server, tiny, tiny_source, raw_client, body):
             name_labels, value = line.rsplit(" ", 1)
             float(value.replace("+Inf", "inf"))
             assert name_labels.startswith("sealedtorch_runtime_")
+
+
+def test_binary_body_in_odd_chunks_lands_in_the_right_tensors(start_server, raw_client):
+    """The binary part is received straight into tensor memory; chunk boundaries that cut
+    the JSON header or the data anywhere change nothing."""
+    from sealedtorch.runtime.kserve import TensorSpec, encode_infer_request_parts
+    from sealedtorch.runtime.loader import LoadedModel
+
+    class Pair(torch.nn.Module):
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return a + 1, b.to(torch.int64) * 2
+
+    model = LoadedModel.from_module(
+        "pair", Pair(),
+        inputs=[TensorSpec("a", "FP64", (-1, 3)), TensorSpec("b", "INT8", (-1, 5))],
+        outputs=[TensorSpec("a1", "FP64", (-1, 3)), TensorSpec("b2", "INT64", (-1, 5))])
+    srv = start_server([model])
+    c = raw_client(srv.url)
+    a = torch.randn(2, 3, dtype=torch.float64)
+    b = torch.randint(-100, 100, (2, 5), dtype=torch.int8)
+    for order in (("a", "b"), ("b", "a")):  # the FP64 tensor is misaligned when b goes first
+        named = {k: {"a": a, "b": b}[k] for k in order}
+        parts, headers = encode_infer_request_parts(named)
+        blob = b"".join(bytes(p) for p in parts)
+        for size in (1, 7, 50, len(blob)):
+            chunks = (blob[i:i + size] for i in range(0, len(blob), size))
+            r = c.post("/v2/models/pair/infer", content=chunks, headers=headers)
+            assert r.status_code == 200, r.text
+            out = decode_infer_response(r.content, r.headers.get(HEADER_LENGTH))
+            assert torch.equal(out["a1"], a + 1)
+            assert torch.equal(out["b2"], b.to(torch.int64) * 2)
+    bad = {**headers, HEADER_LENGTH: str(len(blob) + 1)}
+    r = c.post("/v2/models/pair/infer", content=iter([blob]), headers=bad)
+    assert r.status_code == 400 and "outside the body" in r.json()["error"]

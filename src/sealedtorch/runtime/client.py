@@ -20,6 +20,8 @@ models that the attested runtime did not list.
 from __future__ import annotations
 
 import os
+import socket
+import ssl
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,7 +40,7 @@ from .kserve import (
     HEADER_LENGTH,
     TensorSpec,
     decode_infer_response,
-    encode_infer_request,
+    encode_infer_request_parts,
 )
 from .tls import PinMismatch, capture_context, peer_spki, pinned_context
 
@@ -93,7 +95,7 @@ class AttestedClient:
     def attest(self) -> AttestationResult:
         """Verify the runtime; on success pin its TLS key for every later request."""
         nonce = crypto.random_bytes(32)
-        with httpx.Client(verify=capture_context(), timeout=self.timeout) as probe:
+        with _http_client(capture_context(), self.timeout) as probe:
             try:
                 response = probe.get(f"{self.url}/v1/attestation",
                                      params={"nonce": encode_nonce(nonce)})
@@ -112,10 +114,8 @@ class AttestedClient:
                 raise AttestationError("the attestation answer is not JSON") from None
         result = verify_document(doc, nonce=nonce, connection_spki=connection_spki,
                                  policy=self.policy, verifier=self.verifier)
-        self._close_http()
         self.result = result
-        self._http = httpx.Client(verify=pinned_context(result.spki), timeout=self.timeout,
-                                  base_url=self.url)
+        self.reconnect()
         return result
 
     def reconnect(self) -> None:
@@ -124,8 +124,7 @@ class AttestedClient:
         if self.result is None:
             return
         self._close_http()
-        self._http = httpx.Client(verify=pinned_context(self.result.spki),
-                                  timeout=self.timeout, base_url=self.url)
+        self._http = _http_client(pinned_context(self.result.spki), self.timeout, self.url)
 
     @property
     def pinned_spki(self) -> bytes | None:
@@ -178,9 +177,9 @@ class AttestedClient:
         meta = self.model_metadata(model)  # attests first, checks the model is listed
         specs = [TensorSpec.from_json(s) for s in meta["inputs"]]
         named = _name_inputs(inputs, specs)
-        body, headers = encode_infer_request(named, binary=binary, binary_outputs=binary,
-                                             outputs=outputs)
-        response = self._request("POST", f"/v2/models/{model}/infer", content=body,
+        parts, headers = encode_infer_request_parts(named, binary=binary,
+                                                    binary_outputs=binary, outputs=outputs)
+        response = self._request("POST", f"/v2/models/{model}/infer", content=iter(parts),
                                  headers=headers)
         if response.status_code != 200:
             raise InferenceError(response.status_code, _error_text(response))
@@ -204,6 +203,15 @@ class AttestedClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _http_client(context: ssl.SSLContext, timeout: float, base_url: str = "") -> httpx.Client:
+    """An HTTP/1.1 client over ``context``, with TCP_NODELAY: a request's header and its
+    tensor data go out as separate writes, which Nagle's algorithm would otherwise hold
+    back until the server's delayed ACK (tens of milliseconds)."""
+    transport = httpx.HTTPTransport(
+        verify=context, socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+    return httpx.Client(transport=transport, timeout=timeout, base_url=base_url)
 
 
 def _error_text(response: httpx.Response) -> str:

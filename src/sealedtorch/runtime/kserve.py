@@ -31,7 +31,8 @@ from ..errors import RequestError
 __all__ = [
     "DATATYPES", "HEADER_LENGTH", "InferRequest", "InvalidRequest", "PayloadTooLarge",
     "RequestedOutput", "TensorSpec", "datatype_of", "decode_infer_response",
-    "encode_infer_request", "encode_infer_response", "parse_infer_request",
+    "encode_infer_request", "encode_infer_request_parts", "encode_infer_response",
+    "parse_infer_parts", "parse_infer_request",
 ]
 
 #: The HTTP header of the binary tensor data extension.
@@ -130,7 +131,18 @@ def parse_infer_request(body: bytes | bytearray, header_length: str | None, *,
                         inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
                         max_batch_size: int, max_elements: int) -> InferRequest:
     """Validate ``body`` against the model's signature; return tensors ready to batch."""
-    header, binary = _split(body, header_length)
+    header, binary = split_body(body, header_length)
+    return parse_infer_parts(header, binary, inputs=inputs, outputs=outputs,
+                             max_batch_size=max_batch_size, max_elements=max_elements)
+
+
+def parse_infer_parts(header: bytes | bytearray | memoryview,
+                      binary: memoryview | torch.Tensor, *, inputs: Sequence[TensorSpec],
+                      outputs: Sequence[TensorSpec], max_batch_size: int,
+                      max_elements: int) -> InferRequest:
+    """Like :func:`parse_infer_request`, with the JSON header and the binary data already
+    apart.  ``binary`` may be a uint8 tensor: inputs then become views of it, without a
+    copy, wherever their offset suits their dtype's alignment."""
     try:
         doc = json.loads(bytes(header))
     except (ValueError, UnicodeDecodeError) as exc:
@@ -189,7 +201,7 @@ def parse_infer_request(body: bytes | bytearray, header_length: str | None, *,
             if offset + size > len(binary):
                 raise InvalidRequest(f"{where}: binary data ends after the body "
                                      f"({len(binary) - offset} bytes left, {size} needed)")
-            seen[name] = _from_bytes(binary[offset:offset + size], spec.dtype, shape)
+            seen[name] = _from_bytes(binary[offset:offset + size], spec.dtype, shape, where)
             offset += size
         else:
             if "data" not in item:
@@ -215,7 +227,9 @@ def parse_infer_request(body: bytes | bytearray, header_length: str | None, *,
     return InferRequest(req_id, ordered, requested, batch)
 
 
-def _split(body: bytes | bytearray, header_length: str | None) -> tuple[memoryview, memoryview]:
+def split_body(body: bytes | bytearray, header_length: str | None
+               ) -> tuple[memoryview, memoryview]:
+    """(JSON header, binary data) of a body, by the binary extension's header length."""
     view = memoryview(body)
     if header_length is None:
         return view, view[len(view):]
@@ -259,11 +273,26 @@ def _check_shape(shape: list[int], spec: TensorSpec, where: str) -> None:
         raise InvalidRequest(f"{where}: the first (batch) dimension must be at least 1")
 
 
-def _from_bytes(data: memoryview, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
-    """Copy raw little-endian bytes into a fresh, aligned tensor."""
+def _from_bytes(data: memoryview | torch.Tensor, dtype: torch.dtype, shape: list[int],
+                where: str = "tensor") -> torch.Tensor:
+    """Raw little-endian bytes as a tensor: a view of ``data`` when it is a suitably aligned
+    uint8 tensor, else a copy into fresh, aligned memory."""
+    if dtype == torch.bool:
+        raw = data if isinstance(data, torch.Tensor) else torch.from_numpy(
+            np.frombuffer(data, dtype=np.uint8).copy())
+        if raw.numel() and int(raw.max()) > 1:
+            raise InvalidRequest(f"{where}: BOOL data must be bytes 0 or 1")
+    if isinstance(data, torch.Tensor) and _LITTLE and (
+            data.storage_offset() % dtype.itemsize == 0):
+        return data.view(dtype).reshape(shape)
     out = torch.empty(shape, dtype=dtype)
-    if data.nbytes:
-        out.view(-1).view(torch.uint8).numpy()[:] = np.frombuffer(data, dtype=np.uint8)
+    size = data.numel() if isinstance(data, torch.Tensor) else data.nbytes
+    if size:
+        dest = out.view(-1).view(torch.uint8)
+        if isinstance(data, torch.Tensor):
+            dest.copy_(data)
+        else:
+            dest.numpy()[:] = np.frombuffer(data, dtype=np.uint8)
         if not _LITTLE and dtype.itemsize > 1:  # pragma: no cover (big-endian hosts)
             out = torch.from_numpy(out.numpy().byteswap())
     return out
@@ -375,16 +404,30 @@ def encode_infer_request(inputs: Mapping[str, Any], *, binary: bool = True,
                          binary_outputs: bool = True, outputs: Sequence[str] | None = None,
                          request_id: str | None = None) -> tuple[bytes, dict[str, str]]:
     """Encode named tensors (torch or numpy) as a request body and its headers."""
+    parts, headers = encode_infer_request_parts(
+        inputs, binary=binary, binary_outputs=binary_outputs, outputs=outputs,
+        request_id=request_id)
+    del headers["content-length"]
+    return b"".join(parts), headers
+
+
+def encode_infer_request_parts(inputs: Mapping[str, Any], *, binary: bool = True,
+                               binary_outputs: bool = True,
+                               outputs: Sequence[str] | None = None,
+                               request_id: str | None = None
+                               ) -> tuple[list[bytes | memoryview], dict[str, str]]:
+    """The body as a list of buffers (the tensors' own memory, not copies) and headers
+    including ``content-length``: for streaming large inputs without joining them."""
     entries: list[dict[str, Any]] = []
-    blobs: list[bytes] = []
+    blobs: list[bytes | memoryview] = []
     for name, value in inputs.items():
         t = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value))
         t = t.detach().cpu().contiguous()
         entry: dict[str, Any] = {"name": name, "datatype": datatype_of(t.dtype),
                                  "shape": list(t.shape)}
         if binary:
-            raw = _to_bytes(t)
-            entry["parameters"] = {"binary_data_size": len(raw)}
+            raw = _memory_of(t)
+            entry["parameters"] = {"binary_data_size": raw.nbytes}
             blobs.append(raw)
         else:
             entry["data"] = _to_list(t)
@@ -398,15 +441,27 @@ def encode_infer_request(inputs: Mapping[str, Any], *, binary: bool = True,
     elif binary_outputs:
         doc["parameters"] = {"binary_data_output": True}
     header = json.dumps(doc, separators=(",", ":")).encode()
+    size = str(len(header) + sum(b.nbytes if isinstance(b, memoryview) else len(b)
+                                 for b in blobs))
     if not blobs:
-        return header, {"content-type": "application/json"}
-    return b"".join([header, *blobs]), {"content-type": "application/octet-stream",
-                                        HEADER_LENGTH: str(len(header))}
+        return [header], {"content-type": "application/json", "content-length": size}
+    return [header, *blobs], {"content-type": "application/octet-stream",
+                              HEADER_LENGTH: str(len(header)), "content-length": size}
+
+
+def _memory_of(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy (little-endian hosts)."""
+    if not _LITTLE:  # pragma: no cover (big-endian hosts)
+        return memoryview(_to_bytes(t))
+    flat = t.reshape(-1)
+    if flat.dtype in (torch.bfloat16, torch.float16):
+        flat = flat.view(torch.int16)
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
 def decode_infer_response(body: bytes, header_length: str | None) -> dict[str, torch.Tensor]:
     """Named output tensors from a response body (JSON or binary extension)."""
-    header, binary = _split(body, header_length)
+    header, binary = split_body(body, header_length)
     doc = json.loads(bytes(header))
     out: dict[str, torch.Tensor] = {}
     offset = 0

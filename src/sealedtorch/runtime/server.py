@@ -54,7 +54,13 @@ from ..keys import KeySource
 from .attestation import evidence_document, parse_nonce
 from .batching import Batcher, InferenceFailed, QueueFull, ShuttingDown
 from .config import RuntimeConfig, load_config
-from .kserve import HEADER_LENGTH, InvalidRequest, PayloadTooLarge, parse_infer_request
+from .kserve import (
+    HEADER_LENGTH,
+    InvalidRequest,
+    PayloadTooLarge,
+    parse_infer_parts,
+    split_body,
+)
 from .kserve import encode_infer_response as _encode
 from .loader import LoadedModel, resolve_device
 from .metrics import CONTENT_TYPE, RuntimeMetrics
@@ -219,8 +225,15 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-async def _read_body(request: Request, limit: int) -> bytearray:
+async def _read_body(request: Request, limit: int
+                     ) -> tuple[bytearray, memoryview | torch.Tensor]:
+    """The request body, at most ``limit`` bytes, as (JSON header, binary data).
+
+    With the binary extension and a Content-Length, the binary part is received straight
+    into one fresh uint8 tensor, so input tensors can be views of it (no further copy).
+    """
     declared = request.headers.get("content-length")
+    size: int | None = None
     if declared is not None:
         try:
             size = int(declared)
@@ -229,13 +242,50 @@ async def _read_body(request: Request, limit: int) -> bytearray:
         if size > limit:
             raise PayloadTooLarge(f"request body of {size} bytes is larger than the limit "
                                   f"of {limit} bytes (max_request_bytes)")
-    body = bytearray()
+    split = request.headers.get(HEADER_LENGTH)
+    if size is None or split is None:
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise PayloadTooLarge(f"request body is larger than the limit of {limit} "
+                                      f"bytes (max_request_bytes)")
+        header, binary = split_body(body, split)
+        return bytearray(header), binary
+    try:
+        n = int(split)
+    except ValueError:
+        raise InvalidRequest(f"{HEADER_LENGTH} must be an integer") from None
+    if not 0 < n <= size:
+        raise InvalidRequest(f"{HEADER_LENGTH} {n} is outside the body of {size} bytes")
+    header = bytearray(n)
+    data = torch.empty(size - n, dtype=torch.uint8)
+    target = memoryview(data.numpy()) if size > n else memoryview(bytearray())
+    pos = 0
     async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise PayloadTooLarge(f"request body is larger than the limit of {limit} bytes "
-                                  f"(max_request_bytes)")
-    return body
+        end = pos + len(chunk)
+        if end > size:
+            raise InvalidRequest("request body is longer than its Content-Length")
+        if pos < n:
+            k = min(n, end) - pos
+            header[pos:pos + k] = chunk[:k]
+            if k < len(chunk):
+                target[0:end - n] = chunk[k:]
+        else:
+            target[pos - n:end - n] = chunk
+        pos = end
+    if pos != size:
+        raise InvalidRequest(f"request body ended after {pos} of {size} bytes")
+    return header, data
+
+
+#: JSON up to this size is parsed/written on the event loop (a thread hop costs more than
+#: that); larger documents go to a worker thread so health checks never wait on them.
+_INLINE_BYTES = 64 * 1024
+
+
+async def _maybe_in_thread(offload: bool, fn: Any) -> Any:
+    return await anyio.to_thread.run_sync(fn) if offload else fn()
 
 
 def create_app(runtime: Runtime) -> FastAPI:
@@ -315,10 +365,11 @@ def create_app(runtime: Runtime) -> FastAPI:
         model, batcher = slot.model, slot.batcher
         assert model is not None and batcher is not None
         try:
-            body = await _read_body(request, cfg.max_request_bytes)
-            parsed = await anyio.to_thread.run_sync(
-                lambda: parse_infer_request(
-                    body, request.headers.get(HEADER_LENGTH), inputs=model.inputs,
+            header, binary = await _read_body(request, cfg.max_request_bytes)
+            parsed = await _maybe_in_thread(
+                len(header) > _INLINE_BYTES,
+                lambda: parse_infer_parts(
+                    header, binary, inputs=model.inputs,
                     outputs=model.outputs,
                     max_batch_size=cfg.max_batch_size if model.batchable else max(
                         1, model.inputs[0].shape[0]),
@@ -331,7 +382,10 @@ def create_app(runtime: Runtime) -> FastAPI:
                 future.cancel()
                 return _error(504, f"inference did not finish within "
                                    f"{cfg.request_timeout_s:g} s")
-            payload, headers = await anyio.to_thread.run_sync(
+            json_elements = sum(outputs[r.name].numel() for r in parsed.outputs
+                                if not r.binary)
+            payload, headers = await _maybe_in_thread(
+                json_elements > _INLINE_BYTES // 16,
                 lambda: _encode(model.name, model.version, parsed.id, outputs,
                                 parsed.outputs))
             return Response(payload, status_code=200, headers=headers)
@@ -388,7 +442,9 @@ def parse_listen(listen: str) -> tuple[str, int]:
 
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP: asyncio then sets TCP_NODELAY on accepted connections (it checks
+    # the protocol number), so small responses are not held back by Nagle's algorithm
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
