@@ -243,3 +243,14 @@ def test_binary_body_in_odd_chunks_lands_in_the_right_tensors(start_server, raw_
     bad = {**headers, HEADER_LENGTH: str(len(blob) + 1)}
     r = c.post("/v2/models/pair/infer", content=iter([blob]), headers=bad)
     assert r.status_code == 400 and "outside the body" in r.json()["error"]
+
+
+def test_unexpected_errors_are_json_500_and_logged(start_server, recorder, raw_client, caplog,
+                                                   body):
+    srv = start_server([recorder()])
+    srv.runtime.slots["rec"].batcher.submit = None  # break the worker hand-off
+    r = raw_client(srv.url).post("/v2/models/rec/infer", json=body([[1.0, 2.0]]))
+    assert r.status_code == 500
+    assert r.json() == {"error": "internal error (TypeError); see the server log"}
+    assert any("internal error on POST /v2/models/rec/infer" in m for m in caplog.messages)
+    assert raw_client(srv.url).get("/v2/health/live").status_code == 200

@@ -294,6 +294,12 @@ def create_app(runtime: Runtime) -> FastAPI:
     cfg = runtime.config
     metrics = runtime.metrics
 
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        log.error("internal error on %s %s: %s: %s", request.method, request.url.path,
+                  type(exc).__name__, exc, extra={"fields": {"path": request.url.path}})
+        return _error(500, f"internal error ({type(exc).__name__}); see the server log")
+
     def slot_or_error(name: str, version: str | None) -> _Slot | JSONResponse:
         slot = runtime.slots.get(name)
         if slot is None:
