@@ -34,9 +34,9 @@ def _evidence_dir() -> Path:
 
 
 EVIDENCE = _evidence_dir()
-pytestmark = pytest.mark.skipif(
-    not (EVIDENCE / "sgx" / "quote.bin").is_file(),
-    reason=f"real DCAP evidence not found in {EVIDENCE} (set SEALEDTORCH_EVIDENCE_DIR)")
+if not (EVIDENCE / "sgx" / "quote.bin").is_file():  # fail loudly: these tests are the point
+    raise RuntimeError(f"real DCAP evidence not found in {EVIDENCE} "
+                       "(set SEALEDTORCH_EVIDENCE_DIR)")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ dependency it does not need is one less thing inside the TEE.
 
 from __future__ import annotations
 
+import abc
 import math
 import threading
 import time
@@ -44,7 +45,7 @@ def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str
     return "{" + ",".join(parts) + "}" if parts else ""
 
 
-class _Metric:
+class _Metric(abc.ABC):
     kind = "untyped"
 
     def __init__(self, name: str, help_text: str, labels: Sequence[str] = ()) -> None:
@@ -62,8 +63,9 @@ class _Metric:
         return [f"# HELP {self.name} {self.help.replace(chr(92), chr(92) * 2)}",
                 f"# TYPE {self.name} {self.kind}"]
 
-    def lines(self) -> list[str]:  # pragma: no cover (abstract)
-        raise NotImplementedError
+    @abc.abstractmethod
+    def lines(self) -> list[str]:
+        """The exposition lines for this metric's samples."""
 
 
 class Counter(_Metric):
