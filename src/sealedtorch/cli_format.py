@@ -50,8 +50,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=_inspect)
 
-    p = sub.add_parser("demo", help="seal a ResNet-50 and load it back, printing what happened")
-    p.add_argument("--workdir", type=Path, help="where to put files (default: a temp dir)")
+    p = sub.add_parser(
+        "demo", help="end-to-end confidential ResNet-50: keyserver, keycache, runtime, client",
+        description="Seal a ResNet-50, run a keyserver, a keycache and `sealedtorch serve` on "
+                    "127.0.0.1 in the sim TEE (a software stand-in: insecure), classify a "
+                    "bundled image through `sealedtorch client infer`, check the logits are "
+                    "bit-identical to the plaintext model's, show that a runtime with a "
+                    "modified measurement is refused its key, and stop everything.")
+    p.add_argument("--workdir", type=Path,
+                   help="keep files and process logs here (default: a temp dir, removed)")
+    p.add_argument("--pretrained", action="store_true",
+                   help="torchvision's pretrained weights (needs a download) instead of "
+                        "seeded random weights")
+    p.add_argument("--rounds", type=int, default=10, help="timing rounds (default 10)")
     p.set_defaults(handler=_demo)
 
 

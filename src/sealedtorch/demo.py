@@ -1,70 +1,345 @@
-"""``sealedtorch demo``: seal a ResNet-50, load it back, prove the round trip.
+"""``sealedtorch demo``: the whole confidential-inference story, end to end, on one machine.
 
-This is the foundation-stage demo: it exercises the file format end to end on a real
-architecture (torchvision ResNet-50 with seeded random weights, since pretrained weights
-cannot be downloaded everywhere) and asserts bit-identical outputs.
+What Intel's ``whole_resnet.py`` did with prints, done with assertions and real processes:
+a model owner seals a ResNet-50 and registers its key with a policy; a keyserver, a keycache
+and a ``sealedtorch serve`` runtime run as separate processes on 127.0.0.1 in the *sim*
+TEE (a software stand-in, clearly insecure); a user classifies a bundled image through
+``sealedtorch client infer``, which verifies the runtime's evidence and pins its TLS key
+before sending anything; the logits are checked bit-identical to the plaintext model's.
+Then the failure that matters: a runtime whose measurement differs is refused its key.
+Every process is stopped at the end, and the demo checks that none is left behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import logging
+import signal
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
+
+from .errors import ConfigError, PolicyDenied
+
+_BANNER = "!! sim TEE: a SOFTWARE stand-in for SGX/TDX/SNP — development only, proves nothing !!"
+
+
+def _say(step: str, text: str) -> None:
+    print(f"[{step}] {text}", flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class _Processes:
+    """Every child the demo starts, so that all of them are stopped whatever happens."""
+
+    work: Path
+    children: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+
+    def start(self, name: str, args: Sequence[str]) -> subprocess.Popen[bytes]:
+        log = (self.work / f"{name}.log").open("wb")
+        proc = subprocess.Popen([sys.executable, "-m", "sealedtorch.cli", *args],
+                                stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        self.children.append((name, proc))
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.work / f"{name}.log").read_text(errors="replace")
+
+    def stop(self, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> int:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return proc.returncode
+
+    def stop_all(self) -> dict[str, int]:
+        return {name: self.stop(proc) for name, proc in reversed(self.children)}
+
+
+def _cli(*args: str) -> str:
+    """Run a ``sealedtorch`` command in a child process; return its stdout."""
+    done = subprocess.run([sys.executable, "-m", "sealedtorch.cli", *args],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise ConfigError(f"sealedtorch {' '.join(args[:2])} failed ({done.returncode}): "
+                          f"{done.stderr.strip()[-1500:]}")
+    return done.stdout
+
+
+def _wait(what: str, check: object, timeout: float, proc: subprocess.Popen[bytes] | None,
+          logs: _Processes, name: str) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise ConfigError(f"{what} exited with status {proc.returncode}:\n"
+                              f"{logs.log(name)[-2000:]}")
+        try:
+            if check():  # type: ignore[operator]
+                return
+        except Exception:  # noqa: S110 - not up yet; keep polling until the deadline
+            pass
+        if time.monotonic() > deadline:
+            raise ConfigError(f"{what} not ready after {timeout:.0f} s:\n{logs.log(name)[-2000:]}")
+        time.sleep(0.05)
+
+
+def _image_tensor() -> object:
+    import numpy as np
+    from PIL import Image
+
+    with resources.files("sealedtorch.data").joinpath("demo.png").open("rb") as f:
+        img = Image.open(f).convert("RGB").resize((224, 224))
+    x = np.asarray(img, dtype=np.float32) / 255.0
+    mean = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+    std = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+    return ((x - mean) / std).transpose(2, 0, 1)[None].copy()
+
+
+def _median_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1e3
+
+
+@contextlib.contextmanager
+def _workdir(path: Path | None) -> Iterator[Path]:
+    if path is not None:
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="sealedtorch-demo-") as tmp:
+        yield Path(tmp)
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    with _workdir(args.workdir) as work:
+        procs = _Processes(work)
+        try:
+            _run(args, work, procs)
+        finally:
+            codes = procs.stop_all()
+            alive = [n for n, p in procs.children if p.poll() is None]
+            assert not alive, f"processes left behind: {alive}"
+        bad = {n: c for n, c in codes.items() if c not in (0, -signal.SIGTERM)}
+        assert not bad, f"processes did not shut down cleanly: {bad}"
+        _say("10", f"stopped {len(codes)} processes cleanly "
+             f"({', '.join(f'{n}={c}' for n, c in codes.items())}); none left behind")
+    print("demo OK")
+    return 0
+
+
+def _run(args: argparse.Namespace, work: Path, procs: _Processes) -> None:
+    import numpy as np
     import torch
     import torchvision
 
-    from .format import load_model, seal
+    from .format import seal
+    from .keycache import KeycacheClient
     from .keys import ModelKey, write_key_file
+    from .keyserver.client import AdminClient
+    from .runtime.client import AttestedClient
+    from .runtime.config import load_config
+    from .runtime.loader import ModelSource, load_sealed
 
+    print(_BANNER)
+    rounds = args.rounds
+    # The banner says it once; the child processes' logs keep every per-use warning.
+    for name in ("sealedtorch.attest.sim", "sealedtorch.attest.attesters"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+    # 1. The model owner: a ResNet-50, its plaintext reference, the sealed file -------------
     torch.manual_seed(0)
-    with tempfile.TemporaryDirectory(prefix="sealedtorch-demo-") as tmp:
-        work = Path(args.workdir or tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        print("1. building torchvision ResNet-50 with seeded random weights")
+    if args.pretrained:
+        try:
+            model = torchvision.models.resnet50(weights="IMAGENET1K_V2").eval()
+        except Exception as exc:
+            raise ConfigError(f"--pretrained: cannot download torchvision weights here ({exc})"
+                              ) from None
+    else:
         model = torchvision.models.resnet50().eval()
-        plain = work / "resnet50.pt"
-        torch.save(model.state_dict(), plain)
+    plain_path = work / "resnet50.pt"
+    torch.save(model.state_dict(), plain_path)
+    key = ModelKey.generate("resnet50")
+    write_key_file(work / "resnet50.key", key)  # the owner's copy (mode 0600)
+    sealed = seal(model, work / "resnet50.sealed", key=key, progress=False,
+                  metadata={"arch": "torchvision.models:resnet50",
+                            "arch_kwargs": {"num_classes": 1000}}).result
+    _say("1", f"owner sealed ResNet-50 ({sealed.tensor_count} tensors, "
+         f"{sealed.data_length / 1e6:.1f} MB, {'pretrained' if args.pretrained else 'seeded'}"
+         f" weights) -> resnet50.sealed; architecture and tensor names are encrypted too")
 
-        key = ModelKey.generate("resnet50")
-        key_path = write_key_file(work / "resnet50.key", key)
-        t0 = time.perf_counter()
-        sealed = seal(model, work / "resnet50.sealed", key=key,
-                      metadata={"arch": "torchvision.models:resnet50"}, overwrite=True)
-        t_seal = time.perf_counter() - t0
-        r = sealed.result
-        print(f"2. sealed {r.tensor_count} tensors, {r.data_length / 1e6:.1f} MB, into "
-              f"{r.path.name} in {t_seal * 1e3:.0f} ms (key: {key_path.name}, mode 0600)")
+    # 2. The sim platform and the measurements the policy pins -----------------------------
+    sim_dir = work / "sim"
+    _cli("sim", "init", "--out", str(sim_dir))
+    runtime_meas = _cli("serve", "--print-measurement", "--device", "cpu").strip()
+    holder_meas = json.loads(_cli("attest", "measure", "--json"))["measurement"]
+    policy = {"allow": [{"tee": "sim", "measurement": runtime_meas}],
+              "holders": [{"tee": "sim", "measurement": holder_meas}]}
+    (work / "policy.json").write_text(json.dumps(policy, indent=2))
+    runtime_policy = {"allow": policy["allow"]}
+    (work / "runtime-policy.json").write_text(json.dumps(runtime_policy))
+    _say("2", f"sim platform created; runtime measurement {runtime_meas[:16]}…, keycache "
+         f"measurement {holder_meas[:16]}…")
 
-        def median_load(fn: object, rounds: int = 5) -> float:
-            times = []
-            for _ in range(rounds):
-                t = time.perf_counter()
-                fn()  # type: ignore[operator]
-                times.append(time.perf_counter() - t)
-            return statistics.median(times)
+    # 3. The keyserver (owner's site) ------------------------------------------------------
+    data = work / "keyserver"
+    _cli("keyserver", "init", "--data", str(data))
+    port = _free_port()
+    ks_url = f"https://127.0.0.1:{port}"
+    ca = data / "tls" / "ca.pem"
+    ks = procs.start("keyserver", ["keyserver", "run", "--data", str(data), "--listen",
+                                   f"127.0.0.1:{port}", "--trust-sim-root",
+                                   str(sim_dir / "platform.pub")])
+    import httpx
 
-        t_plain = median_load(lambda: torch.load(plain, weights_only=True))
-        t_sealed = median_load(lambda: load_model(r.path, torchvision.models.resnet50(),
-                                                  key=key))
-        print(f"3. load: torch.load {t_plain * 1e3:.0f} ms, sealed {t_sealed * 1e3:.0f} ms "
-              f"(ratio {t_sealed / t_plain:.2f}; sealed includes building the module)")
+    _wait("keyserver", lambda: httpx.get(f"{ks_url}/readyz", verify=str(ca), timeout=2)
+          .status_code == 200, 60, ks, procs, "keyserver")
+    with AdminClient.from_token_file(ks_url, ca, data / "admin-token") as admin:
+        admin.register(key, policy)
+    _say("3", f"keyserver up at {ks_url} (SQLite, KEK-wrapped keys, TLS); key registered "
+         "with a policy naming the runtime (allow) and the keycache (holders)")
 
-        restored = load_model(r.path, torchvision.models.resnet50(), key=key).eval()
-        x = torch.randn(2, 3, 224, 224)
-        with torch.inference_mode():
-            same = torch.equal(model(x), restored(x))
-        assert same, "sealed model's logits differ from the plaintext model's"
-        print("4. logits of the decrypted model are bit-identical to the plaintext model's")
+    # 4. The keycache (TEE host) -----------------------------------------------------------
+    sock = work / "run" / "keycache.sock"
+    kc = procs.start("keycache", ["keycache", "run", "--keyserver", ks_url, "--ca", str(ca),
+                                  "--socket", str(sock), "--tee", "sim", "--sim-platform",
+                                  str(sim_dir), "--refresh", "60s"])
+    status_client = KeycacheClient(sock, tee="sim", sim_platform=sim_dir)
+    _wait("keycache", lambda: any(k.get("model_id") == "resnet50"
+                                  for k in status_client.status().get("keys", [])),
+          60, kc, procs, "keycache")
+    _say("4", f"keycache attested to the keyserver as a holder and holds resnet50 v1 in "
+         f"memory only; runtimes reach it on {sock.name} (0660)")
 
-        blob = r.path.read_bytes()
-        needle = model.state_dict()["fc.weight"].numpy().tobytes()[:64]
-        assert needle not in blob, "plaintext weights found in the sealed file"
-        print("5. the sealed file contains no plaintext weight bytes; tensor names and the "
-              "architecture are encrypted too")
-    print("demo OK")
-    return 0
+    # 5. Load timing: plaintext file vs sealed file through the keycache, same process -----
+    config = load_config(None).with_overrides(device="cpu")
+    runtime_keys = KeycacheClient(sock, tee="sim", sim_platform=sim_dir,
+                                  runtime_config=config.canonical_bytes())
+
+    def plain_load() -> torch.nn.Module:
+        """The fair plaintext baseline: the same meta-device build and assign=True."""
+        with torch.device("meta"):
+            m = torchvision.models.resnet50()
+        m.load_state_dict(torch.load(plain_path, weights_only=True), assign=True)
+        return m.eval()
+
+    t_plain, t_sealed = [], []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        plain_load()
+        t_plain.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        load_sealed(ModelSource("resnet50", sealed.path), runtime_keys, config)
+        t_sealed.append(time.perf_counter() - t)
+
+    # 6. The runtime (TEE host), in its own process ----------------------------------------
+    from .runtime.server import SubprocessServer
+
+    serve_args = ["--model", f"resnet50={sealed.path}", "--keycache", str(sock),
+                  "--listen", "127.0.0.1:0", "--tee", "sim", "--sim-platform", str(sim_dir),
+                  "--device", "cpu"]
+    t0 = time.perf_counter()
+    server = SubprocessServer.start(serve_args, timeout=120)
+    procs.children.append(("serve", server.process))
+    client = AttestedClient(server.url, policy=runtime_policy,
+                            sim_roots=(sim_dir / "platform.pub",))
+    _wait("sealedtorch serve", client.ready, 120, server.process, procs, "serve")
+    t_ready = time.perf_counter() - t0
+    _say("5", f"sealedtorch serve ready at {server.url} in {t_ready:.2f} s: key fetched "
+         "from the keycache with local evidence, weights decrypted once into the model")
+
+    # 7. The user: sealedtorch client infer (attest, verify, pin TLS key, then send) -------
+    x = _image_tensor()
+    np.save(work / "image.npy", x)
+    _cli("client", "infer", "--url", server.url, "--policy", str(work / "runtime-policy.json"),
+         "--model", "resnet50", "--input", str(work / "image.npy"), "--sim-root",
+         str(sim_dir / "platform.pub"), "--output", str(work / "logits.npz"))
+    served = np.load(work / "logits.npz")
+    served_logits = torch.from_numpy(served[served.files[0]])
+    with torch.inference_mode():
+        plain_logits = model(torch.from_numpy(x))
+    assert torch.equal(served_logits, plain_logits), \
+        "served logits differ from the plaintext model's"
+    top = torch.topk(plain_logits[0], 5).indices.tolist()
+    _say("6", f"client verified the runtime's sim evidence against the policy, pinned its TLS "
+         f"key, sent the bundled image: top-5 classes {top}; logits bit-identical to the "
+         "plaintext model's")
+
+    # 8. Latency: plaintext model in this process vs the sealed model behind the server ----
+    xt = torch.from_numpy(x)
+    lat_plain, lat_served = [], []
+    with torch.inference_mode():
+        for _ in range(rounds):
+            t = time.perf_counter()
+            model(xt)
+            lat_plain.append(time.perf_counter() - t)
+    client.attest()
+    for _ in range(rounds):
+        t = time.perf_counter()
+        client.infer("resnet50", {"input": xt})
+        lat_served.append(time.perf_counter() - t)
+    client.close()
+    print()
+    print(f"  {'':<34}{'plaintext':>12}{'sealed':>12}{'ratio':>8}")
+    for label, a, b in [
+        ("load, median (ms)", _median_ms(t_plain), _median_ms(t_sealed)),
+        ("inference, first (ms)", lat_plain[0] * 1e3, lat_served[0] * 1e3),
+        ("inference, median (ms)", _median_ms(lat_plain), _median_ms(lat_served)),
+    ]:
+        print(f"  {label:<34}{a:>12.1f}{b:>12.1f}{b / a:>8.2f}")
+    print("  (load: torch.load + load_state_dict vs key from keycache + decrypt into the model;"
+          "\n   inference: in-process forward vs KServe v2 over pinned TLS, batch 1)\n")
+
+    # 9. The failure that matters: a modified runtime is refused its key -------------------
+    modified = config.with_overrides(max_batch_size=config.max_batch_size + 1)
+    rogue = KeycacheClient(sock, tee="sim", sim_platform=sim_dir,
+                           runtime_config=modified.canonical_bytes())
+    try:
+        rogue.get_key("resnet50")
+    except PolicyDenied as exc:
+        reason = str(exc)
+    else:
+        raise AssertionError("a runtime with a modified measurement was given the key")
+    assert "measurement" in reason, reason
+    (work / "modified.json").write_text(modified.canonical_bytes().decode())
+    rogue_srv = SubprocessServer.start([*serve_args, "--config", str(work / "modified.json")],
+                                       timeout=120)
+    try:
+        deadline = time.monotonic() + 60
+        while "PolicyDenied" not in rogue_srv.log_text() and rogue_srv.process.poll() is None:
+            if time.monotonic() > deadline:
+                raise AssertionError("the modified runtime was not refused within 60 s")
+            time.sleep(0.1)
+        log = rogue_srv.log_text()
+        assert "PolicyDenied" in log, log[-2000:]
+        with contextlib.suppress(Exception):
+            assert not AttestedClient(rogue_srv.url, policy=runtime_policy,
+                                      sim_roots=(sim_dir / "platform.pub",)).ready()
+    finally:
+        rogue_srv.stop()  # refused runtimes exit non-zero by design
+    _say("7", "a runtime with a modified configuration (so a different measurement) asked "
+         f"for the key and was refused: {reason[:160]}…")
+    _say("8", "the modified `sealedtorch serve` process never became ready "
+         f"(its log says PolicyDenied); logs are in {work}" if args.workdir else
+         "the modified `sealedtorch serve` process never became ready (PolicyDenied)")
+    status = status_client.status()
+    held = [(k["model_id"], k["version"]) for k in status["keys"]]
+    assert held == [("resnet50", 1)] and "secret" not in json.dumps(status), status
+    _say("9", f"keycache status lists {held} (ids, versions and ages only: never key bytes)")
