@@ -66,18 +66,15 @@ def _read(path: Path | None) -> bytes | None:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from . import crypto
     from .attest import Evidence, Tee, VerifierConfig, verify
     from .attest.policy import load_policy
+    from .attest.sim import load_platform_keys
 
     policy = load_policy(args.policy) if args.policy else None
     certificates = None
     if args.vcek or args.chain:
         certificates = (_read(args.vcek) or b"") + (_read(args.chain) or b"")
-    try:
-        sim_keys = tuple(crypto.load_ed25519_public(_read(p) or b"") for p in args.sim_root)
-    except ValueError as exc:
-        raise ConfigError(f"--sim-root: {exc}") from None
+    sim_keys = load_platform_keys(args.sim_root)
     evidence = Evidence(Tee(args.tee), _read(args.evidence) or b"",
                         collateral=_read(args.collateral), certificates=certificates)
     config = VerifierConfig(sim_platform_keys=sim_keys, pccs_url=args.pccs_url,

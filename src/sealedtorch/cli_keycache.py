@@ -109,10 +109,10 @@ def build(args: argparse.Namespace) -> Any:
     """The :class:`~sealedtorch.keycache.service.Keycache` that ``keycache run`` serves."""
     from .attest import Tee, VerifierConfig
     from .attest.attesters import get_attester
+    from .attest.sim import load_platform_keys
     from .keycache.local import EvidenceAppraiser, PeerAppraiser, self_claims
     from .keycache.service import Keycache
     from .keycache.upstream import KeyserverUpstream
-    from .keyserver.server import load_trusted_sim_roots
 
     if not args.keyserver:
         raise ConfigError("--keyserver URL is required (or set SEALEDTORCH_KEYSERVER)")
@@ -121,7 +121,7 @@ def build(args: argparse.Namespace) -> Any:
     attester = get_attester(args.tee, sim_platform=args.sim_platform,
                             runtime_config=_read(args.runtime_config))
     tee = Tee(attester.tee)
-    roots = load_trusted_sim_roots(args.trust_sim_root)
+    roots = load_platform_keys(args.trust_sim_root)
     if tee is Tee.SIM and not roots:
         roots = (attester.platform.public_key,)  # runtimes share this host's sim platform
     verifier = VerifierConfig(sim_platform_keys=roots, pccs_url=args.pccs_url,

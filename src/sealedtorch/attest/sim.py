@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -155,6 +156,20 @@ def init_platform(out_dir: Path | str) -> SimPlatform:
     except OSError as exc:
         raise KeyFileError(f"cannot write {out_dir / PUB_FILE}: {exc}") from None
     return SimPlatform(out_dir, key)
+
+
+def load_platform_keys(paths: Sequence[str | os.PathLike[str]]) -> tuple[bytes, ...]:
+    """Raw Ed25519 keys from sim platforms' ``platform.pub`` files: what a relying party
+    passes as ``VerifierConfig.sim_platform_keys`` (``--trust-sim-root``, ``--sim-root``)."""
+    keys = []
+    for p in paths:
+        try:
+            keys.append(crypto.load_ed25519_public(Path(p).read_bytes()))
+        except OSError as exc:
+            raise ConfigError(f"cannot read sim platform key {p}: {exc.strerror}") from None
+        except ValueError as exc:
+            raise ConfigError(f"{p}: {exc}") from None
+    return tuple(keys)
 
 
 def platform_dir(directory: Path | str | None = None) -> Path:

@@ -22,7 +22,8 @@ from typing import Any
 
 import uvicorn
 
-from .. import attest, crypto
+from .. import attest
+from ..attest import sim
 from ..errors import ConfigError
 from . import tls
 from .app import create_app
@@ -72,22 +73,9 @@ def configure_logging(fmt: str = "json", level: int = logging.INFO) -> None:
     root.propagate = False
 
 
-def load_trusted_sim_roots(paths: Sequence[Path | str]) -> tuple[bytes, ...]:
-    """Raw Ed25519 keys from sim platforms' ``platform.pub`` files (``--trust-sim-root``)."""
-    keys = []
-    for p in paths:
-        try:
-            keys.append(crypto.load_ed25519_public(Path(p).read_bytes()))
-        except OSError as exc:
-            raise ConfigError(f"cannot read sim platform key {p}: {exc.strerror}") from None
-        except ValueError as exc:
-            raise ConfigError(f"{p}: {exc}") from None
-    return tuple(keys)
-
-
 def build_keyserver(cfg: KeyserverConfig, *, trust_sim_roots: Sequence[Path | str] = (),
                     clock: Clock = time.time) -> Keyserver:
-    roots = load_trusted_sim_roots(trust_sim_roots)
+    roots = sim.load_platform_keys(trust_sim_roots)
     if roots:
         log.warning("trusting %d INSECURE sim platform key(s): every release to sim evidence "
                     "is development-only and is audited as insecure", len(roots),

@@ -33,6 +33,7 @@ import torch
 from .. import crypto
 from ..attest import VerifierConfig
 from ..attest.policy import Policy, load_policy
+from ..attest.sim import load_platform_keys
 from ..errors import AttestationError, BindingError, ConfigError, RequestError
 from .attestation import AttestationResult, encode_nonce, verify_document
 from .kserve import (
@@ -44,7 +45,7 @@ from .kserve import (
 )
 from .tls import PinMismatch, capture_context, peer_spki, pinned_context
 
-__all__ = ["AttestedClient", "InferenceError", "load_sim_roots"]
+__all__ = ["AttestedClient", "InferenceError"]
 
 
 class InferenceError(RequestError):
@@ -53,19 +54,6 @@ class InferenceError(RequestError):
     def __init__(self, status: int, message: str) -> None:
         self.status = status
         super().__init__(f"HTTP {status}: {message}")
-
-
-def load_sim_roots(paths: Sequence[str | os.PathLike[str]]) -> tuple[bytes, ...]:
-    """Raw Ed25519 keys from sim platforms' ``platform.pub`` (``--sim-root``)."""
-    keys = []
-    for p in paths:
-        try:
-            keys.append(crypto.load_ed25519_public(Path(p).read_bytes()))
-        except OSError as exc:
-            raise ConfigError(f"cannot read sim platform key {p}: {exc.strerror}") from None
-        except ValueError as exc:
-            raise ConfigError(f"{p}: {exc}") from None
-    return tuple(keys)
 
 
 class AttestedClient:
@@ -81,7 +69,7 @@ class AttestedClient:
         self.policy = load_policy(policy if not isinstance(policy, os.PathLike)
                                   else Path(policy))
         if verifier is None:
-            verifier = VerifierConfig(sim_platform_keys=load_sim_roots(sim_roots))
+            verifier = VerifierConfig(sim_platform_keys=load_platform_keys(sim_roots))
         elif sim_roots:
             raise ConfigError("give either verifier= or sim_roots=, not both")
         self.verifier = verifier
