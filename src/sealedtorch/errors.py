@@ -117,3 +117,23 @@ class ConflictError(SealedTorchError):
     or a key version that is already revoked or retired."""
 
     problem_type = "conflict"
+
+
+class ForbiddenError(AuthenticationError):
+    """A valid admin token whose role does not allow this operation (an auditor trying to
+    register a model, an owner managing tokens)."""
+
+    problem_type = "forbidden"
+
+
+class ServiceUnavailable(KeyUnavailable):
+    """A service cannot answer right now (its database is unreachable, it is overloaded):
+    nothing was decided; retry later."""
+
+    problem_type = "unavailable"
+
+
+class RateLimited(ServiceUnavailable):
+    """Too many requests from this client; retry after the time the service names."""
+
+    problem_type = "rate-limited"

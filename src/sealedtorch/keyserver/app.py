@@ -9,24 +9,35 @@ The hot path (challenge, sim attest, key release) runs on the event loop: each i
 signature/HPKE operations and one local SQLite commit, cheaper than the hop to a worker
 thread (measured ~0.3 ms a request).  Hardware evidence (which may fetch collateral over
 the network) and the admin API run in the thread pool.
+
+The attestation endpoints (challenge and attest) are rate limited per client address, in
+memory, per replica (:class:`RateLimiter`); a refused request is ``429`` with
+``Retry-After`` and is counted in the metrics but not audited (a flood must not grow the
+audit chain).  ``GET /metrics`` serves Prometheus text.  A database outage answers ``503``
+(``Retry-After: 1``) until the store is back.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
+import math
+import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import crypto
-from ..errors import RequestError, SealedTorchError
+from ..errors import RateLimited, RequestError, SealedTorchError
 from . import protocol
 from .audit import iso
+from .metrics import CONTENT_TYPE
 from .problems import internal_problem, problem_for, with_status
 from .protocol import PROBLEM_MEDIA_TYPE
 from .service import Keyserver, RequestContext
@@ -38,7 +49,51 @@ log = logging.getLogger("sealedtorch.keyserver")
 _EVENTS = (("/v1/attest/challenge", "attest.challenge"), ("/v1/attest", "attest"),
            ("/v1/keys", "release"), ("/v1/admin/models", "register"),
            ("/v1/admin/policies", "policy.set"), ("/v1/admin/rotations", "rotate"),
-           ("/v1/admin/revocations", "revoke"), ("/v1/admin/retirements", "retire"))
+           ("/v1/admin/revocations", "revoke"), ("/v1/admin/retirements", "retire"),
+           ("/v1/admin/tokens/revocations", "token.revoke"),
+           ("/v1/admin/tokens", "token.create"), ("/v1/admin/audit", "audit.read"))
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """Per client address: ``rate`` requests a second on average, bursts up to ``burst``."""
+
+    rate: float = 50.0
+    burst: float = 200.0
+
+
+class RateLimiter:
+    """Token buckets per client address, in this process's memory (so per replica: with
+    N replicas behind a balancer a client gets up to N times the rate).  At most
+    ``max_clients`` buckets are kept; the least recently seen are dropped first."""
+
+    def __init__(self, limit: RateLimit, *, max_clients: int = 65_536,
+                 clock: Any = time.monotonic) -> None:
+        if limit.rate <= 0 or limit.burst < 1:
+            raise ValueError("rate limit: rate must be > 0 and burst >= 1")
+        self.limit = limit
+        self._max = max_clients
+        self._clock = clock
+        self._buckets: collections.OrderedDict[str, tuple[float, float]] = \
+            collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def wait(self, client: str) -> float:
+        """0 if ``client`` may go on now (and charge it one request), else the seconds
+        until it may."""
+        now = self._clock()
+        with self._lock:
+            tokens, last = self._buckets.pop(client, (self.limit.burst, now))
+            tokens = min(self.limit.burst, tokens + (now - last) * self.limit.rate)
+            if tokens >= 1:
+                tokens -= 1
+                wait = 0.0
+            else:
+                wait = (1 - tokens) / self.limit.rate
+            self._buckets[client] = (tokens, now)
+            while len(self._buckets) > self._max:
+                self._buckets.popitem(last=False)
+        return wait
 
 
 def _event_for(path: str) -> str:
@@ -48,11 +103,15 @@ def _event_for(path: str) -> str:
     return "request"
 
 
-def _problem_response(body: dict[str, Any]) -> JSONResponse:
-    headers = {"WWW-Authenticate": 'Bearer realm="sealedtorch-keyserver"'} \
-        if body["status"] == 401 else None
+def _problem_response(body: dict[str, Any], retry_after: float | None = None
+                      ) -> JSONResponse:
+    headers: dict[str, str] = {}
+    if body["status"] == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="sealedtorch-keyserver"'
+    if body["status"] in (429, 503):
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after or 1)))
     return JSONResponse(body, status_code=body["status"], media_type=PROBLEM_MEDIA_TYPE,
-                        headers=headers)
+                        headers=headers or None)
 
 
 def _bearer(authorization: str | None) -> str | None:
@@ -158,17 +217,33 @@ def _ctx(request: Request) -> RequestContext:
                           getattr(request.state, "request_id", None))
 
 
-def create_app(service: Keyserver, *, max_body: int = 1 << 20) -> ASGIApp:
-    """The ASGI application serving ``service``."""
+def create_app(service: Keyserver, *, max_body: int = 1 << 20,
+               rate_limit: RateLimit | None = None) -> ASGIApp:
+    """The ASGI application serving ``service``; ``rate_limit`` (None: off) applies to the
+    attestation endpoints, per client address."""
     app = FastAPI(
         title="sealedtorch keyserver", version="1",
         description="Attested key release for sealed PyTorch models. See docs/protocol.md.",
         openapi_url="/v1/openapi.json", docs_url=None, redoc_url=None)
     app.state.service = service
 
+    limiter = RateLimiter(rate_limit) if rate_limit is not None else None
+
     @app.exception_handler(SealedTorchError)
     async def _sealedtorch_error(request: Request, exc: SealedTorchError) -> JSONResponse:
-        return _problem_response(problem_for(exc, request_id=_ctx(request).request_id))
+        return _problem_response(problem_for(exc, request_id=_ctx(request).request_id),
+                                 getattr(exc, "retry_after", None))
+
+    def limit(request: Request, endpoint: str) -> None:
+        if limiter is None:
+            return
+        wait = limiter.wait(request.client.host if request.client else "?")
+        if wait > 0:
+            service.metrics.rate_limited.inc(endpoint=endpoint)
+            exc = RateLimited(f"too many attestation requests from this address; retry in "
+                              f"{wait:.1f} s")
+            exc.retry_after = wait  # type: ignore[attr-defined]
+            raise exc
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -207,8 +282,14 @@ def create_app(service: Keyserver, *, max_body: int = 1 << 20) -> ASGIApp:
             service.ready()
         except Exception as exc:
             log.error("not ready: %s", exc)
-            return JSONResponse({"status": "unavailable"}, status_code=503)
+            return JSONResponse({"status": "unavailable"}, status_code=503,
+                                headers={"Retry-After": "1"})
         return {"status": "ready"}
+
+    @app.get("/metrics", tags=["operations"], response_class=PlainTextResponse,
+             summary="Prometheus metrics (text exposition format 0.0.4)")
+    def metrics() -> PlainTextResponse:
+        return PlainTextResponse(service.metrics_text(), media_type=CONTENT_TYPE)
 
     # ---------------------------------------------------------------- attestation
 
@@ -216,6 +297,7 @@ def create_app(service: Keyserver, *, max_body: int = 1 << 20) -> ASGIApp:
               responses={200: {"model": protocol.ChallengeResponse}},
               summary="A single-use nonce to bind into evidence")
     async def challenge(req: protocol.ChallengeRequest, request: Request) -> dict[str, str]:
+        limit(request, "challenge")
         ch = service.challenge(req.tee, _ctx(request))
         return {"nonce": protocol.b64encode(ch.nonce), "expires_at": iso(ch.expires_at)}
 
@@ -223,6 +305,7 @@ def create_app(service: Keyserver, *, max_body: int = 1 << 20) -> ASGIApp:
               responses={200: {"model": protocol.AttestResponse}},
               summary="Verify evidence; answer an attestation-result token")
     async def attest(req: protocol.AttestRequest, request: Request) -> dict[str, Any]:
+        limit(request, "attest")
         if req.tee == "sim":  # one signature check: cheaper inline than a thread hop
             issued = service.attest(req, _ctx(request))
         else:  # DCAP/SNP verification may fetch collateral: keep the event loop free
@@ -305,5 +388,40 @@ def create_app(service: Keyserver, *, max_body: int = 1 << 20) -> ASGIApp:
                authorization: str | None = Header(None)) -> protocol.StateChangeResponse:
         who = admin(request, authorization, "retire")
         return service.change_state(who, _ctx(request), req, KeyState.RETIRED)
+
+    @app.post("/v1/admin/tokens", tags=["admin"], status_code=201,
+              response_model=protocol.TokenCreateResponse,
+              summary="Create an admin, owner or auditor token (admins only)")
+    def create_token(req: protocol.TokenCreateRequest, request: Request,
+                     authorization: str | None = Header(None)
+                     ) -> protocol.TokenCreateResponse:
+        who = admin(request, authorization, "token.create")
+        return service.create_token(who, _ctx(request), req)
+
+    @app.get("/v1/admin/tokens", tags=["admin"], response_model=protocol.TokensResponse,
+             summary="List tokens (ids, names, roles; never the tokens) (admins only)")
+    def list_tokens(request: Request,
+                    authorization: str | None = Header(None)) -> protocol.TokensResponse:
+        who = admin(request, authorization, "token.list")
+        return protocol.TokensResponse(tokens=service.list_tokens(who, _ctx(request)))
+
+    @app.post("/v1/admin/tokens/revocations", tags=["admin"],
+              response_model=protocol.TokenInfo, summary="Revoke a token now (admins only)")
+    def revoke_token(req: protocol.TokenRevokeRequest, request: Request,
+                     authorization: str | None = Header(None)) -> protocol.TokenInfo:
+        who = admin(request, authorization, "token.revoke")
+        return service.revoke_token(who, _ctx(request), req.token_id)
+
+    @app.get("/v1/admin/audit", tags=["admin"], response_model=protocol.AuditResponse,
+             summary="Audit records (admins and auditors: all; owners: their own models')")
+    def read_audit(request: Request, model_id: str | None = Query(None, max_length=1024),
+                   since: float | None = Query(None, ge=0, le=1e11,
+                                               description="Unix time (seconds)"),
+                   after_seq: int | None = Query(None, ge=0, le=2**62),
+                   limit: int = Query(1000, ge=1, le=10_000),
+                   authorization: str | None = Header(None)) -> protocol.AuditResponse:
+        who = admin(request, authorization, "audit.read")
+        return service.read_audit(who, _ctx(request), model_id=model_id, since=since,
+                                  after_seq=after_seq, limit=limit)
 
     return _Envelope(app, service, max_body)

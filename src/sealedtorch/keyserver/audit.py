@@ -46,6 +46,8 @@ class AuditRecord:
     record_json: str
     prev_hash: str
     hash: str
+    #: The owner principal allowed to read this record (besides admins and auditors).
+    owner: str | None = None
 
     @property
     def body(self) -> dict[str, Any]:
@@ -70,7 +72,7 @@ def seal_record(entry: dict[str, Any], *, seq: int, prev_hash: str) -> AuditReco
     record_json = canonical_json(body).decode()
     return AuditRecord(seq, float(entry["time"]), str(entry["event"]), entry.get("model_id"),
                        str(entry["decision"]), record_json, prev_hash,
-                       chain_hash(prev_hash, record_json))
+                       chain_hash(prev_hash, record_json), entry.get("owner"))
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,8 @@ def _check(rec: AuditRecord, expected_seq: int, prev_hash: str) -> str | None:
     if body.get("seq") != rec.seq or body.get("prev_hash") != rec.prev_hash:
         return "record's own seq/prev_hash disagree with its position in the chain"
     if (body.get("event") != rec.event or body.get("decision") != rec.decision
-            or body.get("model_id") != rec.model_id or body.get("time") != rec.time):
-        return "indexed columns (event, decision, model_id, time) disagree with the record"
+            or body.get("model_id") != rec.model_id or body.get("time") != rec.time
+            or body.get("owner") != rec.owner):
+        return ("indexed columns (event, decision, model_id, time, owner) disagree with the "
+                "record")
     return None

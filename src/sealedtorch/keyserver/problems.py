@@ -22,6 +22,7 @@ _STATUS: dict[str, int] = {
     errors.RequestError.problem_type: 400,
     errors.ConfigError.problem_type: 400,
     errors.AuthenticationError.problem_type: 401,
+    errors.ForbiddenError.problem_type: 403,
     errors.AttestationError.problem_type: 403,
     errors.CollateralError.problem_type: 403,
     errors.BindingError.problem_type: 403,
@@ -31,14 +32,17 @@ _STATUS: dict[str, int] = {
     errors.ConflictError.problem_type: 409,
     errors.PolicyError.problem_type: 422,
     errors.KeyFileError.problem_type: 422,
+    errors.RateLimited.problem_type: 429,
     errors.IntegrityError.problem_type: 500,
     INTERNAL: 500,
+    errors.ServiceUnavailable.problem_type: 503,
 }
 
 _TITLE: dict[str, str] = {
     "bad-request": "Malformed request",
     "config": "Invalid parameter",
     "unauthorized": "Missing, invalid or expired token",
+    "forbidden": "This token's role does not allow the operation",
     "attestation": "Evidence did not verify",
     "collateral": "Verification collateral unavailable or expired",
     "binding": "Evidence not bound to this challenge and key",
@@ -49,6 +53,8 @@ _TITLE: dict[str, str] = {
     "policy-invalid": "Invalid policy",
     "key-file": "Invalid key",
     "integrity": "Stored data failed authentication",
+    "rate-limited": "Too many requests from this client",
+    "unavailable": "Service temporarily unavailable",
     INTERNAL: "Internal error",
 }
 

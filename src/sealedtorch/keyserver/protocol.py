@@ -41,6 +41,19 @@ class Role(StrEnum):
     HOLDER = "holder"
 
 
+class AdminRole(StrEnum):
+    """What an admin token may do.
+
+    ``admin``: everything.  ``owner``: register models and manage only the models it
+    registered (owners sharing a keyserver never see each other's models, keys, policies or
+    audit records).  ``auditor``: read the audit log.
+    """
+
+    ADMIN = "admin"
+    OWNER = "owner"
+    AUDITOR = "auditor"
+
+
 # --- encodings ---------------------------------------------------------------------------
 
 def b64encode(data: bytes) -> str:
@@ -212,6 +225,7 @@ class ModelInfo(_Body):
     created_at: str
     updated_at: str
     versions: list[KeyVersionInfo]
+    owner: str | None = Field(None, description="the owner that registered it (null: an admin)")
 
 
 class ModelsResponse(_Body):
@@ -222,6 +236,53 @@ class StateChangeResponse(_Body):
     model_id: str
     changed: list[int]
     state: str
+
+
+class TokenCreateRequest(_Body):
+    role: AdminRole
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]*$",
+                      description="who holds it; for owners, the owner principal: every "
+                                  "owner token with this name manages the same models")
+
+
+class TokenInfo(_Body):
+    token_id: str
+    name: str
+    role: AdminRole
+    created_at: str
+    revoked_at: str | None = None
+
+
+class TokenCreateResponse(TokenInfo):
+    token: str = Field(description="the bearer token itself; shown once, only its hash is "
+                                   "stored")
+
+
+class TokensResponse(_Body):
+    tokens: list[TokenInfo]
+
+
+class TokenRevokeRequest(_Body):
+    token_id: str = Field(max_length=64)
+
+
+class AuditRecordModel(BaseModel):
+    """One audit record as stored (its canonical JSON body) plus its chain ``hash``."""
+
+    model_config = ConfigDict(extra="allow")
+    seq: int
+    time: float
+    event: str
+    decision: str
+    prev_hash: str
+    hash: str
+
+
+class AuditResponse(_Body):
+    records: list[AuditRecordModel]
+    head: dict[str, Any] | None = Field(
+        None, description="{seq, hash} of the whole chain's newest record (admins and "
+                          "auditors only)")
 
 
 class Problem(BaseModel):

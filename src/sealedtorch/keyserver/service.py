@@ -7,11 +7,19 @@ an audit record; a release or state change writes it *in the same transaction* a
 it depends on, so a key is never released without its record and a committed revocation
 is seen by every later release.  Failures are audited in a separate transaction after the
 failed one rolled back, so a refused request changes nothing but the audit log.
+
+Admin tokens have a role (:class:`~.protocol.AdminRole`): ``admin`` may do everything,
+``auditor`` only read the audit log, and ``owner`` manages only the models it registered.
+To an owner, another owner's model does not exist: every operation on it answers
+``404 key-unavailable`` exactly as for an unknown id, and the attempt is audited in a record
+only admins and auditors can read.  Each audit record carries the ``owner`` of the model it
+concerns, which decides which owner may read it.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,19 +33,28 @@ from ..errors import (
     AttestationError,
     AuthenticationError,
     ConflictError,
+    ForbiddenError,
     KeyUnavailable,
     PolicyDenied,
     RequestError,
     SealedTorchError,
+    ServiceUnavailable,
 )
 from ..keys import ModelKey, validate_model_id
 from . import audit, protocol
 from .audit import ALLOW, DENY, ERROR, OK
 from .kek import KekProvider
+from .metrics import KeyserverMetrics
 from .problems import with_status
-from .protocol import Role, b64decode
+from .protocol import AdminRole, Role, b64decode
 from .store import AdminTokenRecord, KeyRecord, KeyState, ModelRecord, Store, StoreTx
-from .tokens import AttestationToken, TokenSigner, admin_token_hash
+from .tokens import (
+    AttestationToken,
+    TokenSigner,
+    admin_token_hash,
+    admin_token_id,
+    new_admin_token,
+)
 
 log = logging.getLogger("sealedtorch.keyserver")
 
@@ -47,6 +64,9 @@ Clock = Callable[[], float]
 #: as "already used"/"expired" rather than "never issued").
 NONCE_RETENTION = 3600.0
 _PURGE_EVERY = 30.0
+#: Audit records one ``GET /v1/admin/audit`` answers at most.
+AUDIT_PAGE_MAX = 10_000
+_TOKEN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -94,6 +114,9 @@ class _Grant:
 
 
 def _fail_reasons(exc: SealedTorchError) -> list[str]:
+    private = getattr(exc, "audit_reasons", None)  # for the audit log only, not the client
+    if isinstance(private, list):
+        return [str(r) for r in private]
     if isinstance(exc, PolicyDenied) and exc.reasons:
         return list(exc.reasons)
     return [str(exc)]
@@ -102,8 +125,10 @@ def _fail_reasons(exc: SealedTorchError) -> list[str]:
 class Keyserver:
     def __init__(self, *, store: Store, kek: KekProvider, signer: TokenSigner,
                  verifier: attest.VerifierConfig, clock: Clock = time.time,
-                 nonce_ttl: float = 60.0, token_ttl: float = 300.0) -> None:
+                 nonce_ttl: float = 60.0, token_ttl: float = 300.0,
+                 metrics: KeyserverMetrics | None = None) -> None:
         self.store = store
+        self.metrics = metrics or KeyserverMetrics()
         self.kek = kek
         self.signer = signer
         self.verifier = verifier
@@ -126,8 +151,20 @@ class Keyserver:
     def _audit_failure(self, entry: dict[str, Any], exc: SealedTorchError) -> None:
         entry.update(decision=ERROR if exc.problem_type in ("integrity", "internal") else DENY,
                      problem=exc.problem_type, reasons=_fail_reasons(exc))
+        if isinstance(exc, ServiceUnavailable):
+            # nothing was decided, and the store cannot take a record anyway
+            self.metrics.unavailable.inc()
+            log.warning("%s: %s", entry.get("event"), exc,
+                        extra={"fields": {"event": entry.get("event"), "problem":
+                                          exc.problem_type,
+                                          "request_id": entry.get("request_id")}})
+            return
         try:
             self._audit(entry)
+        except ServiceUnavailable as store_exc:  # the refusal stands all the same
+            log.warning("could not audit a refused request: %s", store_exc,
+                        extra={"fields": {"event": entry.get("event"),
+                                          "request_id": entry.get("request_id")}})
         except Exception:  # the refusal stands even if it cannot be recorded
             log.exception("could not write the audit record for a refused request",
                           extra={"fields": {"event": entry.get("event"),
@@ -135,6 +172,7 @@ class Keyserver:
         self._log(entry)
 
     def _log(self, entry: dict[str, Any]) -> None:
+        self.metrics.record(entry)
         fields = {k: entry.get(k) for k in (
             "event", "decision", "problem", "model_id", "versions", "version", "client",
             "request_id", "actor", "role", "tee", "insecure", "policy_digest") if
@@ -179,6 +217,14 @@ class Keyserver:
     def attest(self, req: protocol.AttestRequest, ctx: RequestContext) -> IssuedToken:
         """Verify evidence, its binding to the nonce and public key, and the nonce itself;
         burn the nonce; issue an attestation-result token."""
+        start = time.perf_counter()
+        try:
+            return self._attest(req, ctx)
+        finally:
+            tee = req.tee if req.tee in _TEE_VALUES else "invalid"
+            self.metrics.attest_seconds.observe(time.perf_counter() - start, tee=tee)
+
+    def _attest(self, req: protocol.AttestRequest, ctx: RequestContext) -> IssuedToken:
         entry = self._entry(ctx, "attest", tee=str(req.tee)[:32], role=req.role.value)
         nonce = b""
         try:
@@ -210,7 +256,7 @@ class Keyserver:
                 tx.consume_nonce(nonce, tee.value, self.clock())
                 tx.append_audit(entry)
         except SealedTorchError as exc:
-            if nonce and exc.problem_type not in ("nonce", "bad-request"):
+            if nonce and exc.problem_type not in ("nonce", "bad-request", "unavailable"):
                 self._burn(nonce)
             self._audit_failure(entry, exc)
             raise
@@ -261,7 +307,16 @@ class Keyserver:
                 version: int | None = None) -> list[SealedKey]:
         """Keys for the identity in ``token``: every active version of every model whose
         policy it satisfies (``model_id`` None), or one version of one model."""
+        start = time.perf_counter()
         entry = self._entry(ctx, "release", model_id=model_id, version=version)
+        try:
+            return self._release(token, ctx, entry, model_id, version)
+        finally:
+            self.metrics.release_seconds.observe(time.perf_counter() - start,
+                                                 tee=str(entry.get("tee") or "none"))
+
+    def _release(self, token: str | None, ctx: RequestContext, entry: dict[str, Any],
+                 model_id: str | None, version: int | None) -> list[SealedKey]:
         try:
             tok = self._token(token)
         except SealedTorchError as exc:
@@ -293,7 +348,8 @@ class Keyserver:
         if key.wrapped is None:
             raise with_status(KeyUnavailable(
                 f"model {key.model_id!r} version {key.version}: key material erased"), 410)
-        return self.kek.unwrap(key.wrapped, model_id=key.model_id, version=key.version)
+        return self.kek.unwrap(key.wrapped, model_id=key.model_id, version=key.version,
+                               kek_id=key.kek_id)
 
     def _release_one(self, tok: AttestationToken, entry: dict[str, Any], model_id: str,
                      version: int | None) -> _Grant:
@@ -323,7 +379,7 @@ class Keyserver:
         model = tx.get_model(model_id)
         if model is None:
             raise KeyUnavailable(f"unknown model {model_id!r}")
-        entry["policy_digest"] = model.policy_digest
+        entry.update(policy_digest=model.policy_digest, owner=model.owner)
         decision = self._decide(model, tok)
         entry["reasons"] = list(decision.reasons)
         decision.raise_if_denied()
@@ -365,7 +421,7 @@ class Keyserver:
                               if k.state is KeyState.ACTIVE]
                     if not active:
                         continue
-                    rec = dict(entry, model_id=model.model_id,
+                    rec = dict(entry, model_id=model.model_id, owner=model.owner,
                                versions=[k.version for k in active],
                                policy_digest=model.policy_digest, reasons=list(decision.reasons))
                     try:
@@ -427,23 +483,61 @@ class Keyserver:
         self._log(entry)
         return result
 
+    def _admin_entry(self, who: AdminTokenRecord, ctx: RequestContext, event: str,
+                     **fields: Any) -> dict[str, Any]:
+        return self._entry(ctx, event, actor=who.token_id, actor_role=who.role, **fields)
+
+    @staticmethod
+    def _require(who: AdminTokenRecord, action: str, *roles: AdminRole) -> None:
+        if who.role not in roles:
+            raise ForbiddenError(f"a {who.role} token may not {action} (needs "
+                                 f"{' or '.join(r.value for r in roles)})")
+
+    @staticmethod
+    def _owned(tx: StoreTx, who: AdminTokenRecord, model_id: str,
+               entry: dict[str, Any]) -> ModelRecord:
+        """The model, if this token may manage it.  For an owner, another owner's model
+        is indistinguishable from an unknown one (same 404, same text); the audit record of
+        the attempt says what happened and is readable by admins and auditors only."""
+        model = tx.get_model(model_id)
+        if model is not None and (who.role != AdminRole.OWNER or model.owner == who.name):
+            entry["owner"] = model.owner
+            return model
+        exc = KeyUnavailable(f"unknown model {str(model_id)[:128]!r}")
+        if model is not None:
+            exc.audit_reasons = [  # type: ignore[attr-defined]
+                f"model {model_id!r} belongs to another owner; answered as unknown"]
+        raise exc
+
     def register(self, admin: AdminTokenRecord, ctx: RequestContext,
                  req: protocol.RegisterRequest) -> protocol.ModelInfo:
-        entry = self._entry(ctx, "register", actor=admin.token_id,
-                            model_id=str(req.model_id)[:128])
+        entry = self._admin_entry(admin, ctx, "register", model_id=str(req.model_id)[:128])
 
         def body(tx: StoreTx, entry: dict[str, Any]) -> protocol.ModelInfo:
+            self._require(admin, "register models", AdminRole.ADMIN, AdminRole.OWNER)
             model_id = _model_id(req.model_id)
             key = _model_key(model_id, req.key)
             policy = load_policy(req.policy)
-            if tx.get_model(model_id) is not None:
-                raise ConflictError(f"model {model_id!r} is already registered; use "
-                                    f"`keys rotate` for a new key or `keys policy set`")
+            existing = tx.get_model(model_id)
+            if existing is not None:
+                if admin.role != AdminRole.OWNER:
+                    raise ConflictError(f"model {model_id!r} is already registered; use "
+                                        f"`keys rotate` for a new key or `keys policy set`")
+                exc = ConflictError(
+                    f"model id {model_id!r} is already registered (model ids are unique on "
+                    f"a keyserver: if it is not yours, choose another)")
+                if existing.owner == admin.name:
+                    entry["owner"] = admin.name
+                else:
+                    exc.audit_reasons = [  # type: ignore[attr-defined]
+                        f"model {model_id!r} belongs to another owner"]
+                raise exc
             now = self.clock()
-            model = ModelRecord(model_id, policy.to_json(), policy.digest(), now, now)
+            owner = admin.name if admin.role == AdminRole.OWNER else None
+            model = ModelRecord(model_id, policy.to_json(), policy.digest(), now, now, owner)
             tx.insert_model(model)
             tx.insert_key(self._wrapped(key, now))
-            entry.update(version=key.version, policy_digest=model.policy_digest)
+            entry.update(version=key.version, policy_digest=model.policy_digest, owner=owner)
             return _model_info(model, tx.key_versions(model_id))
 
         result: protocol.ModelInfo = self._admin_write(entry, body)
@@ -451,11 +545,11 @@ class Keyserver:
 
     def set_policy(self, admin: AdminTokenRecord, ctx: RequestContext,
                    req: protocol.PolicyRequest) -> protocol.ModelInfo:
-        entry = self._entry(ctx, "policy.set", actor=admin.token_id,
-                            model_id=str(req.model_id)[:128])
+        entry = self._admin_entry(admin, ctx, "policy.set", model_id=str(req.model_id)[:128])
 
         def body(tx: StoreTx, entry: dict[str, Any]) -> protocol.ModelInfo:
-            model = _existing(tx, req.model_id)
+            self._require(admin, "change policies", AdminRole.ADMIN, AdminRole.OWNER)
+            model = self._owned(tx, admin, req.model_id, entry)
             policy = load_policy(req.policy)
             entry.update(previous_policy_digest=model.policy_digest,
                          policy_digest=policy.digest())
@@ -471,14 +565,14 @@ class Keyserver:
                req: protocol.RotateRequest) -> protocol.RotateResponse:
         """Add a key version: uploaded (``key``) or generated here and returned HPKE-sealed
         to ``recipient_public_key``.  Older versions stay active until revoked or retired."""
-        entry = self._entry(ctx, "rotate", actor=admin.token_id,
-                            model_id=str(req.model_id)[:128])
+        entry = self._admin_entry(admin, ctx, "rotate", model_id=str(req.model_id)[:128])
 
         def body(tx: StoreTx, entry: dict[str, Any]) -> protocol.RotateResponse:
+            self._require(admin, "rotate keys", AdminRole.ADMIN, AdminRole.OWNER)
             if (req.key is None) == (req.recipient_public_key is None):
                 raise RequestError("rotate needs exactly one of 'key' (upload) and "
                                    "'recipient_public_key' (generate server-side)")
-            model = _existing(tx, req.model_id)
+            model = self._owned(tx, admin, req.model_id, entry)
             latest = max((k.version for k in tx.key_versions(model.model_id)), default=0)
             now = self.clock()
             sealed: bytes | None = None
@@ -492,6 +586,8 @@ class Keyserver:
                 assert req.recipient_public_key is not None
                 recipient = b64decode(req.recipient_public_key, field="recipient_public_key",
                                       size=crypto.X25519_PUBLIC_KEY_SIZE)
+                if latest >= 2**32 - 1:
+                    raise ConflictError(f"model {model.model_id!r} has no key version left")
                 key = ModelKey.generate(model.model_id, latest + 1)
                 sealed = crypto.hpke_seal(recipient, key.secret,
                                           info=protocol.rotate_info(key.model_id, key.version))
@@ -510,11 +606,12 @@ class Keyserver:
                      state: KeyState) -> protocol.StateChangeResponse:
         """Revoke (stop releasing) or retire (stop releasing and erase) one version or all."""
         event = "revoke" if state is KeyState.REVOKED else "retire"
-        entry = self._entry(ctx, event, actor=admin.token_id, model_id=str(req.model_id)[:128],
-                            version=req.version, reason=req.reason or None)
+        entry = self._admin_entry(admin, ctx, event, model_id=str(req.model_id)[:128],
+                                  version=req.version, reason=req.reason or None)
 
         def body(tx: StoreTx, entry: dict[str, Any]) -> protocol.StateChangeResponse:
-            model = _existing(tx, req.model_id)
+            self._require(admin, f"{event} keys", AdminRole.ADMIN, AdminRole.OWNER)
+            model = self._owned(tx, admin, req.model_id, entry)
             keys = tx.key_versions(model.model_id)
             movable = {KeyState.ACTIVE} if state is KeyState.REVOKED else \
                 {KeyState.ACTIVE, KeyState.REVOKED}
@@ -546,28 +643,159 @@ class Keyserver:
 
     def list_models(self, admin: AdminTokenRecord, ctx: RequestContext,
                     model_id: str | None = None) -> list[protocol.ModelInfo]:
-        entry = self._entry(ctx, "admin.list" if model_id is None else "admin.get",
-                            actor=admin.token_id, model_id=model_id)
+        entry = self._admin_entry(admin, ctx, "admin.list" if model_id is None else "admin.get",
+                                  model_id=model_id)
 
         def body(tx: StoreTx, entry: dict[str, Any]) -> list[protocol.ModelInfo]:
-            models = [_existing(tx, model_id)] if model_id is not None else tx.list_models()
+            self._require(admin, "read models", AdminRole.ADMIN, AdminRole.OWNER)
+            if model_id is not None:
+                models = [self._owned(tx, admin, model_id, entry)]
+            elif admin.role == AdminRole.OWNER:
+                entry["owner"] = admin.name
+                models = tx.list_models(owner=admin.name)
+            else:
+                models = tx.list_models()
             return [_model_info(m, tx.key_versions(m.model_id)) for m in models]
 
         result: list[protocol.ModelInfo] = self._admin_write(entry, body)
         return result
 
+    # ------------------------------------------------------------------ tokens and audit
+
+    def create_token(self, admin: AdminTokenRecord, ctx: RequestContext,
+                     req: protocol.TokenCreateRequest) -> protocol.TokenCreateResponse:
+        """A new admin/owner/auditor token (admins only).  The token is in the answer once;
+        the store keeps its hash.  Owner tokens with the same name manage the same models
+        (a second token for an owner is how its credentials are rotated)."""
+        entry = self._admin_entry(admin, ctx, "token.create", token_role=str(req.role),
+                                  token_name=str(req.name)[:64])
+
+        def body(tx: StoreTx, entry: dict[str, Any]) -> protocol.TokenCreateResponse:
+            self._require(admin, "create tokens", AdminRole.ADMIN)
+            role = AdminRole(req.role)
+            if not _TOKEN_NAME.match(req.name):
+                raise RequestError("token name: 1-64 characters, letters, digits and ._@- "
+                                   "(starting with a letter or digit)")
+            clash = next((t for t in tx.list_admin_tokens()
+                          if t.name == req.name and t.role != role), None)
+            if clash is not None:
+                raise ConflictError(f"the name {req.name!r} already belongs to a {clash.role} "
+                                    f"token; one name, one role")
+            token = new_admin_token()
+            token_hash = admin_token_hash(token)
+            record = AdminTokenRecord(admin_token_id(token_hash), req.name, role.value,
+                                      self.clock())
+            tx.insert_admin_token(record, token_hash)
+            entry["token_id"] = record.token_id
+            return protocol.TokenCreateResponse(token=token, **_token_info(record).model_dump())
+
+        result: protocol.TokenCreateResponse = self._admin_write(entry, body)
+        return result
+
+    def list_tokens(self, admin: AdminTokenRecord,
+                    ctx: RequestContext) -> list[protocol.TokenInfo]:
+        entry = self._admin_entry(admin, ctx, "token.list")
+
+        def body(tx: StoreTx, entry: dict[str, Any]) -> list[protocol.TokenInfo]:
+            self._require(admin, "list tokens", AdminRole.ADMIN)
+            return [_token_info(t) for t in tx.list_admin_tokens()]
+
+        result: list[protocol.TokenInfo] = self._admin_write(entry, body)
+        return result
+
+    def revoke_token(self, admin: AdminTokenRecord, ctx: RequestContext,
+                     token_id: str) -> protocol.TokenInfo:
+        """Revoke a token at once (admins only).  The last valid admin token cannot be
+        revoked (that would lock everyone out)."""
+        entry = self._admin_entry(admin, ctx, "token.revoke", token_id=str(token_id)[:64])
+
+        def body(tx: StoreTx, entry: dict[str, Any]) -> protocol.TokenInfo:
+            self._require(admin, "revoke tokens", AdminRole.ADMIN)
+            target = tx.admin_token_by_id(token_id)
+            if target is None:
+                raise KeyUnavailable(f"unknown token {str(token_id)[:64]!r}")
+            if target.revoked_at is not None:
+                raise ConflictError(f"token {token_id} is already revoked")
+            if target.role == AdminRole.ADMIN and not any(
+                    t.role == AdminRole.ADMIN and t.revoked_at is None
+                    and t.token_id != token_id for t in tx.list_admin_tokens()):
+                raise ConflictError("refusing to revoke the last valid admin token")
+            tx.revoke_admin_token(token_id, self.clock())
+            updated = tx.admin_token_by_id(token_id)
+            assert updated is not None
+            entry["token_name"] = updated.name
+            return _token_info(updated)
+
+        result: protocol.TokenInfo = self._admin_write(entry, body)
+        return result
+
+    def read_audit(self, admin: AdminTokenRecord, ctx: RequestContext, *,
+                   model_id: str | None = None, since: float | None = None,
+                   after_seq: int | None = None,
+                   limit: int = 1000) -> protocol.AuditResponse:
+        """Audit records in chain order.  Admins and auditors read everything (and get the
+        chain head); an owner reads only the records of its own models and actions.
+        The read itself is audited."""
+        entry = self._admin_entry(admin, ctx, "audit.read", model_id=model_id)
+
+        def body(tx: StoreTx, entry: dict[str, Any]) -> protocol.AuditResponse:
+            self._require(admin, "read the audit log", AdminRole.ADMIN, AdminRole.AUDITOR,
+                          AdminRole.OWNER)
+            owner = admin.name if admin.role == AdminRole.OWNER else None
+            if owner is not None:
+                entry["owner"] = owner
+            count = max(1, min(int(limit), AUDIT_PAGE_MAX))
+            records = tx.audit_records(model_id=model_id, since=since, after_seq=after_seq,
+                                       limit=count, owner=owner)
+            head = None
+            if owner is None:
+                seq, digest = tx.audit_head()
+                head = {"seq": seq, "hash": digest}
+            entry["count"] = len(records)
+            return protocol.AuditResponse(
+                records=[protocol.AuditRecordModel(**r.body, hash=r.hash) for r in records],
+                head=head)
+
+        result: protocol.AuditResponse = self._admin_write(entry, body)
+        return result
+
     def _wrapped(self, key: ModelKey, now: float) -> KeyRecord:
-        wrapped = self.kek.wrap(key.secret, model_id=key.model_id, version=key.version)
-        return KeyRecord(key.model_id, key.version, KeyState.ACTIVE, wrapped, self.kek.kek_id,
-                         now)
+        wrapped, kek_id = self.kek.wrap_with_id(key.secret, model_id=key.model_id,
+                                                version=key.version)
+        return KeyRecord(key.model_id, key.version, KeyState.ACTIVE, wrapped, kek_id, now)
 
     # ------------------------------------------------------------------ operations
 
     def ready(self) -> None:
         self.store.ping()
 
+    def metrics_text(self) -> str:
+        """Prometheus text: this replica's counters, and gauges read from the store now."""
+        m = self.metrics
+        try:
+            with self.store.snapshot() as tx:
+                nonces = tx.count_nonces()
+                length, _ = tx.audit_head()
+            m.nonces.set(nonces)
+            m.audit_length.set(length)
+            m.store_up.set(1)
+        except Exception as exc:
+            log.warning("metrics: store unavailable: %s", exc)
+            m.store_up.set(0)
+        return m.render()
+
 
 # ---------------------------------------------------------------------- helpers
+
+_TEE_VALUES = frozenset(t.value for t in Tee)
+
+
+def _token_info(t: AdminTokenRecord) -> protocol.TokenInfo:
+    return protocol.TokenInfo(token_id=t.token_id, name=t.name, role=AdminRole(t.role),
+                              created_at=audit.iso(t.created_at),
+                              revoked_at=audit.iso(t.revoked_at)
+                              if t.revoked_at is not None else None)
+
 
 def _parse_tee(tee: str) -> Tee:
     try:
@@ -592,18 +820,11 @@ def _model_key(model_id: str, material: protocol.KeyMaterial) -> ModelKey:
         raise RequestError(f"key: {exc}") from None
 
 
-def _existing(tx: StoreTx, model_id: str) -> ModelRecord:
-    model = tx.get_model(model_id)
-    if model is None:
-        raise KeyUnavailable(f"unknown model {str(model_id)[:128]!r}")
-    return model
-
-
 def _model_info(model: ModelRecord, keys: list[KeyRecord]) -> protocol.ModelInfo:
     return protocol.ModelInfo(
         model_id=model.model_id, policy=model.policy, policy_digest=model.policy_digest,
         created_at=audit.iso(model.created_at), updated_at=audit.iso(model.updated_at),
-        versions=[protocol.KeyVersionInfo(
+        owner=model.owner, versions=[protocol.KeyVersionInfo(
             version=k.version, state=k.state.value, created_at=audit.iso(k.created_at),
             changed_at=audit.iso(k.changed_at) if k.changed_at is not None else None,
             reason=k.reason or None) for k in keys])

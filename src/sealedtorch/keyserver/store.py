@@ -9,25 +9,36 @@ keeps:
   state changes are decided and written inside one transaction, so a revocation that has
   committed is seen by every later release, and a nonce can be burnt once only.
 - Model keys are stored *wrapped* (see :mod:`.kek`); a store never sees a plaintext key.
-- The audit table is append-only (SQLite enforces it with triggers; the hash chain proves it).
+- The audit table is append-only (triggers enforce it; the hash chain proves it).
+- Connection failures surface as :class:`~sealedtorch.errors.ServiceUnavailable` (HTTP 503),
+  never as a raw driver error; the store reconnects by itself when the database is back.
+
+The schema and its migrations are shared by every engine (:mod:`.schema`).
+:class:`SqliteStore` is here; :class:`~.store_pg.PostgresStore` (several keyserver replicas
+on one database) is in :mod:`.store_pg`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..errors import ConfigError, NonceError
-from . import audit
+from ..errors import ConfigError, NonceError, ServiceUnavailable
+from . import audit, schema
 
-SCHEMA_VERSION = 1
+log = logging.getLogger("sealedtorch.keyserver")
+
+#: The schema version this sealedtorch writes (see :mod:`.schema`).
+SCHEMA_VERSION = schema.LATEST
 
 
 class KeyState(StrEnum):
@@ -43,6 +54,9 @@ class ModelRecord:
     policy_digest: str
     created_at: float
     updated_at: float
+    #: The owner principal (an owner token's name) that registered the model; ``None``:
+    #: registered by an admin (only admins see it).
+    owner: str | None = None
 
 
 @dataclass(frozen=True)
@@ -85,7 +99,9 @@ class StoreTx(Protocol):
     def purge_nonces(self, expired_before: float) -> int: ...
     # models and keys
     def get_model(self, model_id: str) -> ModelRecord | None: ...
-    def list_models(self) -> list[ModelRecord]: ...
+    def list_models(self, *, owner: str | None = None) -> list[ModelRecord]:
+        """Every model, or only those of ``owner``."""
+        ...
     def insert_model(self, model: ModelRecord) -> None: ...
     def update_policy(self, model_id: str, policy: dict[str, Any], digest: str,
                       now: float) -> None: ...
@@ -93,13 +109,41 @@ class StoreTx(Protocol):
     def insert_key(self, key: KeyRecord) -> None: ...
     def set_key_state(self, model_id: str, version: int, state: KeyState, now: float,
                       reason: str, *, erase: bool) -> None: ...
+    # KEK rewrap (`keyserver rewrap`)
+    def wrapped_keys(self, *, not_under: str | None = None,
+                     limit: int | None = None) -> list[KeyRecord]:
+        """Records holding a wrapped key (active or revoked; retired ones are erased),
+        by model id and version; with ``not_under``, only those whose ``kek_id`` differs
+        from it (or is unset)."""
+        ...
+    def rewrap_key(self, model_id: str, version: int, *, expected: bytes, wrapped: bytes,
+                   kek_id: str) -> bool:
+        """Set one record's wrapped key and KEK id if it still holds ``expected``
+        (compare-and-set: a record erased or re-wrapped meanwhile is left alone); True if
+        it was changed."""
+        ...
+    def kek_usage(self) -> dict[str | None, int]:
+        """How many records each KEK id wraps (records without a wrapped key not counted)."""
+        ...
     # admin tokens
     def insert_admin_token(self, record: AdminTokenRecord, token_hash: bytes) -> None: ...
     def admin_token(self, token_hash: bytes) -> AdminTokenRecord | None: ...
+    def admin_token_by_id(self, token_id: str) -> AdminTokenRecord | None: ...
+    def list_admin_tokens(self) -> list[AdminTokenRecord]: ...
+    def revoke_admin_token(self, token_id: str, now: float) -> None: ...
     # audit
-    def append_audit(self, entry: dict[str, Any]) -> audit.AuditRecord: ...
+    def append_audit(self, entry: dict[str, Any]) -> audit.AuditRecord:
+        """Append the next link of the chain.  ``entry["owner"]`` (if any) is also stored
+        in the indexed ``owner`` column, which decides which owner may read the record."""
+        ...
     def audit_records(self, *, model_id: str | None = None, since: float | None = None,
-                      limit: int | None = None) -> list[audit.AuditRecord]: ...
+                      limit: int | None = None, owner: str | None = None,
+                      after_seq: int | None = None) -> list[audit.AuditRecord]: ...
+    def audit_head(self) -> tuple[int, str]:
+        """(seq, hash) of the newest record; (0, GENESIS) for an empty log."""
+        ...
+    # operations
+    def count_nonces(self) -> int: ...
 
 
 class Store(Protocol):
@@ -123,33 +167,6 @@ class Store(Protocol):
 
 # --------------------------------------------------------------------------- SQLite
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS models (
-    model_id TEXT PRIMARY KEY, policy TEXT NOT NULL, policy_digest TEXT NOT NULL,
-    created_at REAL NOT NULL, updated_at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS key_versions (
-    model_id TEXT NOT NULL REFERENCES models(model_id), version INTEGER NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('active', 'revoked', 'retired')),
-    wrapped BLOB, kek_id TEXT, created_at REAL NOT NULL, changed_at REAL, reason TEXT,
-    PRIMARY KEY (model_id, version));
-CREATE TABLE IF NOT EXISTS nonces (
-    nonce BLOB PRIMARY KEY, tee TEXT NOT NULL, issued_at REAL NOT NULL,
-    expires_at REAL NOT NULL, used_at REAL);
-CREATE INDEX IF NOT EXISTS nonces_expiry ON nonces (expires_at);
-CREATE TABLE IF NOT EXISTS admin_tokens (
-    token_id TEXT PRIMARY KEY, token_hash BLOB NOT NULL UNIQUE, name TEXT NOT NULL,
-    role TEXT NOT NULL, created_at REAL NOT NULL, revoked_at REAL);
-CREATE TABLE IF NOT EXISTS audit (
-    seq INTEGER PRIMARY KEY, time REAL NOT NULL, event TEXT NOT NULL, model_id TEXT,
-    decision TEXT NOT NULL, record TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS audit_model ON audit (model_id, seq);
-CREATE INDEX IF NOT EXISTS audit_time ON audit (time);
-CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
-    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
-    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
-"""
 
 
 class _SqliteTx:
@@ -193,22 +210,29 @@ class _SqliteTx:
     # --- models and keys
     @staticmethod
     def _model(row: tuple[Any, ...]) -> ModelRecord:
-        return ModelRecord(row[0], json.loads(row[1]), row[2], row[3], row[4])
+        return ModelRecord(row[0], json.loads(row[1]), row[2], row[3], row[4], row[5])
+
+    _MODEL_COLUMNS = "model_id, policy, policy_digest, created_at, updated_at, owner"
 
     def get_model(self, model_id: str) -> ModelRecord | None:
-        row = self._c.execute("SELECT model_id, policy, policy_digest, created_at, updated_at "
-                              "FROM models WHERE model_id = ?", (model_id,)).fetchone()
+        row = self._c.execute(f"SELECT {self._MODEL_COLUMNS} FROM models "  # noqa: S608
+                              "WHERE model_id = ?", (model_id,)).fetchone()
         return self._model(row) if row else None
 
-    def list_models(self) -> list[ModelRecord]:
-        rows = self._c.execute("SELECT model_id, policy, policy_digest, created_at, updated_at "
-                               "FROM models ORDER BY model_id").fetchall()
+    def list_models(self, *, owner: str | None = None) -> list[ModelRecord]:
+        sql = f"SELECT {self._MODEL_COLUMNS} FROM models"  # noqa: S608
+        if owner is not None:
+            rows = self._c.execute(sql + " WHERE owner = ? ORDER BY model_id",
+                                   (owner,)).fetchall()
+        else:
+            rows = self._c.execute(sql + " ORDER BY model_id").fetchall()
         return [self._model(r) for r in rows]
 
     def insert_model(self, model: ModelRecord) -> None:
-        self._c.execute("INSERT INTO models VALUES (?, ?, ?, ?, ?)",
+        self._c.execute(f"INSERT INTO models ({self._MODEL_COLUMNS}) "  # noqa: S608
+                        "VALUES (?, ?, ?, ?, ?, ?)",
                         (model.model_id, json.dumps(model.policy, sort_keys=True),
-                         model.policy_digest, model.created_at, model.updated_at))
+                         model.policy_digest, model.created_at, model.updated_at, model.owner))
 
     def update_policy(self, model_id: str, policy: dict[str, Any], digest: str,
                       now: float) -> None:
@@ -235,6 +259,33 @@ class _SqliteTx:
                         "WHERE model_id = ? AND version = ?",
                         (state.value, now, reason, erase, model_id, version))
 
+    def wrapped_keys(self, *, not_under: str | None = None,
+                     limit: int | None = None) -> list[KeyRecord]:
+        sql = ("SELECT model_id, version, state, wrapped, kek_id, created_at, changed_at, "
+               "reason FROM key_versions WHERE wrapped IS NOT NULL")
+        args: list[Any] = []
+        if not_under is not None:
+            sql += " AND (kek_id IS NULL OR kek_id <> ?)"
+            args.append(not_under)
+        sql += " ORDER BY model_id, version"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        return [KeyRecord(r[0], r[1], KeyState(r[2]), r[3], r[4], r[5], r[6], r[7])
+                for r in self._c.execute(sql, args)]
+
+    def rewrap_key(self, model_id: str, version: int, *, expected: bytes, wrapped: bytes,
+                   kek_id: str) -> bool:
+        cur = self._c.execute("UPDATE key_versions SET wrapped = ?, kek_id = ? "
+                              "WHERE model_id = ? AND version = ? AND wrapped = ?",
+                              (wrapped, kek_id, model_id, version, expected))
+        return cur.rowcount == 1
+
+    def kek_usage(self) -> dict[str | None, int]:
+        return {r[0]: int(r[1]) for r in self._c.execute(
+            "SELECT kek_id, count(*) FROM key_versions WHERE wrapped IS NOT NULL "
+            "GROUP BY kek_id")}
+
     # --- admin tokens
     def insert_admin_token(self, record: AdminTokenRecord, token_hash: bytes) -> None:
         self._c.execute("INSERT INTO admin_tokens VALUES (?, ?, ?, ?, ?, ?)",
@@ -246,33 +297,65 @@ class _SqliteTx:
                               "FROM admin_tokens WHERE token_hash = ?", (token_hash,)).fetchone()
         return AdminTokenRecord(*row) if row else None
 
+    def admin_token_by_id(self, token_id: str) -> AdminTokenRecord | None:
+        row = self._c.execute("SELECT token_id, name, role, created_at, revoked_at "
+                              "FROM admin_tokens WHERE token_id = ?", (token_id,)).fetchone()
+        return AdminTokenRecord(*row) if row else None
+
+    def list_admin_tokens(self) -> list[AdminTokenRecord]:
+        rows = self._c.execute("SELECT token_id, name, role, created_at, revoked_at "
+                               "FROM admin_tokens ORDER BY created_at, token_id").fetchall()
+        return [AdminTokenRecord(*r) for r in rows]
+
+    def revoke_admin_token(self, token_id: str, now: float) -> None:
+        self._c.execute("UPDATE admin_tokens SET revoked_at = ? WHERE token_id = ? "
+                        "AND revoked_at IS NULL", (now, token_id))
+
     # --- audit
-    def append_audit(self, entry: dict[str, Any]) -> audit.AuditRecord:
+    def audit_head(self) -> tuple[int, str]:
         head = self._c.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
-        seq, prev = (head[0] + 1, head[1]) if head else (1, audit.GENESIS)
-        rec = audit.seal_record(entry, seq=seq, prev_hash=prev)
-        self._c.execute("INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        return (int(head[0]), str(head[1])) if head else (0, audit.GENESIS)
+
+    def append_audit(self, entry: dict[str, Any]) -> audit.AuditRecord:
+        seq, prev = self.audit_head()
+        rec = audit.seal_record(entry, seq=seq + 1, prev_hash=prev)
+        self._c.execute("INSERT INTO audit (seq, time, event, model_id, decision, record, "
+                        "prev_hash, hash, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (rec.seq, rec.time, rec.event, rec.model_id, rec.decision,
-                         rec.record_json, rec.prev_hash, rec.hash))
+                         rec.record_json, rec.prev_hash, rec.hash, rec.owner))
         return rec
 
     def audit_records(self, *, model_id: str | None = None, since: float | None = None,
-                      limit: int | None = None) -> list[audit.AuditRecord]:
-        sql = "SELECT seq, time, event, model_id, decision, record, prev_hash, hash FROM audit"
-        where, args = [], []
-        if model_id is not None:
-            where.append("model_id = ?")
-            args.append(model_id)
-        if since is not None:
-            where.append("time >= ?")
-            args.append(since)
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY seq"
-        if limit is not None:
-            sql += " LIMIT ?"
-            args.append(limit)
+                      limit: int | None = None, owner: str | None = None,
+                      after_seq: int | None = None) -> list[audit.AuditRecord]:
+        sql, args = audit_query(model_id=model_id, since=since, limit=limit, owner=owner,
+                                after_seq=after_seq, placeholder="?")
         return [audit.AuditRecord(*row) for row in self._c.execute(sql, args)]
+
+    # --- operations
+    def count_nonces(self) -> int:
+        return int(self._c.execute("SELECT count(*) FROM nonces").fetchone()[0])
+
+
+def audit_query(*, model_id: str | None, since: float | None, limit: int | None,
+                owner: str | None, after_seq: int | None,
+                placeholder: str) -> tuple[str, list[Any]]:
+    """The SELECT behind ``audit_records`` (shared by the engines; values are parameters)."""
+    sql = ("SELECT seq, time, event, model_id, decision, record, prev_hash, hash, owner "
+           "FROM audit")
+    where, args = [], []
+    for column, op, value in (("model_id", "=", model_id), ("time", ">=", since),
+                              ("owner", "=", owner), ("seq", ">", after_seq)):
+        if value is not None:
+            where.append(f"{column} {op} {placeholder}")
+            args.append(value)
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY seq"
+    if limit is not None:
+        sql += f" LIMIT {placeholder}"
+        args.append(limit)
+    return sql, args
 
 
 class SqliteStore:
@@ -292,19 +375,31 @@ class SqliteStore:
         self._closed = False
         conn = self._conn()
         try:
-            conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
+            with self._write(conn):
+                self._migrate(conn)
         except sqlite3.Error as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
             raise ConfigError(f"cannot create the store schema in {self.path}: {exc}") from None
-        with self._write(conn):
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """Apply missing migrations (inside BEGIN IMMEDIATE: one process at a time)."""
+        conn.execute(schema.MIGRATIONS_TABLE)
+        applied = {int(r[0]) for r in conn.execute("SELECT version FROM schema_migrations")}
+        legacy = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
+                              "AND name = 'meta'").fetchone()
+        if not applied and legacy:  # written before schema_migrations existed
             row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            if row is None:
-                conn.execute("INSERT INTO meta VALUES ('schema_version', ?)",
-                             (str(SCHEMA_VERSION),))
-            elif int(row[0]) != SCHEMA_VERSION:
+            if row is not None and int(row[0]) != 1:
                 raise ConfigError(f"{self.path}: store schema version {row[0]}, this "
-                                  f"sealedtorch understands {SCHEMA_VERSION}")
+                                  f"sealedtorch understands up to {SCHEMA_VERSION}")
+        schema.check_known(applied, str(self.path))
+        for m in schema.pending(applied):
+            for statement in m.sqlite:
+                conn.execute(statement)
+            conn.execute("INSERT INTO schema_migrations VALUES (?, ?, ?)",
+                         (m.version, m.name, time.time()))
+            log.info("store %s: applied migration %d (%s)", self.path, m.version, m.name)
+        conn.execute("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT (key) "
+                     "DO UPDATE SET value = excluded.value", (str(SCHEMA_VERSION),))
 
     def __repr__(self) -> str:
         return f"SqliteStore({str(self.path)!r})"
@@ -344,30 +439,43 @@ class SqliteStore:
 
     @contextlib.contextmanager
     def transaction(self, *, durable: bool = True) -> Iterator[StoreTx]:
-        conn = self._conn()
-        if durable:
-            with self._write(conn):
-                yield _SqliteTx(conn)
-            return
-        # WAL frames of this commit are not fsynced; the next FULL commit fsyncs them.
-        conn.execute("PRAGMA synchronous = OFF")
         try:
-            with self._write(conn):
-                yield _SqliteTx(conn)
-        finally:
-            conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+            conn = self._conn()
+            if durable:
+                with self._write(conn):
+                    yield _SqliteTx(conn)
+                return
+            # WAL frames of this commit are not fsynced; the next FULL commit fsyncs them.
+            conn.execute("PRAGMA synchronous = OFF")
+            try:
+                with self._write(conn):
+                    yield _SqliteTx(conn)
+            finally:
+                conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        except sqlite3.OperationalError as exc:  # locked past the busy timeout, I/O error
+            raise self._unavailable(exc) from None
 
     @contextlib.contextmanager
     def snapshot(self) -> Iterator[StoreTx]:
-        conn = self._conn()
-        conn.execute("BEGIN")
         try:
-            yield _SqliteTx(conn)
-        finally:
-            conn.execute("ROLLBACK")
+            conn = self._conn()
+            conn.execute("BEGIN")
+            try:
+                yield _SqliteTx(conn)
+            finally:
+                conn.execute("ROLLBACK")
+        except sqlite3.OperationalError as exc:
+            raise self._unavailable(exc) from None
+
+    def _unavailable(self, exc: sqlite3.Error) -> ServiceUnavailable:
+        log.error("store %s unavailable: %s", self.path, exc)
+        return ServiceUnavailable(f"the keyserver's database is unavailable ({exc})")
 
     def ping(self) -> None:
-        self._conn().execute("SELECT 1 FROM meta LIMIT 1").fetchone()
+        try:
+            self._conn().execute("SELECT 1 FROM meta LIMIT 1").fetchone()
+        except sqlite3.Error as exc:
+            raise self._unavailable(exc) from None
 
     def close(self) -> None:
         with self._lock:
