@@ -5,7 +5,10 @@ share the server (starting one per test would dominate the run time)."""
 from __future__ import annotations
 
 import itertools
+import os
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -150,3 +153,95 @@ _ids = itertools.count()
 def model_id(request: pytest.FixtureRequest) -> str:
     """A model id unique to the test."""
     return f"{request.node.name[:80]}-{next(_ids)}".replace("[", "-").replace("]", "")
+
+
+# --- PostgreSQL (the local server: 127.0.0.1:5432, trust auth, database "test") ---------
+
+PG_BASE = os.environ.get("SEALEDTORCH_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def _pg_reachable() -> bool:
+    import psycopg
+
+    try:
+        with psycopg.connect(PG_BASE, connect_timeout=3):
+            return True
+    except psycopg.Error:
+        return False
+
+
+@pytest.fixture(scope="session")
+def pg_base() -> str:
+    """The test database's URL.  Starts the local cluster if it is installed but down;
+    fails (never skips) when PostgreSQL cannot be had: these tests are the only check of
+    the replicated store."""
+    if not _pg_reachable():
+        clusters = Path("/etc/postgresql")
+        if clusters.is_dir():
+            for version in sorted(p.name for p in clusters.iterdir()):
+                subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main",
+                                "start"], check=False, capture_output=True, timeout=60)
+        deadline = time.monotonic() + 20
+        while not _pg_reachable():
+            if time.monotonic() > deadline:
+                pytest.fail(f"PostgreSQL is not reachable at {PG_BASE} (set "
+                            f"SEALEDTORCH_TEST_PG to another test database)")
+            time.sleep(0.5)
+    return PG_BASE
+
+
+@pytest.fixture
+def pg_url(pg_base: str) -> Iterator[str]:
+    """A URL whose search_path is a fresh schema, dropped after the test."""
+    import psycopg
+
+    schema = f"st_test_{os.getpid()}_{next(_ids)}_{os.urandom(3).hex()}"
+    with psycopg.connect(pg_base, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    sep = "&" if "?" in pg_base else "?"
+    try:
+        yield f"{pg_base}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(pg_base, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def schema_of(url: str) -> str:
+    return url.rsplit("search_path%3D", 1)[1]
+
+
+def wait_ready(url: str, ca: Path, proc: subprocess.Popen | None = None,
+               timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"keyserver exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/readyz", verify=client_context(ca), timeout=2).status_code \
+                    == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("keyserver did not become ready")
+
+
+def start_keyserver(data: Path, sim_pub: Path, log: Any, *, database: str | None = None,
+                    port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """`sealedtorch keyserver run` as a real process; returns it and its URL (not waited)."""
+    port = port or server.free_port()
+    cmd = [sys.executable, "-m", "sealedtorch.cli", "keyserver", "run", "--data", str(data),
+           "--listen", f"127.0.0.1:{port}", "--trust-sim-root", str(sim_pub)]
+    if database:
+        cmd += ["--database", database]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=log)
+    return proc, f"https://127.0.0.1:{port}"
+
+
+def disable_rate_limit(data: Path) -> None:
+    import json
+
+    path = data / "keyserver.json"
+    settings = json.loads(path.read_text())
+    settings["rate_limit"] = None
+    path.write_text(json.dumps(settings))

@@ -20,6 +20,7 @@ audit chain).  ``GET /metrics`` serves Prometheus text.  A database outage answe
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import math
 import threading
@@ -228,6 +229,12 @@ def create_app(service: Keyserver, *, max_body: int = 1 << 20,
     app.state.service = service
 
     limiter = RateLimiter(rate_limit) if rate_limit is not None else None
+    # A local SQLite commit is cheaper than a hop to a worker thread; a network database's
+    # round trips are not, and must not stall the event loop (stores say which they are).
+    inline = bool(getattr(service.store, "inline", True))
+
+    async def hot(fn: Any, *args: Any) -> Any:
+        return fn(*args) if inline else await _run_sync(fn, *args)
 
     @app.exception_handler(SealedTorchError)
     async def _sealedtorch_error(request: Request, exc: SealedTorchError) -> JSONResponse:
@@ -298,7 +305,7 @@ def create_app(service: Keyserver, *, max_body: int = 1 << 20,
               summary="A single-use nonce to bind into evidence")
     async def challenge(req: protocol.ChallengeRequest, request: Request) -> dict[str, str]:
         limit(request, "challenge")
-        ch = service.challenge(req.tee, _ctx(request))
+        ch = await hot(service.challenge, req.tee, _ctx(request))
         return {"nonce": protocol.b64encode(ch.nonce), "expires_at": iso(ch.expires_at)}
 
     @app.post("/v1/attest", tags=["attestation"], response_model=None,
@@ -307,7 +314,7 @@ def create_app(service: Keyserver, *, max_body: int = 1 << 20,
     async def attest(req: protocol.AttestRequest, request: Request) -> dict[str, Any]:
         limit(request, "attest")
         if req.tee == "sim":  # one signature check: cheaper inline than a thread hop
-            issued = service.attest(req, _ctx(request))
+            issued = await hot(service.attest, req, _ctx(request))
         else:  # DCAP/SNP verification may fetch collateral: keep the event loop free
             issued = await _run_sync(service.attest, req, _ctx(request))
         info = issued.info
@@ -321,7 +328,7 @@ def create_app(service: Keyserver, *, max_body: int = 1 << 20,
              summary="Every key this attested identity may have, HPKE-sealed to its key")
     async def keys_all(request: Request,
                  authorization: str | None = Header(None)) -> dict[str, Any]:
-        keys = service.release(_bearer(authorization), _ctx(request))
+        keys = await hot(service.release, _bearer(authorization), _ctx(request))
         return {"keys": [k.to_json() for k in keys]}
 
     @app.get("/v1/keys/{model_id:path}", tags=["keys"], response_model=None,
@@ -330,8 +337,9 @@ def create_app(service: Keyserver, *, max_body: int = 1 << 20,
     async def keys_one(model_id: str, request: Request,
                  version: int | None = Query(None, ge=1, le=2**32 - 1),
                  authorization: str | None = Header(None)) -> dict[str, Any]:
-        keys = service.release(_bearer(authorization), _ctx(request), model_id=model_id,
-                               version=version)
+        keys = await hot(functools.partial(service.release, model_id=model_id,
+                                           version=version),
+                         _bearer(authorization), _ctx(request))
         return {"keys": [k.to_json() for k in keys]}
 
     # ---------------------------------------------------------------- administration

@@ -347,6 +347,32 @@ class AdminClient:
         result: dict[str, Any] = self._call("GET", f"/v1/admin/models/{_path(model_id)}")
         return result
 
+    # --- tokens (admin role) and the audit log
+    def create_token(self, role: str, name: str) -> dict[str, Any]:
+        """A new token: ``{token_id, name, role, created_at, token}`` (``token`` only here)."""
+        result: dict[str, Any] = self._call("POST", "/v1/admin/tokens",
+                                            {"role": role, "name": name})
+        return result
+
+    def list_tokens(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._call("GET", "/v1/admin/tokens")["tokens"]
+        return result
+
+    def revoke_token(self, token_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("POST", "/v1/admin/tokens/revocations",
+                                            {"token_id": token_id})
+        return result
+
+    def audit(self, *, model_id: str | None = None, since: float | None = None,
+              after_seq: int | None = None, limit: int | None = None) -> dict[str, Any]:
+        """``{records: [...], head}``: audit records this token may read, in chain order."""
+        params = {k: v for k, v in (("model_id", model_id), ("since", since),
+                                    ("after_seq", after_seq), ("limit", limit))
+                  if v is not None}
+        result: dict[str, Any] = self._http.request("GET", "/v1/admin/audit",
+                                                    token=self._token, params=params)
+        return result
+
     def close(self) -> None:
         self._http.close()
 

@@ -11,11 +11,14 @@ Layout (all secrets mode 0600, the directory 0700)::
     DIR/admin-token           the first admin token, written once (only its hash is stored)
 
 ``store`` and ``kek`` in keyserver.json carry a ``type`` so that PostgreSQL and PKCS#11
-providers slot in beside ``sqlite`` and ``file`` without changing this layout.
+providers slot in beside ``sqlite`` and ``file`` without changing this layout.  With
+``init --database postgresql://…`` the store is ``{"type": "postgresql", "dsn": …}`` and
+there is no ``keyserver.db``; replicas share the database and a copy of this directory.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -25,12 +28,14 @@ from typing import Any
 from .. import crypto
 from ..errors import ConfigError, KeyFileError
 from . import tls, tokens
-from .kek import FileKek, KekProvider, open_ring
+from .kek import FileKek, KekProvider
 from .store import AdminTokenRecord, SqliteStore, Store
 
 CONFIG_FILE = "keyserver.json"
 CONFIG_FORMAT = "sealedtorch-keyserver/v1"
 ADMIN_TOKEN_FILE = "admin-token"  # noqa: S105 (a file name)
+#: Per-client limit on the attestation endpoints: (requests per second, burst).
+DEFAULT_RATE_LIMIT = (50.0, 200.0)
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,8 @@ class KeyserverConfig:
     pccs_url: str | None = None
     kds_url: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: (rate per second, burst) per client address on the attestation endpoints; None: off
+    rate_limit: tuple[float, float] | None = DEFAULT_RATE_LIMIT
 
     def path(self, value: str | Path) -> Path:
         p = Path(value)
@@ -90,7 +97,8 @@ def load_config(data_dir: Path | str) -> KeyserverConfig:
             nonce_ttl=float(raw.get("nonce_ttl", 60.0)),
             token_ttl=float(raw.get("token_ttl", 300.0)),
             max_body=int(raw.get("max_body", 1 << 20)),
-            pccs_url=raw.get("pccs_url"), kds_url=raw.get("kds_url"), extra=raw)
+            pccs_url=raw.get("pccs_url"), kds_url=raw.get("kds_url"), extra=raw,
+            rate_limit=_rate_limit(raw))
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"{path}: missing or invalid setting: {exc}") from None
     if not 1 <= cfg.nonce_ttl <= 3600 or not 1 <= cfg.token_ttl <= 86400:
@@ -98,18 +106,59 @@ def load_config(data_dir: Path | str) -> KeyserverConfig:
     return cfg
 
 
-def open_store(cfg: KeyserverConfig) -> Store:
-    kind = cfg.store.get("type")
+def _rate_limit(raw: dict[str, Any]) -> tuple[float, float] | None:
+    if "rate_limit" not in raw:
+        return DEFAULT_RATE_LIMIT
+    value = raw["rate_limit"]
+    if value is None:
+        return None
+    rate, burst = float(value["rate"]), float(value["burst"])
+    if rate <= 0 or burst < 1:
+        raise ValueError("rate_limit: rate must be > 0 and burst >= 1")
+    return rate, burst
+
+
+def database_settings(url: str) -> dict[str, Any]:
+    """The ``store`` section for ``--database URL`` (PostgreSQL)."""
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(f"--database expects a postgresql:// URL (got {url.split(':')[0]!r}"
+                          f"…); SQLite is the default store and needs no option")
+    return {"type": "postgresql", "dsn": url}
+
+
+def with_database(cfg: KeyserverConfig, url: str | None) -> KeyserverConfig:
+    """``cfg`` with its store replaced by the PostgreSQL database at ``url`` (if given)."""
+    if not url:
+        return cfg
+    return dataclasses.replace(cfg, store={**database_settings(url),
+                                           **{k: v for k, v in cfg.store.items()
+                                              if k == "max_connections"}})
+
+
+def open_store_settings(settings: dict[str, Any], data_dir: Path) -> Store:
+    kind = settings.get("type")
     if kind == "sqlite":
-        return SqliteStore(cfg.path(cfg.store["path"]),
-                           synchronous=str(cfg.store.get("synchronous", "FULL")))
-    raise ConfigError(f"unknown store type {kind!r} (this version supports: sqlite)")
+        p = Path(settings["path"])
+        return SqliteStore(p if p.is_absolute() else data_dir / p,
+                           synchronous=str(settings.get("synchronous", "FULL")))
+    if kind == "postgresql":
+        from .store_pg import PostgresStore
+
+        return PostgresStore(str(settings["dsn"]),
+                             max_connections=int(settings.get("max_connections", 16)))
+    raise ConfigError(f"unknown store type {kind!r} (this version supports: sqlite, "
+                      f"postgresql)")
+
+
+def open_store(cfg: KeyserverConfig) -> Store:
+    return open_store_settings(cfg.store, cfg.data_dir)
 
 
 def open_kek(cfg: KeyserverConfig) -> KekProvider:
-    """The configured KEKs (active + read-only fallbacks, see :class:`.kek.KekRing`),
-    following later changes of this directory's configuration file."""
-    return open_ring(cfg.kek, data_dir=cfg.data_dir, config_file=cfg.data_dir / CONFIG_FILE)
+    kind = cfg.kek.get("type")
+    if kind == "file":
+        return FileKek.load(cfg.path(cfg.kek["path"]))
+    raise ConfigError(f"unknown KEK provider {kind!r} (this version supports: file)")
 
 
 @dataclass(frozen=True)
@@ -121,14 +170,29 @@ class InitResult:
 
 def init_data_dir(data_dir: Path | str, *, hostnames: tuple[str, ...] = (),
                   tls_cert: Path | None = None, tls_key: Path | None = None,
-                  now: float) -> InitResult:
-    """Create a keyserver data directory.  Refuses to touch an existing configuration."""
+                  now: float, database: str | None = None) -> InitResult:
+    """Create a keyserver data directory.  Refuses to touch an existing configuration, or
+    a ``database`` (PostgreSQL URL) that already holds a keyserver."""
     d = Path(data_dir)
     if (tls_cert is None) != (tls_key is None):
         raise ConfigError("--tls-cert and --tls-key go together")
     if (d / CONFIG_FILE).exists():
         raise ConfigError(f"{d} already holds a keyserver ({CONFIG_FILE}); refusing to "
                           f"re-initialise it")
+    store_settings: dict[str, Any] = {"type": "sqlite", "path": "keyserver.db",
+                                      "synchronous": "FULL"}
+    if database:
+        store_settings = database_settings(database)
+        probe = open_store_settings(store_settings, d)  # creates the schema
+        try:
+            with probe.snapshot() as tx:
+                taken = bool(tx.list_admin_tokens())
+        finally:
+            probe.close()
+        if taken:
+            raise ConfigError("the database already holds a keyserver (it has admin tokens); "
+                              "for another replica copy the first one's data directory "
+                              "instead of running init again")
     try:
         d.mkdir(mode=0o700, parents=True, exist_ok=True)
         (d / "tls").mkdir(mode=0o700, exist_ok=True)
@@ -152,12 +216,13 @@ def init_data_dir(data_dir: Path | str, *, hostnames: tuple[str, ...] = (),
     write_new(d / "token-signing.key", crypto.SigningKey.generate().to_pem())
     settings = {
         "format": CONFIG_FORMAT,
-        "store": {"type": "sqlite", "path": "keyserver.db", "synchronous": "FULL"},
+        "store": store_settings,
         "kek": {"type": "file", "path": "kek.json"},
         "tls": {"cert": str(cert_path), "key": str(key_path),
                 "ca": str(ca_path) if ca_path else None},
         "token_signing_key": "token-signing.key",
         "nonce_ttl": 60, "token_ttl": 300, "max_body": 1 << 20,
+        "rate_limit": {"rate": DEFAULT_RATE_LIMIT[0], "burst": DEFAULT_RATE_LIMIT[1]},
     }
     write_new(d / CONFIG_FILE, (json.dumps(settings, indent=2) + "\n").encode(), 0o600)
     cfg = load_config(d)

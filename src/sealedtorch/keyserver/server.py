@@ -26,8 +26,8 @@ from .. import attest
 from ..attest import sim
 from ..errors import ConfigError
 from . import tls
-from .app import create_app
-from .config import KeyserverConfig, load_config, open_kek, open_store
+from .app import RateLimit, create_app
+from .config import KeyserverConfig, load_config, open_kek, open_store, with_database
 from .service import Clock, Keyserver
 from .tokens import TokenSigner
 
@@ -100,18 +100,20 @@ def uvicorn_config(cfg: KeyserverConfig, service: Keyserver, host: str, port: in
                    graceful_timeout: float = 10.0) -> uvicorn.Config:
     cert, key = cfg.path(cfg.tls_cert), cfg.path(cfg.tls_key)
     tls.check_server_files(cert, key)
+    limit = RateLimit(*cfg.rate_limit) if cfg.rate_limit is not None else None
     return uvicorn.Config(
-        create_app(service, max_body=cfg.max_body), host=host, port=port,
+        create_app(service, max_body=cfg.max_body, rate_limit=limit), host=host, port=port,
         ssl_certfile=str(cert), ssl_keyfile=str(key), log_config=None, access_log=False,
         lifespan="off", timeout_graceful_shutdown=int(graceful_timeout), server_header=False,
         backlog=1024)
 
 
 def run(data_dir: Path | str, listen: str, *, trust_sim_roots: Sequence[Path | str] = (),
-        log_format: str = "json") -> None:
-    """Serve until SIGTERM/SIGINT, then drain and close the store."""
+        log_format: str = "json", database: str | None = None) -> None:
+    """Serve until SIGTERM/SIGINT, then drain and close the store.  ``database``: a
+    PostgreSQL URL replacing the store named in the data directory."""
     configure_logging(log_format)
-    cfg = load_config(data_dir)
+    cfg = with_database(load_config(data_dir), database)
     host, port = parse_listen(listen)
     service = build_keyserver(cfg, trust_sim_roots=trust_sim_roots)
     server = _QuietServer(uvicorn_config(cfg, service, host, port))
@@ -123,7 +125,8 @@ def run(data_dir: Path | str, listen: str, *, trust_sim_roots: Sequence[Path | s
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     log.info("keyserver listening on https://%s:%d", host, port,
-             extra={"fields": {"data_dir": str(cfg.data_dir), "kek": service.kek.kek_id,
+             extra={"fields": {"data_dir": str(cfg.data_dir), "store": repr(service.store),
+                               "kek": service.kek.kek_id,
                                "token_key": service.signer.key_id}})
     try:
         asyncio.run(server.serve())

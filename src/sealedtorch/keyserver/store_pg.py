@@ -245,6 +245,10 @@ class PostgresStore:
     (then 503, like SQLite's busy timeout); ``statement_timeout_ms`` bounds any statement.
     """
 
+    #: Round trips over the network: the HTTP layer calls this store from worker threads,
+    #: not from its event loop.
+    inline = False
+
     def __init__(self, dsn: str, *, max_connections: int = 16, connect_timeout: float = 5.0,
                  lock_timeout_ms: int = 10_000, statement_timeout_ms: int = 30_000) -> None:
         self._pg = _psycopg()
