@@ -74,6 +74,7 @@ def _add_keyserver(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, help="at most this many records")
     p.add_argument("--json", action="store_true", help="one JSON record per line")
     p.set_defaults(handler=_audit_list)
+    _add_kek_commands(ksub)
     _add_token_commands(ksub)
 
 
@@ -166,6 +167,87 @@ def _audit_list(args: argparse.Namespace) -> int:
         if reasons and rec.decision != "ok":
             line += " — " + "; ".join(str(r) for r in reasons)
         print(line)
+    return 0
+
+
+# --------------------------------------------------------------------------- KEK
+
+def _add_kek_commands(ksub: argparse._SubParsersAction) -> None:
+    p = ksub.add_parser(
+        "rewrap", help="move every wrapped key to another KEK (servers keep running)",
+        description="Stage the target KEK as read-only, re-wrap each key under it (one "
+                    "transaction per key, audited), make it the active KEK and keep the old "
+                    "one as a read-only fallback.  Safe to interrupt: run it again to "
+                    "finish.  TARGET: file:PATH (created if missing) or pkcs11:token=...;"
+                    "object=...?module-path=...&pin-source=file:/path|env:NAME")
+    p.add_argument("--data", type=Path, required=True, metavar="DIR")
+    p.add_argument("--to", required=True, metavar="TARGET", help="file:PATH or pkcs11:URI")
+    p.add_argument("--stage-only", action="store_true",
+                   help="only add TARGET as a read-only KEK (on other replicas' data "
+                        "directories, before the rewrap)")
+    p.add_argument("--prune", action="store_true",
+                   help="afterwards, drop fallback KEKs no record references any more")
+    p.add_argument("--quiet", action="store_true", help="no per-key progress lines")
+    p.set_defaults(handler=_rewrap)
+
+    kek = ksub.add_parser("kek", help="key-encryption keys: status, create a PKCS#11 KEK")
+    kksub = kek.add_subparsers(dest="kek_command", metavar="COMMAND", required=True)
+    p = kksub.add_parser("status", help="configured KEKs and how many keys each wraps")
+    p.add_argument("--data", type=Path, required=True, metavar="DIR")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_kek_status)
+    p = kksub.add_parser("create", help="generate a non-extractable AES-256 KEK in a "
+                                        "PKCS#11 token")
+    p.add_argument("uri", metavar="PKCS11_URI",
+                   help="pkcs11:token=LABEL;object=KEYLABEL?module-path=...&pin-source=...")
+    p.set_defaults(handler=_kek_create)
+
+
+def _rewrap(args: argparse.Namespace) -> int:
+    from .keyserver.rewrap import rewrap
+
+    def progress(done: int, total: int, rec: Any, old: str | None, new: str) -> None:
+        print(f"[{done}/{total}] {rec.model_id} v{rec.version}: {old} -> {new}", flush=True)
+
+    report = rewrap(args.data, args.to, progress=None if args.quiet else progress,
+                    stage_only=args.stage_only, prune=args.prune)
+    if args.stage_only:
+        print(f"{report.target} {'staged' if report.staged else 'was already configured'} "
+              f"as a read-only KEK")
+        return 0
+    print(f"rewrap to {report.target} complete: {report.moved} moved, {report.skipped} "
+          f"changed meanwhile" + ("; now the active KEK" if report.switched else ""))
+    others = {k: n for k, n in report.usage.items() if k != report.target}
+    for kek_id, n in sorted(others.items(), key=lambda kv: str(kv[0])):
+        print(f"  still {n} record(s) under {kek_id}: run rewrap again", file=sys.stderr)
+    for kek_id in report.pruned:
+        print(f"  pruned unused fallback KEK {kek_id}")
+    return 1 if others else 0
+
+
+def _kek_status(args: argparse.Namespace) -> int:
+    from .keyserver.rewrap import kek_status
+
+    rows = kek_status(args.data)
+    if args.json:
+        print(json.dumps([{"role": r.role, "kek_id": r.kek_id, "where": r.where,
+                           "records": r.records} for r in rows], indent=2))
+    else:
+        for r in rows:
+            print(f"{r.role:<12} {r.kek_id}  {r.records} record(s)  {r.where}")
+    return 1 if any(r.role == "unconfigured" for r in rows) else 0
+
+
+def _kek_create(args: argparse.Namespace) -> int:
+    from .keyserver.kek_pkcs11 import Pkcs11Kek
+
+    kek = Pkcs11Kek.create(args.uri)
+    try:
+        print(f"created {kek.kek_id} ({kek.uri.describe_key()} on token {kek.uri.token!r}); "
+              f"move keys under it with: sealedtorch keyserver rewrap --data DIR --to "
+              f"'{kek.uri}'")
+    finally:
+        kek.close()
     return 0
 
 

@@ -28,7 +28,7 @@ from typing import Any
 from .. import crypto
 from ..errors import ConfigError, KeyFileError
 from . import tls, tokens
-from .kek import FileKek, KekProvider
+from .kek import FileKek, KekProvider, open_ring
 from .store import AdminTokenRecord, SqliteStore, Store
 
 CONFIG_FILE = "keyserver.json"
@@ -155,10 +155,9 @@ def open_store(cfg: KeyserverConfig) -> Store:
 
 
 def open_kek(cfg: KeyserverConfig) -> KekProvider:
-    kind = cfg.kek.get("type")
-    if kind == "file":
-        return FileKek.load(cfg.path(cfg.kek["path"]))
-    raise ConfigError(f"unknown KEK provider {kind!r} (this version supports: file)")
+    """The configured KEKs (active + read-only fallbacks, see :class:`.kek.KekRing`),
+    following later changes of this directory's configuration file."""
+    return open_ring(cfg.kek, data_dir=cfg.data_dir, config_file=cfg.data_dir / CONFIG_FILE)
 
 
 @dataclass(frozen=True)
