@@ -12,8 +12,12 @@ from pathlib import Path
 import pytest
 
 from sealedtorch import cli, crypto
-from sealedtorch.errors import ConfigError, IntegrityError
-from sealedtorch.keyserver import config
+from sealedtorch.attest import measure, sim
+from sealedtorch.attest.attesters import SimAttester
+from sealedtorch.errors import ConfigError, IntegrityError, ServiceUnavailable
+from sealedtorch.keys import ModelKey
+from sealedtorch.keyserver import config, problems, server
+from sealedtorch.keyserver.client import AdminClient, AttestedKeyClient
 from sealedtorch.keyserver.kek import FileKek, KekRing, KekUnavailable, open_ring, parse_target
 from sealedtorch.keyserver.rewrap import LOCK_FILE, rewrap, write_kek_section
 from sealedtorch.keyserver.store import KeyRecord, KeyState, ModelRecord, SqliteStore
@@ -228,6 +232,35 @@ def test_a_record_under_an_unconfigured_kek_is_reported(tmp_path, capsys):
     assert cli.main(["keyserver", "rewrap", "--data", str(cfg.data_dir), "--to",
                      "file:" + str(cfg.data_dir / "k2.json")]) == 2
     assert "file:gone, which is not configured" in capsys.readouterr().err
+
+
+def test_a_server_answers_503_for_a_key_under_an_unconfigured_kek(tmp_path):
+    init = config.init_data_dir(tmp_path / "data", now=time.time())
+    platform = sim.init_platform(tmp_path / "sim")
+    measurement = measure.measurement(b"kek-ring-tests")
+    policy = {"allow": [{"tee": "sim", "measurement": measurement.hex()}]}
+    with server.BackgroundServer.start(init.config,
+                                       trust_sim_roots=[tmp_path / "sim" / sim.PUB_FILE]) as srv:
+        with AdminClient.from_token_file(srv.url, init.ca_file,
+                                         init.admin_token_file) as admin:
+            for model_id in ("fine", "orphan"):
+                admin.register(ModelKey.generate(model_id), policy)
+        store = SqliteStore(init.config.data_dir / "keyserver.db")
+        try:
+            with store.snapshot() as tx:
+                (rec,) = tx.key_versions("orphan")
+            assert rec.wrapped is not None
+            with store.transaction() as tx:
+                tx.rewrap_key("orphan", 1, expected=rec.wrapped, wrapped=rec.wrapped,
+                              kek_id="pkcs11:00000000")
+        finally:
+            store.close()
+        with AttestedKeyClient(srv.url, init.ca_file,
+                               SimAttester(platform, measurement)) as client:
+            assert client.fetch("fine").model_key.model_id == "fine"
+            with pytest.raises(ServiceUnavailable, match="not configured"):
+                client.fetch("orphan")
+    assert problems.http_status(KekUnavailable("x")) == 503
 
 
 def test_targets_parse(tmp_path):

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from .. import crypto
-from ..errors import ConfigError, IntegrityError, KeyFileError, KeyUnavailable
+from ..errors import ConfigError, IntegrityError, KeyFileError, ServiceUnavailable
 
 log = logging.getLogger("sealedtorch.keyserver.kek")
 
@@ -48,9 +48,10 @@ _AAD_LABEL = b"sealedtorch/model-key/v1\x00"
 
 # --------------------------------------------------------------------------- errors
 
-class KekUnavailable(KeyUnavailable):
+class KekUnavailable(ServiceUnavailable):
     """A KEK cannot be used: its provider is misconfigured, unreachable or refuses us.
-    Nothing is released or stored when this is raised."""
+    Nothing is released or stored when this is raised (HTTP 503: retry once the operator
+    has fixed it)."""
 
 
 class KekLoginError(KekUnavailable):
@@ -341,7 +342,7 @@ class KekRing:
                 log.error("cannot reload the KEK configuration from %s: %s",
                           self._config_file, exc)
                 return False
-            except KeyUnavailable as exc:
+            except ServiceUnavailable as exc:
                 log.error("cannot reload the KEK configuration: %s", exc)
                 return False
             self._stamp = stamp
