@@ -188,6 +188,7 @@ def _add_kek_commands(ksub: argparse._SubParsersAction) -> None:
     p.add_argument("--prune", action="store_true",
                    help="afterwards, drop fallback KEKs no record references any more")
     p.add_argument("--quiet", action="store_true", help="no per-key progress lines")
+    _database_arg(p, "replaces the store named in DIR/keyserver.json")
     p.set_defaults(handler=_rewrap)
 
     kek = ksub.add_parser("kek", help="key-encryption keys: status, create a PKCS#11 KEK")
@@ -195,6 +196,7 @@ def _add_kek_commands(ksub: argparse._SubParsersAction) -> None:
     p = kksub.add_parser("status", help="configured KEKs and how many keys each wraps")
     p.add_argument("--data", type=Path, required=True, metavar="DIR")
     p.add_argument("--json", action="store_true")
+    _database_arg(p, "replaces the store named in DIR/keyserver.json")
     p.set_defaults(handler=_kek_status)
     p = kksub.add_parser("create", help="generate a non-extractable AES-256 KEK in a "
                                         "PKCS#11 token")
@@ -210,7 +212,7 @@ def _rewrap(args: argparse.Namespace) -> int:
         print(f"[{done}/{total}] {rec.model_id} v{rec.version}: {old} -> {new}", flush=True)
 
     report = rewrap(args.data, args.to, progress=None if args.quiet else progress,
-                    stage_only=args.stage_only, prune=args.prune)
+                    stage_only=args.stage_only, prune=args.prune, database=args.database)
     if args.stage_only:
         print(f"{report.target} {'staged' if report.staged else 'was already configured'} "
               f"as a read-only KEK")
@@ -228,7 +230,7 @@ def _rewrap(args: argparse.Namespace) -> int:
 def _kek_status(args: argparse.Namespace) -> int:
     from .keyserver.rewrap import kek_status
 
-    rows = kek_status(args.data)
+    rows = kek_status(args.data, database=args.database)
     if args.json:
         print(json.dumps([{"role": r.role, "kek_id": r.kek_id, "where": r.where,
                            "records": r.records} for r in rows], indent=2))

@@ -33,7 +33,7 @@ from typing import Any
 
 from ..errors import ConfigError, ConflictError, SealedTorchError
 from .audit import ERROR, OK
-from .config import CONFIG_FILE, KeyserverConfig, load_config, open_store
+from .config import CONFIG_FILE, KeyserverConfig, load_config, open_store, with_database
 from .kek import (
     FileKek,
     KekProvider,
@@ -160,10 +160,12 @@ def _open_target(text: str, cfg: KeyserverConfig) -> tuple[dict[str, Any], KekPr
 
 def rewrap(data_dir: Path | str, target: str, *, progress: Progress | None = None,
            stage_only: bool = False, prune: bool = False, batch: int = 64,
+           database: str | None = None,
            clock: Callable[[], float] = time.time) -> RewrapReport:
     """Move every wrapped key of the keyserver in ``data_dir`` under ``target``
-    (``file:PATH`` or a ``pkcs11:`` URI); see the module docstring for the steps."""
-    cfg = load_config(data_dir)
+    (``file:PATH`` or a ``pkcs11:`` URI); see the module docstring for the steps.
+    ``database``: a PostgreSQL URL replacing the store named in the data directory."""
+    cfg = with_database(load_config(data_dir), database)
     with _exclusive(cfg):
         spec, new = _open_target(target, cfg)
         ring = open_ring(cfg.kek, data_dir=cfg.data_dir, config_file=cfg.data_dir / CONFIG_FILE)
@@ -274,10 +276,10 @@ def _move_all(store: Any, ring: KekRing, new: KekProvider, report: RewrapReport,
 
 # --------------------------------------------------------------------------- status
 
-def kek_status(data_dir: Path | str) -> list[KekStatus]:
+def kek_status(data_dir: Path | str, *, database: str | None = None) -> list[KekStatus]:
     """The configured KEKs and how many records each wraps (plus record KEK ids that are
     not configured at all: those records cannot be released)."""
-    cfg = load_config(data_dir)
+    cfg = with_database(load_config(data_dir), database)
     section = cfg.kek
     ring = open_ring(section, data_dir=cfg.data_dir, config_file=None)
     try:
