@@ -176,6 +176,34 @@ class _PgTx:
                         "WHERE model_id = %s AND version = %s",
                         (state.value, now, reason, erase, model_id, version))
 
+    # --- KEK rewrap
+    def wrapped_keys(self, *, not_under: str | None = None,
+                     limit: int | None = None) -> list[KeyRecord]:
+        sql = ("SELECT model_id, version, state, wrapped, kek_id, created_at, changed_at, "
+               "reason FROM key_versions WHERE wrapped IS NOT NULL")
+        args: list[Any] = []
+        if not_under is not None:
+            sql += " AND (kek_id IS NULL OR kek_id <> %s)"
+            args.append(not_under)
+        sql += " ORDER BY model_id, version"
+        if limit is not None:
+            sql += " LIMIT %s"
+            args.append(limit)
+        return [KeyRecord(r[0], int(r[1]), KeyState(r[2]), bytes(r[3]), r[4], r[5], r[6], r[7])
+                for r in self._all(sql, args)]
+
+    def rewrap_key(self, model_id: str, version: int, *, expected: bytes, wrapped: bytes,
+                   kek_id: str) -> bool:
+        cur = self._c.execute("UPDATE key_versions SET wrapped = %s, kek_id = %s "
+                              "WHERE model_id = %s AND version = %s AND wrapped = %s",
+                              (wrapped, kek_id, model_id, version, expected))
+        return bool(cur.rowcount == 1)
+
+    def kek_usage(self) -> dict[str | None, int]:
+        return {r[0]: int(r[1]) for r in self._all(
+            "SELECT kek_id, count(*) FROM key_versions WHERE wrapped IS NOT NULL "
+            "GROUP BY kek_id")}
+
     # --- admin tokens
     def insert_admin_token(self, record: AdminTokenRecord, token_hash: bytes) -> None:
         self._c.execute("INSERT INTO admin_tokens (token_id, token_hash, name, role, "
