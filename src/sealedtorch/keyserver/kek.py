@@ -33,7 +33,6 @@ import logging
 import os
 import stat
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -266,21 +265,6 @@ class KekRing:
     def __repr__(self) -> str:
         return f"KekRing(active={self.kek_id!r}, fallback={sorted(self._fallback)!r})"
 
-    @classmethod
-    def single(cls, provider: KekProvider) -> KekRing:
-        """A ring of one, for tests and tools that hold a provider already."""
-        ring = cls.__new__(cls)
-        ring._base = Path(".")
-        ring._config_file = None
-        ring._lock = threading.RLock()
-        ring._open = {"provider:" + provider.kek_id: provider}
-        ring._stamp = None
-        ring._section = {}
-        ring._active = provider
-        ring._active_spec = {}
-        ring._fallback = {}
-        return ring
-
     # --- configuration -----------------------------------------------------------------
     def _file_stamp(self) -> tuple[int, int, int] | None:
         if self._config_file is None:
@@ -400,11 +384,6 @@ class KekRing:
                                                            version=version)
         raise IntegrityError("wrapped key fails to unwrap under every configured KEK "
                              "(wrong KEK or tampered record)")
-
-    def providers(self) -> Iterator[tuple[str, dict[str, Any]]]:
-        """(kek id, spec) of the active KEK, then of each fallback."""
-        yield self.kek_id, self._active_spec
-        yield from sorted(self._fallback.items())
 
     def close(self) -> None:
         with self._lock:
