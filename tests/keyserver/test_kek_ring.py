@@ -263,6 +263,70 @@ def test_a_server_answers_503_for_a_key_under_an_unconfigured_kek(tmp_path):
     assert problems.http_status(KekUnavailable("x")) == 503
 
 
+def test_rewrap_on_a_postgresql_store_resumes_after_a_crash(tmp_path, pg_url, capsys):
+    """The same rewrap over the replicated store: a second data directory (another
+    replica) stages the target first, reads moved keys throughout, then switches."""
+    init = config.init_data_dir(tmp_path / "one", now=time.time(), database=pg_url)
+    other = config.init_data_dir(tmp_path / "two", now=time.time())  # another replica
+    kek = FileKek.load(init.config.data_dir / "kek.json")
+    # the second replica shares the first one's KEK (copied, as an operator would)
+    (other.config.data_dir / "kek.json").write_bytes(
+        (init.config.data_dir / "kek.json").read_bytes())
+    store = config.open_store(init.config)
+    secrets = {}
+    try:
+        for i in range(6):
+            model_id = f"pg{i}"
+            secret = crypto.generate_key()
+            secrets[model_id] = secret
+            with store.transaction() as tx:
+                tx.insert_model(ModelRecord(model_id, {"allow": []}, "d" * 64, 1.0, 1.0))
+                tx.insert_key(KeyRecord(model_id, 1, KeyState.ACTIVE,
+                                        kek.wrap(secret, model_id=model_id, version=1),
+                                        kek.kek_id, 1.0))
+    finally:
+        store.close()
+    target = "file:" + str(tmp_path / "shared-kek.json")
+    staged = rewrap(other.config.data_dir, target, stage_only=True, database=pg_url)
+    assert staged.staged and staged.usage == {kek.kek_id: 6}
+
+    class Crash(Exception):
+        pass
+
+    def crash(done: int, *_: object) -> None:
+        if done == 4:
+            raise Crash
+
+    with pytest.raises(Crash):
+        rewrap(init.config.data_dir, target, progress=crash)
+    # replica two, not switched yet, reads keys under both KEKs
+    ring = open_ring(config.load_config(other.config.data_dir).kek,
+                     data_dir=other.config.data_dir, config_file=None)
+    store = config.open_store(init.config)
+    try:
+        with store.snapshot() as tx:
+            records = tx.wrapped_keys()
+        assert {r.kek_id for r in records} == {kek.kek_id, staged.target}
+        for r in records:
+            assert r.wrapped is not None
+            assert ring.unwrap(r.wrapped, model_id=r.model_id, version=1,
+                               kek_id=r.kek_id) == secrets[r.model_id]
+    finally:
+        store.close()
+        ring.close()
+    done = rewrap(init.config.data_dir, target)
+    assert done.moved == 2 and done.usage == {staged.target: 6}
+    # replica two: nothing left to move; its own configuration switches
+    assert cli.main(["keyserver", "rewrap", "--data", str(other.config.data_dir), "--to",
+                     target, "--database", pg_url]) == 0
+    assert "0 moved" in capsys.readouterr().out
+    assert cli.main(["keyserver", "kek", "status", "--data", str(other.config.data_dir),
+                     "--database", pg_url, "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert [(s["role"], s["kek_id"], s["records"]) for s in status] == [
+        ("active", staged.target, 6), ("fallback", kek.kek_id, 0)]
+
+
 def test_targets_parse(tmp_path):
     assert parse_target(f"file:{tmp_path}/d/k.json", data_dir=tmp_path / "d") == \
         {"type": "file", "path": "k.json"}
