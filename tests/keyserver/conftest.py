@@ -4,6 +4,7 @@ share the server (starting one per test would dominate the run time)."""
 
 from __future__ import annotations
 
+import base64
 import itertools
 import os
 import sqlite3
@@ -245,3 +246,31 @@ def disable_rate_limit(data: Path) -> None:
     settings = json.loads(path.read_text())
     settings["rate_limit"] = None
     path.write_text(json.dumps(settings))
+
+
+def _encodings(secret: bytes) -> list[bytes]:
+    return [secret, secret.hex().encode(), secret.hex().upper().encode(),
+            base64.b64encode(secret), base64.b64encode(secret).rstrip(b"="),
+            base64.urlsafe_b64encode(secret).rstrip(b"=")]
+
+
+def assert_no_plaintext_keys(keys: list[ModelKey], pg_url: str | None, data_dir: Path,
+                              log_path: Path) -> None:
+    """No model key, raw or encoded, in a dump of the schema, any file under the data
+    directory, or the servers' logs."""
+    blobs: dict[str, bytes] = {}
+    if pg_url is not None:
+        dump = subprocess.run(["pg_dump", "--no-owner", "-n", schema_of(pg_url),
+                               PG_BASE], capture_output=True, timeout=60)
+        assert dump.returncode == 0, dump.stderr
+        assert b"audit" in dump.stdout and len(dump.stdout) > 10_000
+        blobs["pg_dump"] = dump.stdout
+    for path in data_dir.rglob("*"):
+        if path.is_file():
+            blobs[str(path)] = path.read_bytes()
+    blobs["log"] = log_path.read_bytes()
+    assert len(blobs["log"]) > 1000
+    for key in keys:
+        for enc in _encodings(key.secret):
+            for where, blob in blobs.items():
+                assert enc not in blob, f"model key {key.model_id} found in {where}"

@@ -19,7 +19,13 @@ from sealedtorch.keys import ModelKey
 from sealedtorch.keyserver import audit, config
 from sealedtorch.keyserver.tls import client_context
 
-from .conftest import Keyserver, disable_rate_limit, start_keyserver, wait_ready
+from .conftest import (
+    Keyserver,
+    assert_no_plaintext_keys,
+    disable_rate_limit,
+    start_keyserver,
+    wait_ready,
+)
 
 
 @pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
@@ -142,3 +148,6 @@ def test_kill_9_mid_burst_loses_nothing_committed(engine, tmp_path, request):
         proc.terminate()
         proc.wait(timeout=20)
         log.close()
+    # nothing of any key in plaintext: database (dump or file), data directory, logs
+    keys = [base_key, *attempted.values()]
+    assert_no_plaintext_keys(keys, database, init.config.data_dir, tmp_path / "server.log")

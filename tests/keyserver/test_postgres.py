@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import psycopg
@@ -32,8 +31,8 @@ from sealedtorch.keyserver.store_pg import PostgresStore, redact_dsn
 from sealedtorch.keyserver.tls import client_context
 
 from .conftest import (
-    PG_BASE,
     Keyserver,
+    assert_no_plaintext_keys,
     disable_rate_limit,
     schema_of,
     start_keyserver,
@@ -252,35 +251,7 @@ def test_two_replicas_one_truth(pg_url, replicas):
                          text=True, timeout=60)
     assert out.returncode == 0 and f"{report.count} records" in out.stdout, out
 
-    _assert_no_plaintext_keys(keys, pg_url, init.config.data_dir, log_path)
-
-
-def _encodings(secret: bytes) -> list[bytes]:
-    return [secret, secret.hex().encode(), secret.hex().upper().encode(),
-            base64.b64encode(secret), base64.b64encode(secret).rstrip(b"="),
-            base64.urlsafe_b64encode(secret).rstrip(b"=")]
-
-
-def _assert_no_plaintext_keys(keys: list[ModelKey], pg_url: str | None, data_dir: Path,
-                              log_path: Path) -> None:
-    """No model key, raw or encoded, in a dump of the schema, any file under the data
-    directory, or the servers' logs."""
-    blobs: dict[str, bytes] = {}
-    if pg_url is not None:
-        dump = subprocess.run(["pg_dump", "--no-owner", "-n", schema_of(pg_url),
-                               PG_BASE], capture_output=True, timeout=60)
-        assert dump.returncode == 0, dump.stderr
-        assert b"audit" in dump.stdout and len(dump.stdout) > 10_000
-        blobs["pg_dump"] = dump.stdout
-    for path in data_dir.rglob("*"):
-        if path.is_file():
-            blobs[str(path)] = path.read_bytes()
-    blobs["log"] = log_path.read_bytes()
-    assert len(blobs["log"]) > 1000
-    for key in keys:
-        for enc in _encodings(key.secret):
-            for where, blob in blobs.items():
-                assert enc not in blob, f"model key {key.model_id} found in {where}"
+    assert_no_plaintext_keys(keys, pg_url, init.config.data_dir, log_path)
 
 
 # ------------------------------------------------------------------------- outage
