@@ -470,6 +470,19 @@ def test_arbitrary_bytes_only_ever_raise_attestation_error(junk, tee):
         _verify(SGX, data=junk, tee=tee)
 
 
+@pytest.mark.parametrize("name", sorted(VALID))
+@pytest.mark.parametrize("replacement", [b"\x00", b"\r", b" "])
+def test_replacing_the_chains_final_line_break_is_refused(name, replacement):
+    """Regression (found by hypothesis): the final LF of the PEM chain is not covered by
+    any signature, so it must be checked as text."""
+    quote = VALID[name].quote
+    end = quote.rstrip(b"\x00")
+    assert end.endswith(b"-----\n")
+    spliced = end[:-1] + replacement + quote[len(end):]
+    with pytest.raises(AttestationError):
+        _verify(VALID[name], data=spliced)
+
+
 @settings(max_examples=100, deadline=None)
 @given(name=st.sampled_from(sorted(VALID)), data=st.data())
 def test_splicing_garbage_into_a_quote_is_refused(name, data):

@@ -231,6 +231,8 @@ def _pck_chain(pem: bytes) -> tuple[bytes, ...]:
     the pinned one are refused instead of being silently ignored.
     """
     text_bytes = pem.rstrip(b"\0")
+    if not text_bytes.endswith(b"\n"):  # every line, the last included, ends in LF (or CRLF)
+        raise AttestationError("PCK certificate chain: does not end with a line break")
     try:
         text = text_bytes.decode("ascii")
     except UnicodeDecodeError:
