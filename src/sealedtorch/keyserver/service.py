@@ -47,7 +47,15 @@ from .kek import KekProvider
 from .metrics import KeyserverMetrics
 from .problems import with_status
 from .protocol import AdminRole, Role, b64decode
-from .store import AdminTokenRecord, KeyRecord, KeyState, ModelRecord, Store, StoreTx
+from .store import (
+    AdminTokenRecord,
+    KeyRecord,
+    KeyState,
+    ModelRecord,
+    Store,
+    StoreTx,
+    StoreUnavailable,
+)
 from .tokens import (
     AttestationToken,
     TokenSigner,
@@ -151,7 +159,7 @@ class Keyserver:
     def _audit_failure(self, entry: dict[str, Any], exc: SealedTorchError) -> None:
         entry.update(decision=ERROR if exc.problem_type in ("integrity", "internal") else DENY,
                      problem=exc.problem_type, reasons=_fail_reasons(exc))
-        if isinstance(exc, ServiceUnavailable):
+        if isinstance(exc, StoreUnavailable):
             # nothing was decided, and the store cannot take a record anyway
             self.metrics.unavailable.inc()
             log.warning("%s: %s", entry.get("event"), exc,

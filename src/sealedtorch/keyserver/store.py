@@ -41,6 +41,11 @@ log = logging.getLogger("sealedtorch.keyserver")
 SCHEMA_VERSION = schema.LATEST
 
 
+class StoreUnavailable(ServiceUnavailable):
+    """The database did not answer (same problem type as its parent, HTTP 503): nothing
+    was decided, and there is no point trying to audit the refusal in it."""
+
+
 class KeyState(StrEnum):
     ACTIVE = "active"      # released to identities the model's policy admits
     REVOKED = "revoked"    # emergency stop: never released again
@@ -467,9 +472,9 @@ class SqliteStore:
         except sqlite3.OperationalError as exc:
             raise self._unavailable(exc) from None
 
-    def _unavailable(self, exc: sqlite3.Error) -> ServiceUnavailable:
+    def _unavailable(self, exc: sqlite3.Error) -> StoreUnavailable:
         log.error("store %s unavailable: %s", self.path, exc)
-        return ServiceUnavailable(f"the keyserver's database is unavailable ({exc})")
+        return StoreUnavailable(f"the keyserver's database is unavailable ({exc})")
 
     def ping(self) -> None:
         try:

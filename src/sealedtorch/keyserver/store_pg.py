@@ -38,9 +38,17 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from ..errors import ConfigError, NonceError, ServiceUnavailable
+from ..errors import ConfigError, NonceError
 from . import audit, schema
-from .store import AdminTokenRecord, KeyRecord, KeyState, ModelRecord, StoreTx, audit_query
+from .store import (
+    AdminTokenRecord,
+    KeyRecord,
+    KeyState,
+    ModelRecord,
+    StoreTx,
+    StoreUnavailable,
+    audit_query,
+)
 
 log = logging.getLogger("sealedtorch.keyserver")
 
@@ -295,7 +303,7 @@ class PostgresStore:
         self._down_until = 0.0
         try:
             conn = self._connect()
-        except ServiceUnavailable as exc:
+        except StoreUnavailable as exc:
             raise ConfigError(f"cannot connect to the store {self.where}: {exc}") from None
         try:
             row = conn.execute("SELECT current_schema(), hashtextextended("
@@ -325,7 +333,7 @@ class PostgresStore:
         if self._closed:
             raise ConfigError("store is closed")
         if time.monotonic() < self._down_until:  # fail fast while the database is away
-            raise ServiceUnavailable("the keyserver's database is unreachable (retrying)")
+            raise StoreUnavailable("the keyserver's database is unreachable (retrying)")
         try:
             conn = self._pg.connect(
                 self.dsn, autocommit=True, connect_timeout=max(1, int(self._connect_timeout)),
@@ -335,7 +343,7 @@ class PostgresStore:
         except self._pg.Error as exc:
             self._down_until = time.monotonic() + 0.5
             log.error("store %s unreachable: %s", self.where, str(exc).strip())
-            raise ServiceUnavailable("the keyserver's database is unreachable") from None
+            raise StoreUnavailable("the keyserver's database is unreachable") from None
         self._down_until = 0.0
         return conn
 
@@ -347,7 +355,7 @@ class PostgresStore:
     def _connection(self) -> Iterator[_Slot]:
         """A connection for one transaction (back to the pool afterwards if healthy)."""
         if not self._slots.acquire(timeout=30):
-            raise ServiceUnavailable("every database connection of this replica is busy")
+            raise StoreUnavailable("every database connection of this replica is busy")
         slot = _Slot()
         try:
             with self._lock:
@@ -367,9 +375,9 @@ class PostgresStore:
                         conn.close()
             self._slots.release()
 
-    def _lost(self, exc: Exception) -> ServiceUnavailable:
+    def _lost(self, exc: Exception) -> StoreUnavailable:
         log.error("store %s: connection lost: %s", self.where, str(exc).strip())
-        return ServiceUnavailable("the keyserver's database is unavailable")
+        return StoreUnavailable("the keyserver's database is unavailable")
 
     @contextlib.contextmanager
     def _tx(self, begin: str, *, locked: bool) -> Iterator[StoreTx]:
