@@ -157,6 +157,10 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="stkc-", dir="/tmp"))  # short: socket path limit
     init = init_data_dir(tmp / "data", now=time.time())
+    settings_path = init.config.data_dir / "keyserver.json"
+    settings = json.loads(settings_path.read_text())
+    settings["rate_limit"] = None  # the direct path's clients are all 127.0.0.1 here
+    settings_path.write_text(json.dumps(settings))
     platform = sim.init_platform(tmp / "sim")
     ca = str(init.ca_file)
     port = free_port()
