@@ -11,6 +11,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from . import __version__
 from .errors import PolicyDenied, SealedTorchError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Confidential deployment of PyTorch models: seal weights, release keys "
                     "only to attested TEEs, decrypt only inside them.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"sealedtorch {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in _GROUPS:
         add(sub)
