@@ -65,7 +65,15 @@ class KeycacheClient:
         self._attester_lock = threading.Lock()
         # nonces the keycache handed out with earlier answers: (nonce, mode, use-before)
         self._nonces: deque[tuple[bytes, str, float]] = deque(maxlen=_NONCE_POOL)
-        transport = httpx.HTTPTransport(uds=self.socket_path, retries=0)
+        # Keep-alive expiry well above httpx's 5 s default (and below the server's 30 s):
+        # under CPU starvation httpcore can close a connection that has just been handed to
+        # a waiting request once its idle time crosses the expiry, and that request then
+        # reads a closed socket (EBADF).  Enough connections that 200+ concurrent runtimes
+        # in one process never queue for one.
+        transport = httpx.HTTPTransport(
+            uds=self.socket_path, retries=0,
+            limits=httpx.Limits(max_connections=512, max_keepalive_connections=64,
+                                keepalive_expiry=20.0))
         self._http = httpx.Client(transport=transport, base_url="http://keycache",
                                   timeout=timeout)
 
