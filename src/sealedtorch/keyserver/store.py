@@ -41,6 +41,10 @@ log = logging.getLogger("sealedtorch.keyserver")
 SCHEMA_VERSION = schema.LATEST
 
 
+_MODEL_COLUMNS = "model_id, policy, policy_digest, created_at, updated_at, owner"
+_TOKEN_COLUMNS = "token_id, name, role, created_at, revoked_at"  # noqa: S105
+
+
 class StoreUnavailable(ServiceUnavailable):
     """The database did not answer (same problem type as its parent, HTTP 503): nothing
     was decided, and there is no point trying to audit the refusal in it."""
@@ -174,19 +178,38 @@ class Store(Protocol):
 
 
 
-class _SqliteTx:
-    def __init__(self, conn: sqlite3.Connection) -> None:
+class SqlTx:
+    """:class:`StoreTx` over one DB-API connection inside a transaction: the one SQL
+    implementation both engines run.  Statements are written with ``?`` placeholders;
+    an engine whose driver wants another style sets :attr:`PARAM` (psycopg: ``%s``)."""
+
+    PARAM = "?"
+
+    def __init__(self, conn: Any) -> None:
         self._c = conn
+
+    def _x(self, sql: str, args: tuple[Any, ...] | list[Any] = ()) -> Any:
+        return self._c.execute(sql if self.PARAM == "?" else sql.replace("?", self.PARAM),
+                               args)
+
+    def _one(self, sql: str, args: tuple[Any, ...] = ()) -> Any:
+        return self._x(sql, args).fetchone()
+
+    def _all(self, sql: str, args: tuple[Any, ...] | list[Any] = ()) -> list[Any]:
+        return list(self._x(sql, args).fetchall())
+
+    def _before_audit_append(self) -> None:
+        """Hook: serialise chain appends across processes (SQLite: BEGIN IMMEDIATE did)."""
 
     # --- nonces
     def insert_nonce(self, nonce: bytes, tee: str, issued_at: float,
                      expires_at: float) -> None:
-        self._c.execute("INSERT INTO nonces (nonce, tee, issued_at, expires_at) "
+        self._x("INSERT INTO nonces (nonce, tee, issued_at, expires_at) "
                         "VALUES (?, ?, ?, ?)", (nonce, tee, issued_at, expires_at))
 
     def check_nonce(self, nonce: bytes, tee: str, now: float) -> None:
-        row = self._c.execute("SELECT tee, expires_at, used_at FROM nonces WHERE nonce = ?",
-                              (nonce,)).fetchone()
+        row = self._one("SELECT tee, expires_at, used_at FROM nonces WHERE nonce = ?",
+                        (nonce,))
         if row is None:
             raise NonceError("nonce was never issued by this keyserver (or has long expired); "
                              "ask /v1/attest/challenge for a fresh one")
@@ -201,69 +224,75 @@ class _SqliteTx:
             raise NonceError(f"nonce was issued for {issued_tee} evidence, not {tee}")
 
     def consume_nonce(self, nonce: bytes, tee: str, now: float) -> None:
-        self.check_nonce(nonce, tee, now)
-        self._c.execute("UPDATE nonces SET used_at = ? WHERE nonce = ?", (now, nonce))
+        # one statement decides and burns, whichever replica asks
+        row = self._one("UPDATE nonces SET used_at = ? WHERE nonce = ? AND tee = ? "
+                        "AND used_at IS NULL AND expires_at > ? RETURNING 1",
+                        (now, nonce, tee, now))
+        if row is None:
+            self.check_nonce(nonce, tee, now)  # raises the precise reason
+            raise NonceError("nonce could not be used")
 
     def burn_nonce(self, nonce: bytes, now: float) -> None:
-        self._c.execute("UPDATE nonces SET used_at = ? WHERE nonce = ? AND used_at IS NULL",
+        self._x("UPDATE nonces SET used_at = ? WHERE nonce = ? AND used_at IS NULL",
                         (now, nonce))
 
     def purge_nonces(self, expired_before: float) -> int:
-        return self._c.execute("DELETE FROM nonces WHERE expires_at < ?",
-                               (expired_before,)).rowcount
+        return int(self._x("DELETE FROM nonces WHERE expires_at < ?",
+                                   (expired_before,)).rowcount)
 
     # --- models and keys
     @staticmethod
     def _model(row: tuple[Any, ...]) -> ModelRecord:
         return ModelRecord(row[0], json.loads(row[1]), row[2], row[3], row[4], row[5])
 
-    _MODEL_COLUMNS = "model_id, policy, policy_digest, created_at, updated_at, owner"
-
     def get_model(self, model_id: str) -> ModelRecord | None:
-        row = self._c.execute(f"SELECT {self._MODEL_COLUMNS} FROM models "  # noqa: S608
-                              "WHERE model_id = ?", (model_id,)).fetchone()
+        row = self._one(f"SELECT {_MODEL_COLUMNS} FROM models WHERE model_id = ?",  # noqa: S608
+                        (model_id,))
         return self._model(row) if row else None
 
     def list_models(self, *, owner: str | None = None) -> list[ModelRecord]:
-        sql = f"SELECT {self._MODEL_COLUMNS} FROM models"  # noqa: S608
+        sql = f"SELECT {_MODEL_COLUMNS} FROM models"  # noqa: S608
         if owner is not None:
-            rows = self._c.execute(sql + " WHERE owner = ? ORDER BY model_id",
-                                   (owner,)).fetchall()
+            rows = self._all(sql + " WHERE owner = ? ORDER BY model_id", (owner,))
         else:
-            rows = self._c.execute(sql + " ORDER BY model_id").fetchall()
+            rows = self._all(sql + " ORDER BY model_id")
         return [self._model(r) for r in rows]
 
     def insert_model(self, model: ModelRecord) -> None:
-        self._c.execute(f"INSERT INTO models ({self._MODEL_COLUMNS}) "  # noqa: S608
+        self._x(f"INSERT INTO models ({_MODEL_COLUMNS}) "  # noqa: S608
                         "VALUES (?, ?, ?, ?, ?, ?)",
                         (model.model_id, json.dumps(model.policy, sort_keys=True),
                          model.policy_digest, model.created_at, model.updated_at, model.owner))
 
     def update_policy(self, model_id: str, policy: dict[str, Any], digest: str,
                       now: float) -> None:
-        self._c.execute("UPDATE models SET policy = ?, policy_digest = ?, updated_at = ? "
+        self._x("UPDATE models SET policy = ?, policy_digest = ?, updated_at = ? "
                         "WHERE model_id = ?",
                         (json.dumps(policy, sort_keys=True), digest, now, model_id))
 
     def key_versions(self, model_id: str) -> list[KeyRecord]:
-        rows = self._c.execute(
+        rows = self._all(
             "SELECT model_id, version, state, wrapped, kek_id, created_at, changed_at, reason "
-            "FROM key_versions WHERE model_id = ? ORDER BY version", (model_id,)).fetchall()
-        return [KeyRecord(r[0], r[1], KeyState(r[2]), r[3], r[4], r[5], r[6], r[7])
+            "FROM key_versions WHERE model_id = ? ORDER BY version", (model_id,))
+        return [KeyRecord(r[0], int(r[1]), KeyState(r[2]),
+                          bytes(r[3]) if r[3] is not None else None, r[4], r[5], r[6], r[7])
                 for r in rows]
 
     def insert_key(self, key: KeyRecord) -> None:
-        self._c.execute("INSERT INTO key_versions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        self._x("INSERT INTO key_versions (model_id, version, state, wrapped, kek_id, "
+                        "created_at, changed_at, reason) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                         (key.model_id, key.version, key.state.value, key.wrapped, key.kek_id,
                          key.created_at, key.changed_at, key.reason))
 
     def set_key_state(self, model_id: str, version: int, state: KeyState, now: float,
                       reason: str, *, erase: bool) -> None:
-        self._c.execute("UPDATE key_versions SET state = ?, changed_at = ?, reason = ?, "
+        self._x("UPDATE key_versions SET state = ?, changed_at = ?, reason = ?, "
                         "wrapped = CASE WHEN ? THEN NULL ELSE wrapped END "
                         "WHERE model_id = ? AND version = ?",
                         (state.value, now, reason, erase, model_id, version))
 
+    # --- KEK rewrap
     def wrapped_keys(self, *, not_under: str | None = None,
                      limit: int | None = None) -> list[KeyRecord]:
         sql = ("SELECT model_id, version, state, wrapped, kek_id, created_at, changed_at, "
@@ -276,55 +305,57 @@ class _SqliteTx:
         if limit is not None:
             sql += " LIMIT ?"
             args.append(limit)
-        return [KeyRecord(r[0], r[1], KeyState(r[2]), r[3], r[4], r[5], r[6], r[7])
-                for r in self._c.execute(sql, args)]
+        return [KeyRecord(r[0], int(r[1]), KeyState(r[2]), bytes(r[3]), r[4], r[5], r[6], r[7])
+                for r in self._all(sql, args)]
 
     def rewrap_key(self, model_id: str, version: int, *, expected: bytes, wrapped: bytes,
                    kek_id: str) -> bool:
-        cur = self._c.execute("UPDATE key_versions SET wrapped = ?, kek_id = ? "
+        cur = self._x("UPDATE key_versions SET wrapped = ?, kek_id = ? "
                               "WHERE model_id = ? AND version = ? AND wrapped = ?",
                               (wrapped, kek_id, model_id, version, expected))
-        return cur.rowcount == 1
+        return bool(cur.rowcount == 1)
 
     def kek_usage(self) -> dict[str | None, int]:
-        return {r[0]: int(r[1]) for r in self._c.execute(
+        return {r[0]: int(r[1]) for r in self._all(
             "SELECT kek_id, count(*) FROM key_versions WHERE wrapped IS NOT NULL "
             "GROUP BY kek_id")}
 
     # --- admin tokens
     def insert_admin_token(self, record: AdminTokenRecord, token_hash: bytes) -> None:
-        self._c.execute("INSERT INTO admin_tokens VALUES (?, ?, ?, ?, ?, ?)",
+        self._x("INSERT INTO admin_tokens (token_id, token_hash, name, role, "
+                        "created_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?)",
                         (record.token_id, token_hash, record.name, record.role,
                          record.created_at, record.revoked_at))
 
     def admin_token(self, token_hash: bytes) -> AdminTokenRecord | None:
-        row = self._c.execute("SELECT token_id, name, role, created_at, revoked_at "
-                              "FROM admin_tokens WHERE token_hash = ?", (token_hash,)).fetchone()
+        row = self._one(f"SELECT {_TOKEN_COLUMNS} FROM admin_tokens "  # noqa: S608
+                        "WHERE token_hash = ?", (token_hash,))
         return AdminTokenRecord(*row) if row else None
 
     def admin_token_by_id(self, token_id: str) -> AdminTokenRecord | None:
-        row = self._c.execute("SELECT token_id, name, role, created_at, revoked_at "
-                              "FROM admin_tokens WHERE token_id = ?", (token_id,)).fetchone()
+        row = self._one(f"SELECT {_TOKEN_COLUMNS} FROM admin_tokens "  # noqa: S608
+                        "WHERE token_id = ?", (token_id,))
         return AdminTokenRecord(*row) if row else None
 
     def list_admin_tokens(self) -> list[AdminTokenRecord]:
-        rows = self._c.execute("SELECT token_id, name, role, created_at, revoked_at "
-                               "FROM admin_tokens ORDER BY created_at, token_id").fetchall()
+        rows = self._all(f"SELECT {_TOKEN_COLUMNS} FROM admin_tokens "  # noqa: S608
+                         "ORDER BY created_at, token_id")
         return [AdminTokenRecord(*r) for r in rows]
 
     def revoke_admin_token(self, token_id: str, now: float) -> None:
-        self._c.execute("UPDATE admin_tokens SET revoked_at = ? WHERE token_id = ? "
+        self._x("UPDATE admin_tokens SET revoked_at = ? WHERE token_id = ? "
                         "AND revoked_at IS NULL", (now, token_id))
 
     # --- audit
     def audit_head(self) -> tuple[int, str]:
-        head = self._c.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
-        return (int(head[0]), str(head[1])) if head else (0, audit.GENESIS)
+        row = self._one("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
+        return (int(row[0]), str(row[1])) if row else (0, audit.GENESIS)
 
     def append_audit(self, entry: dict[str, Any]) -> audit.AuditRecord:
+        self._before_audit_append()
         seq, prev = self.audit_head()
         rec = audit.seal_record(entry, seq=seq + 1, prev_hash=prev)
-        self._c.execute("INSERT INTO audit (seq, time, event, model_id, decision, record, "
+        self._x("INSERT INTO audit (seq, time, event, model_id, decision, record, "
                         "prev_hash, hash, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (rec.seq, rec.time, rec.event, rec.model_id, rec.decision,
                          rec.record_json, rec.prev_hash, rec.hash, rec.owner))
@@ -334,17 +365,17 @@ class _SqliteTx:
                       limit: int | None = None, owner: str | None = None,
                       after_seq: int | None = None) -> list[audit.AuditRecord]:
         sql, args = audit_query(model_id=model_id, since=since, limit=limit, owner=owner,
-                                after_seq=after_seq, placeholder="?")
-        return [audit.AuditRecord(*row) for row in self._c.execute(sql, args)]
+                                after_seq=after_seq)
+        return [audit.AuditRecord(int(r[0]), r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8])
+                for r in self._all(sql, args)]
 
     # --- operations
     def count_nonces(self) -> int:
-        return int(self._c.execute("SELECT count(*) FROM nonces").fetchone()[0])
+        return int(self._one("SELECT count(*) FROM nonces")[0])
 
 
 def audit_query(*, model_id: str | None, since: float | None, limit: int | None,
-                owner: str | None, after_seq: int | None,
-                placeholder: str) -> tuple[str, list[Any]]:
+                owner: str | None, after_seq: int | None) -> tuple[str, list[Any]]:
     """The SELECT behind ``audit_records`` (shared by the engines; values are parameters)."""
     sql = ("SELECT seq, time, event, model_id, decision, record, prev_hash, hash, owner "
            "FROM audit")
@@ -352,13 +383,13 @@ def audit_query(*, model_id: str | None, since: float | None, limit: int | None,
     for column, op, value in (("model_id", "=", model_id), ("time", ">=", since),
                               ("owner", "=", owner), ("seq", ">", after_seq)):
         if value is not None:
-            where.append(f"{column} {op} {placeholder}")
+            where.append(f"{column} {op} ?")
             args.append(value)
     if where:
         sql += " WHERE " + " AND ".join(where)
     sql += " ORDER BY seq"
     if limit is not None:
-        sql += f" LIMIT {placeholder}"
+        sql += " LIMIT ?"
         args.append(limit)
     return sql, args
 
@@ -448,13 +479,13 @@ class SqliteStore:
             conn = self._conn()
             if durable:
                 with self._write(conn):
-                    yield _SqliteTx(conn)
+                    yield SqlTx(conn)
                 return
             # WAL frames of this commit are not fsynced; the next FULL commit fsyncs them.
             conn.execute("PRAGMA synchronous = OFF")
             try:
                 with self._write(conn):
-                    yield _SqliteTx(conn)
+                    yield SqlTx(conn)
             finally:
                 conn.execute(f"PRAGMA synchronous = {self._synchronous}")
         except sqlite3.OperationalError as exc:  # locked past the busy timeout, I/O error
@@ -466,7 +497,7 @@ class SqliteStore:
             conn = self._conn()
             conn.execute("BEGIN")
             try:
-                yield _SqliteTx(conn)
+                yield SqlTx(conn)
             finally:
                 conn.execute("ROLLBACK")
         except sqlite3.OperationalError as exc:

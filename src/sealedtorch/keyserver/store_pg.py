@@ -31,29 +31,17 @@ must exist).  Requires ``psycopg`` 3 (``pip install 'sealedtorch[postgres]'``).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
-from ..errors import ConfigError, NonceError
-from . import audit, schema
-from .store import (
-    AdminTokenRecord,
-    KeyRecord,
-    KeyState,
-    ModelRecord,
-    StoreTx,
-    StoreUnavailable,
-    audit_query,
-)
+from ..errors import ConfigError
+from . import schema
+from .store import SqlTx, StoreTx, StoreUnavailable
 
 log = logging.getLogger("sealedtorch.keyserver")
-
-_MODEL_COLUMNS = "model_id, policy, policy_digest, created_at, updated_at, owner"
-_TOKEN_COLUMNS = "token_id, name, role, created_at, revoked_at"  # noqa: S105
 
 
 def _psycopg() -> Any:
@@ -79,193 +67,21 @@ def redact_dsn(dsn: str) -> str:
             f"{parts.get('dbname', '')}")
 
 
-class _PgTx:
-    """:class:`StoreTx` over one psycopg connection inside a transaction."""
+class _PgTx(SqlTx):
+    """The shared SQL with psycopg's placeholders, plus the cross-replica writer lock."""
+
+    PARAM = "%s"
 
     def __init__(self, conn: Any, lock_key: int, *, locked: bool) -> None:
-        self._c = conn
+        super().__init__(conn)
         self._lock_key = lock_key
         self._locked = locked
 
-    def _one(self, sql: str, args: tuple[Any, ...] = ()) -> Any:
-        return self._c.execute(sql, args).fetchone()
-
-    def _all(self, sql: str, args: tuple[Any, ...] | list[Any] = ()) -> list[Any]:
-        return list(self._c.execute(sql, args).fetchall())
-
-    # --- nonces
-    def insert_nonce(self, nonce: bytes, tee: str, issued_at: float,
-                     expires_at: float) -> None:
-        self._c.execute("INSERT INTO nonces (nonce, tee, issued_at, expires_at) "
-                        "VALUES (%s, %s, %s, %s)", (nonce, tee, issued_at, expires_at))
-
-    def check_nonce(self, nonce: bytes, tee: str, now: float) -> None:
-        row = self._one("SELECT tee, expires_at, used_at FROM nonces WHERE nonce = %s",
-                        (nonce,))
-        if row is None:
-            raise NonceError("nonce was never issued by this keyserver (or has long expired); "
-                             "ask /v1/attest/challenge for a fresh one")
-        issued_tee, expires_at, used_at = row
-        if used_at is not None:
-            raise NonceError(f"nonce was already used at {audit.iso(used_at)} "
-                             "(replay refused; nonces are single-use)")
-        if now >= expires_at:
-            raise NonceError(f"nonce expired at {audit.iso(expires_at)}; ask for a fresh one "
-                             "and attest promptly")
-        if issued_tee != tee:
-            raise NonceError(f"nonce was issued for {issued_tee} evidence, not {tee}")
-
-    def consume_nonce(self, nonce: bytes, tee: str, now: float) -> None:
-        # one statement decides and burns, whichever replica asks
-        row = self._one("UPDATE nonces SET used_at = %s WHERE nonce = %s AND tee = %s "
-                        "AND used_at IS NULL AND expires_at > %s RETURNING 1",
-                        (now, nonce, tee, now))
-        if row is None:
-            self.check_nonce(nonce, tee, now)  # raises the precise reason
-            raise NonceError("nonce could not be used")
-
-    def burn_nonce(self, nonce: bytes, now: float) -> None:
-        self._c.execute("UPDATE nonces SET used_at = %s WHERE nonce = %s AND used_at IS NULL",
-                        (now, nonce))
-
-    def purge_nonces(self, expired_before: float) -> int:
-        return int(self._c.execute("DELETE FROM nonces WHERE expires_at < %s",
-                                   (expired_before,)).rowcount)
-
-    # --- models and keys
-    @staticmethod
-    def _model(row: tuple[Any, ...]) -> ModelRecord:
-        return ModelRecord(row[0], json.loads(row[1]), row[2], row[3], row[4], row[5])
-
-    def get_model(self, model_id: str) -> ModelRecord | None:
-        row = self._one(f"SELECT {_MODEL_COLUMNS} FROM models WHERE model_id = %s",  # noqa: S608
-                        (model_id,))
-        return self._model(row) if row else None
-
-    def list_models(self, *, owner: str | None = None) -> list[ModelRecord]:
-        sql = f"SELECT {_MODEL_COLUMNS} FROM models"  # noqa: S608
-        if owner is not None:
-            rows = self._all(sql + " WHERE owner = %s ORDER BY model_id", (owner,))
-        else:
-            rows = self._all(sql + " ORDER BY model_id")
-        return [self._model(r) for r in rows]
-
-    def insert_model(self, model: ModelRecord) -> None:
-        self._c.execute(f"INSERT INTO models ({_MODEL_COLUMNS}) "  # noqa: S608
-                        "VALUES (%s, %s, %s, %s, %s, %s)",
-                        (model.model_id, json.dumps(model.policy, sort_keys=True),
-                         model.policy_digest, model.created_at, model.updated_at, model.owner))
-
-    def update_policy(self, model_id: str, policy: dict[str, Any], digest: str,
-                      now: float) -> None:
-        self._c.execute("UPDATE models SET policy = %s, policy_digest = %s, updated_at = %s "
-                        "WHERE model_id = %s",
-                        (json.dumps(policy, sort_keys=True), digest, now, model_id))
-
-    def key_versions(self, model_id: str) -> list[KeyRecord]:
-        rows = self._all(
-            "SELECT model_id, version, state, wrapped, kek_id, created_at, changed_at, reason "
-            "FROM key_versions WHERE model_id = %s ORDER BY version", (model_id,))
-        return [KeyRecord(r[0], int(r[1]), KeyState(r[2]),
-                          bytes(r[3]) if r[3] is not None else None, r[4], r[5], r[6], r[7])
-                for r in rows]
-
-    def insert_key(self, key: KeyRecord) -> None:
-        self._c.execute("INSERT INTO key_versions (model_id, version, state, wrapped, kek_id, "
-                        "created_at, changed_at, reason) "
-                        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-                        (key.model_id, key.version, key.state.value, key.wrapped, key.kek_id,
-                         key.created_at, key.changed_at, key.reason))
-
-    def set_key_state(self, model_id: str, version: int, state: KeyState, now: float,
-                      reason: str, *, erase: bool) -> None:
-        self._c.execute("UPDATE key_versions SET state = %s, changed_at = %s, reason = %s, "
-                        "wrapped = CASE WHEN %s THEN NULL ELSE wrapped END "
-                        "WHERE model_id = %s AND version = %s",
-                        (state.value, now, reason, erase, model_id, version))
-
-    # --- KEK rewrap
-    def wrapped_keys(self, *, not_under: str | None = None,
-                     limit: int | None = None) -> list[KeyRecord]:
-        sql = ("SELECT model_id, version, state, wrapped, kek_id, created_at, changed_at, "
-               "reason FROM key_versions WHERE wrapped IS NOT NULL")
-        args: list[Any] = []
-        if not_under is not None:
-            sql += " AND (kek_id IS NULL OR kek_id <> %s)"
-            args.append(not_under)
-        sql += " ORDER BY model_id, version"
-        if limit is not None:
-            sql += " LIMIT %s"
-            args.append(limit)
-        return [KeyRecord(r[0], int(r[1]), KeyState(r[2]), bytes(r[3]), r[4], r[5], r[6], r[7])
-                for r in self._all(sql, args)]
-
-    def rewrap_key(self, model_id: str, version: int, *, expected: bytes, wrapped: bytes,
-                   kek_id: str) -> bool:
-        cur = self._c.execute("UPDATE key_versions SET wrapped = %s, kek_id = %s "
-                              "WHERE model_id = %s AND version = %s AND wrapped = %s",
-                              (wrapped, kek_id, model_id, version, expected))
-        return bool(cur.rowcount == 1)
-
-    def kek_usage(self) -> dict[str | None, int]:
-        return {r[0]: int(r[1]) for r in self._all(
-            "SELECT kek_id, count(*) FROM key_versions WHERE wrapped IS NOT NULL "
-            "GROUP BY kek_id")}
-
-    # --- admin tokens
-    def insert_admin_token(self, record: AdminTokenRecord, token_hash: bytes) -> None:
-        self._c.execute("INSERT INTO admin_tokens (token_id, token_hash, name, role, "
-                        "created_at, revoked_at) VALUES (%s, %s, %s, %s, %s, %s)",
-                        (record.token_id, token_hash, record.name, record.role,
-                         record.created_at, record.revoked_at))
-
-    def admin_token(self, token_hash: bytes) -> AdminTokenRecord | None:
-        row = self._one(f"SELECT {_TOKEN_COLUMNS} FROM admin_tokens "  # noqa: S608
-                        "WHERE token_hash = %s", (token_hash,))
-        return AdminTokenRecord(*row) if row else None
-
-    def admin_token_by_id(self, token_id: str) -> AdminTokenRecord | None:
-        row = self._one(f"SELECT {_TOKEN_COLUMNS} FROM admin_tokens "  # noqa: S608
-                        "WHERE token_id = %s", (token_id,))
-        return AdminTokenRecord(*row) if row else None
-
-    def list_admin_tokens(self) -> list[AdminTokenRecord]:
-        rows = self._all(f"SELECT {_TOKEN_COLUMNS} FROM admin_tokens "  # noqa: S608
-                         "ORDER BY created_at, token_id")
-        return [AdminTokenRecord(*r) for r in rows]
-
-    def revoke_admin_token(self, token_id: str, now: float) -> None:
-        self._c.execute("UPDATE admin_tokens SET revoked_at = %s WHERE token_id = %s "
-                        "AND revoked_at IS NULL", (now, token_id))
-
-    # --- audit
-    def audit_head(self) -> tuple[int, str]:
-        row = self._one("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
-        return (int(row[0]), str(row[1])) if row else (0, audit.GENESIS)
-
-    def append_audit(self, entry: dict[str, Any]) -> audit.AuditRecord:
+    def _before_audit_append(self) -> None:
         if not self._locked:  # durable transactions hold it from their first statement
             self._c.execute("SELECT pg_advisory_xact_lock(%s)", (self._lock_key,))
             self._locked = True
-        seq, prev = self.audit_head()
-        rec = audit.seal_record(entry, seq=seq + 1, prev_hash=prev)
-        self._c.execute("INSERT INTO audit (seq, time, event, model_id, decision, record, "
-                        "prev_hash, hash, owner) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                        (rec.seq, rec.time, rec.event, rec.model_id, rec.decision,
-                         rec.record_json, rec.prev_hash, rec.hash, rec.owner))
-        return rec
 
-    def audit_records(self, *, model_id: str | None = None, since: float | None = None,
-                      limit: int | None = None, owner: str | None = None,
-                      after_seq: int | None = None) -> list[audit.AuditRecord]:
-        sql, args = audit_query(model_id=model_id, since=since, limit=limit, owner=owner,
-                                after_seq=after_seq, placeholder="%s")
-        return [audit.AuditRecord(int(r[0]), r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8])
-                for r in self._all(sql, args)]
-
-    # --- operations
-    def count_nonces(self) -> int:
-        return int(self._one("SELECT count(*) FROM nonces")[0])
 
 
 class _Slot:
