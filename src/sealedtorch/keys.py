@@ -12,12 +12,11 @@ import binascii
 import json
 import os
 import re
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from . import crypto
+from . import crypto, secretfile
 from .errors import KeyFileError
 
 KEY_FILE_TYPE = "sealedtorch-model-key"
@@ -83,37 +82,14 @@ class KeySource(Protocol):
 
 def write_key_file(path: str | os.PathLike[str], key: ModelKey) -> Path:
     """Write ``key`` to a new file with mode 0600.  Refuses to overwrite anything."""
-    p = Path(path)
     payload = (json.dumps(key.to_json(), indent=2) + "\n").encode()
-    try:
-        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise KeyFileError(f"{p}: already exists; refusing to overwrite a key file") from None
-    except OSError as exc:
-        raise KeyFileError(f"{p}: cannot create key file: {exc.strerror}") from None
-    try:
-        os.fchmod(fd, 0o600)  # in case the umask or the filesystem widened it
-        os.write(fd, payload)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return p
+    return secretfile.write_new(path, payload, what="a key file")
 
 
 def read_key_file(path: str | os.PathLike[str]) -> ModelKey:
     """Read a key file; any problem is a :class:`KeyFileError` naming the file."""
     p = Path(path)
-    try:
-        st = p.stat()
-        raw = p.read_bytes()
-    except FileNotFoundError:
-        raise KeyFileError(f"{p}: key file not found") from None
-    except OSError as exc:
-        raise KeyFileError(f"{p}: cannot read key file: {exc.strerror}") from None
-    if stat.S_IMODE(st.st_mode) & 0o077:
-        raise KeyFileError(
-            f"{p}: key file is readable by group or others (mode "
-            f"{stat.S_IMODE(st.st_mode):04o}); run `chmod 600 {p}`")
+    raw = secretfile.read_private(p, what="key file")
     if len(raw) > 64 * 1024:
         raise KeyFileError(f"{p}: too large to be a key file")
     try:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import crypto
+from .. import crypto, secretfile
 from ..errors import AttestationError, ConfigError, KeyFileError
 from .binding import REPORT_DATA_SIZE
 from .evidence import Evidence, SimClaims, Tee
@@ -141,16 +141,9 @@ def init_platform(out_dir: Path | str) -> SimPlatform:
         raise KeyFileError(f"cannot create sim platform directory {out_dir}: {exc}") from None
     key = crypto.SigningKey.generate()
     key_path = out_dir / KEY_FILE
-    try:
-        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise KeyFileError(
-            f"{key_path} already exists; refusing to overwrite a sim platform key "
-            f"(remove it first if you really mean to replace the platform)") from None
-    except OSError as exc:
-        raise KeyFileError(f"cannot create {key_path}: {exc}") from None
-    with os.fdopen(fd, "wb") as f:
-        f.write(key.to_pem())
+    secretfile.write_new(key_path, key.to_pem(),
+                         what="a sim platform key (remove it first if you really mean to "
+                              "replace the platform)")
     try:
         (out_dir / PUB_FILE).write_bytes(key.public_pem())
     except OSError as exc:

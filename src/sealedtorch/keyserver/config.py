@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import crypto
-from ..errors import ConfigError, KeyFileError
+from .. import crypto, secretfile
+from ..errors import ConfigError
 from . import tls, tokens
 from .kek import FileKek, KekProvider, open_ring
 from .store import AdminTokenRecord, SqliteStore, Store
@@ -63,16 +62,7 @@ class KeyserverConfig:
 
 def write_new(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Create ``path`` exclusively with ``mode`` (never overwrites, never widens)."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    except FileExistsError:
-        raise KeyFileError(f"{path}: already exists; refusing to overwrite") from None
-    try:
-        os.fchmod(fd, mode)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    secretfile.write_new(path, data, what="a keyserver file", mode=mode)
 
 
 def load_config(data_dir: Path | str) -> KeyserverConfig:

@@ -30,13 +30,11 @@ import binascii
 import contextlib
 import json
 import logging
-import os
-import stat
 import threading
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from .. import crypto
+from .. import crypto, secretfile
 from ..errors import ConfigError, IntegrityError, KeyFileError, ServiceUnavailable
 
 log = logging.getLogger("sealedtorch.keyserver.kek")
@@ -119,16 +117,7 @@ class FileKek:
     @classmethod
     def load(cls, path: Path | str) -> FileKek:
         p = Path(path)
-        try:
-            st = p.stat()
-            raw = p.read_bytes()
-        except FileNotFoundError:
-            raise ConfigError(f"KEK file not found: {p}") from None
-        except OSError as exc:
-            raise ConfigError(f"cannot read KEK file {p}: {exc.strerror}") from None
-        if stat.S_IMODE(st.st_mode) & 0o077:
-            raise KeyFileError(f"{p}: KEK file is readable by group or others "
-                               f"(mode {stat.S_IMODE(st.st_mode):04o}); run `chmod 600 {p}`")
+        raw = secretfile.read_private(p, what="KEK file")
         try:
             data = json.loads(raw)
             if data.get("type") != KEK_FILE_TYPE:
@@ -145,16 +134,7 @@ class FileKek:
         kek = crypto.generate_key()
         payload = json.dumps({"type": KEK_FILE_TYPE,
                               "kek": base64.b64encode(kek).decode()}).encode() + b"\n"
-        try:
-            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            raise KeyFileError(f"{p}: already exists; refusing to overwrite a KEK") from None
-        try:
-            os.fchmod(fd, 0o600)
-            os.write(fd, payload)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        secretfile.write_new(p, payload, what="a KEK")
         return cls(kek)
 
     def wrap(self, key: bytes, *, model_id: str, version: int) -> bytes:

@@ -31,7 +31,6 @@ all).  A lost session (token removed, HSM restarted) is reopened once, re-readin
 from __future__ import annotations
 
 import os
-import stat
 import threading
 import urllib.parse
 from collections.abc import Callable
@@ -39,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .. import crypto
+from .. import crypto, secretfile
 from ..errors import ConfigError, IntegrityError
 from .kek import (
     KekLoginError,
@@ -202,16 +201,11 @@ def read_pin(source: str | None) -> str | None:
             raise ConfigError(f"PKCS#11 PIN: environment variable {source[4:]} is not set")
         return value
     path = Path(_pin_file(source))
+    raw = secretfile.read_private(path, what="PKCS#11 PIN file", error=ConfigError)
     try:
-        st = path.stat()
-        data = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"PKCS#11 PIN file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read PKCS#11 PIN file {path}: {exc}") from None
-    if stat.S_IMODE(st.st_mode) & 0o077:
-        raise ConfigError(f"{path}: PIN file is readable by group or others (mode "
-                          f"{stat.S_IMODE(st.st_mode):04o}); run `chmod 600 {path}`")
+        data = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: PKCS#11 PIN file is not UTF-8") from None
     pin = data.rstrip("\r\n")
     if not pin:
         raise ConfigError(f"{path}: PIN file is empty")
