@@ -131,6 +131,31 @@ def zero(buf: memoryview | bytearray) -> None:
     mv[:] = bytes(len(mv))
 
 
+# --- legacy import (sgx-pytorch) ------------------------------------------------------
+
+LEGACY_SGX_PYTORCH_KEY_SIZE = 16
+LEGACY_SGX_PYTORCH_IV_SIZE = 12
+
+
+def legacy_sgx_pytorch_decrypt(key: bytes, iv: bytes, ciphertext: bytes, tag: bytes, *,
+                               what: str) -> bytes:
+    """Open one buffer written by sgx-pytorch's ``to_secure_mkldnn``: AES-128-GCM, no AAD.
+
+    Only the importer calls this, once, to migrate old checkpoints; nothing sealedtorch
+    writes uses AES-128 or an empty AAD.  A wrong key or any modified byte raises
+    :class:`IntegrityError` naming ``what``.
+    """
+    if len(key) != LEGACY_SGX_PYTORCH_KEY_SIZE:
+        raise ValueError("sgx-pytorch keys are 16 bytes (AES-128)")
+    if len(iv) != LEGACY_SGX_PYTORCH_IV_SIZE or len(tag) != TAG_SIZE:
+        raise ValueError("sgx-pytorch buffers carry a 12-byte IV and a 16-byte tag")
+    try:
+        return AESGCM(key).decrypt(iv, ciphertext + tag, None)
+    except InvalidTag:
+        raise IntegrityError(f"{what}: authentication failed (wrong key, or the buffer was "
+                             "modified)") from None
+
+
 # --- key wrapping (KEK) ----------------------------------------------------------------
 
 def wrap_key(kek: bytes, key: bytes, aad: bytes) -> bytes:
