@@ -1,6 +1,7 @@
 """sealedtorch: confidential deployment of PyTorch models.
 
-Public API: :func:`seal`, :func:`load_state_dict`, :func:`load_model`, and the errors in
+Public API: :func:`seal`, :func:`load_state_dict`, :func:`load_model`,
+:func:`load_pretrained` (Hugging Face transformers models), and the errors in
 :mod:`sealedtorch.errors`.  Heavy imports (torch) happen on first use, so the CLI and the
 services start fast.
 """
@@ -23,7 +24,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AttestationError", "ConfigError", "FormatError", "IntegrityError", "KeyFileError",
     "KeyUnavailable", "ModelKey", "PolicyDenied", "SealedTorchError", "__version__",
-    "load_model", "load_state_dict", "read_key_file", "read_preamble", "seal", "unseal",
+    "load_model", "load_pretrained", "load_state_dict", "read_key_file", "read_preamble",
+    "seal", "unseal",
     "write_key_file",
 ]
 
@@ -34,6 +36,10 @@ def __getattr__(name: str) -> object:
         from . import format as _format
 
         return getattr(_format, name)
+    if name == "load_pretrained":
+        from .runtime.hf import load_pretrained
+
+        return load_pretrained
     if name in {"ModelKey", "read_key_file", "write_key_file"}:
         from . import keys as _keys
 

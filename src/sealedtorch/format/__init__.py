@@ -37,7 +37,8 @@ class Sealed:
     key: ModelKey
 
 
-def seal(state_dict_or_module: Mapping[str, torch.Tensor] | torch.nn.Module,
+def seal(state_dict_or_module: Mapping[str, torch.Tensor] | torch.nn.Module | str
+         | os.PathLike[str],
          path: str | os.PathLike[str], *, model_id: str | None = None,
          key: str | os.PathLike[str] | ModelKey | None = None,
          metadata: Mapping[str, Any] | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -48,7 +49,12 @@ def seal(state_dict_or_module: Mapping[str, torch.Tensor] | torch.nn.Module,
     Without ``key`` a fresh model key is generated for ``model_id`` and returned: store it
     (``sealedtorch.keys.write_key_file``) or register it, or the file can never be opened.
     """
-    if isinstance(state_dict_or_module, torch.nn.Module):
+    if isinstance(state_dict_or_module, str | os.PathLike):
+        # A plaintext file or a Hugging Face model directory: read as `sealedtorch seal`
+        # reads it (weights_only, nothing runs); its own metadata comes first.
+        state, stored = load_plain(state_dict_or_module)
+        metadata = {**stored, **(metadata or {})}
+    elif isinstance(state_dict_or_module, torch.nn.Module):
         state = state_dict_or_module.state_dict(keep_vars=False)
     else:
         state = state_dict_or_module

@@ -26,6 +26,15 @@ ALIAS_KEY = "sealedtorch.aliases"
 def load_plain(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a plaintext state_dict and its metadata from ``.pt``/``.pth``/``.safetensors``."""
     p = Path(path)
+    if p.is_dir():
+        from .importers.hf import is_hf_directory, read_hf_directory
+
+        if is_hf_directory(p):
+            found = read_hf_directory(p)
+            return found.state_dict, found.metadata
+        raise FormatError(f"{p}: a directory, but not a Hugging Face model directory (no "
+                          "config.json); seal a .pt, .pth or .safetensors file or a "
+                          "transformers model directory")
     if not p.is_file():
         raise FormatError(f"{p}: no such file")
     if p.suffix == ".safetensors":

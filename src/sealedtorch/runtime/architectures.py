@@ -29,7 +29,7 @@ import itertools
 import json
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 EXPORT = "torch.export"
+HF_PREFIX = "transformers:"
 EXPORT_TENSOR = "program"
 _DOWNLOADING_KWARGS = ("weights", "weights_backbone", "pretrained", "pretrained_backbone")
 
@@ -55,6 +56,8 @@ class ArchSpec:
     kwargs: dict[str, Any]
     inputs: tuple[TensorSpec, ...] | None
     outputs: tuple[TensorSpec, ...] | None
+    #: The whole sealed metadata (transformers models are built from their config in it).
+    metadata: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -64,6 +67,8 @@ class Built:
     module: torch.nn.Module
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    #: Text generation for causal LMs (a :class:`~sealedtorch.runtime.hf.TextGenerator`).
+    text: Any = None
 
     @property
     def batchable(self) -> bool:
@@ -88,7 +93,7 @@ def spec_from_metadata(metadata: Mapping[str, Any], *, override: str | None = No
     except (ValueError, KeyError, TypeError) as exc:
         raise FormatError(f"{source}: bad inputs/outputs in the sealed metadata: {exc}") \
             from None
-    return ArchSpec(name, dict(kwargs), inputs, outputs)
+    return ArchSpec(name, dict(kwargs), inputs, outputs, metadata)
 
 
 def _specs(value: Any) -> tuple[TensorSpec, ...] | None:
@@ -111,6 +116,8 @@ def build(spec: ArchSpec, state: dict[str, torch.Tensor], config: RuntimeConfig,
             f"(runtime configuration 'architectures'); refusing to import it")
     if spec.name == EXPORT:
         return _build_export(spec, state, device, source)
+    if spec.name.startswith(HF_PREFIX):
+        return _build_transformers(spec, state, device, source)
     factory = _resolve(spec.name, source)
     for bad in _DOWNLOADING_KWARGS:
         if spec.kwargs.get(bad) not in (None, False):
@@ -263,6 +270,46 @@ def _build_export(spec: ArchSpec, state: dict[str, torch.Tensor], device: torch.
     inputs, outputs = _export_signature(program)
     module = program.module().to(device)
     return Built(module, spec.inputs or inputs, spec.outputs or outputs)
+
+
+# --- Hugging Face transformers ---------------------------------------------------------
+
+class TransformersForward(torch.nn.Module):
+    """KServe view of a transformers model: token ids in, one tensor out (``logits`` for
+    causal LMs and classifiers, ``last_hidden_state`` for encoders)."""
+
+    def __init__(self, model: torch.nn.Module, output: str) -> None:
+        super().__init__()
+        self.model = model
+        self.output = output
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        return getattr(out, self.output)  # type: ignore[no-any-return]
+
+
+def _build_transformers(spec: ArchSpec, state: dict[str, torch.Tensor], device: torch.device,
+                        source: str) -> Built:
+    from . import hf
+
+    built = hf.build_pretrained(state, spec.metadata, device=device, source=source)
+    if built.class_name != spec.name.removeprefix(HF_PREFIX):
+        raise FormatError(f"{source}: the sealed config.json names {built.class_name}, the "
+                          f"metadata {spec.name}")
+    dt = datatype_of(_first_float_dtype(built.model))
+    cfg = built.model.config
+    if built.task == "feature-extraction":
+        name, shape = "last_hidden_state", (-1, -1, int(cfg.hidden_size))
+    elif built.task == "text-classification":
+        name, shape = "logits", (-1, int(cfg.num_labels))
+    else:
+        name, shape = "logits", (-1, -1, int(cfg.vocab_size))
+    inputs = (TensorSpec("input_ids", "INT64", (-1, -1)),
+              TensorSpec("attention_mask", "INT64", (-1, -1)))
+    text = hf.TextGenerator(built) if built.task == "text-generation" and \
+        built.tokenizer is not None else None
+    return Built(TransformersForward(built.model, name).eval(), spec.inputs or inputs,
+                 spec.outputs or (TensorSpec(name, dt, shape),), text)
 
 
 # --- built-in architectures -----------------------------------------------------------

@@ -33,12 +33,24 @@ _TORCHVISION = (
     "vit_b_16", "swin_t", "densenet121", "squeezenet1_1", "shufflenet_v2_x1_0",
 )
 
-#: The default allow-list: torchvision classifiers, the built-in sentence-embedding BERT
-#: and MLP, and whole ``torch.export`` programs.
+#: Hugging Face transformers classes admitted by default (``transformers:<Class>``): each
+#: is code of the installed transformers package, built from a sealed config.json.
+_TRANSFORMERS = (
+    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "GPT2LMHeadModel",
+    "GemmaForCausalLM", "Phi3ForCausalLM", "BertModel", "BertForSequenceClassification",
+    "RobertaModel", "RobertaForSequenceClassification", "DistilBertModel",
+    "DistilBertForSequenceClassification", "XLMRobertaModel",
+)
+
+#: The default allow-list: torchvision classifiers, common transformers classes, the
+#: built-in sentence-embedding BERT, MLP and EfficientNet-Lite0, and whole
+#: ``torch.export`` programs.
 DEFAULT_ARCHITECTURES: tuple[str, ...] = (
     *(f"torchvision.models:{name}" for name in _TORCHVISION),
+    *(f"transformers:{name}" for name in _TRANSFORMERS),
     "sealedtorch.runtime.architectures:sentence_bert",
     "sealedtorch.runtime.architectures:mlp",
+    "sealedtorch.runtime.architectures:efficientnet_lite0",
     "torch.export",
 )
 

@@ -100,6 +100,8 @@ class LoadedModel:
     arch: str | None = None
     load_seconds: float = 0.0
     batchable: bool = True
+    #: Text generation (causal LMs): what the OpenAI-compatible API calls.
+    text: Any = None
 
     @property
     def version(self) -> str:
@@ -218,7 +220,7 @@ def load_sealed(source: ModelSource, keys: KeySource, config: RuntimeConfig | No
         "build_s": round(time.perf_counter() - t_decrypt, 4)}})
     return LoadedModel(source.name, built[0].module, built[0].inputs, built[0].outputs, dev,
                        preamble.model_id, preamble.key_version, built[1], elapsed,
-                       built[0].batchable)
+                       built[0].batchable, built[0].text)
 
 
 def _build(state: dict[str, torch.Tensor], metadata: dict[str, Any], arch: str | None,
@@ -254,4 +256,5 @@ def load_plain(name: str, path: str | os.PathLike[str], config: RuntimeConfig | 
     built, arch_name = _build(state, metadata or stored, arch, config, dev,
                               f"model {name!r} ({path})")
     return LoadedModel(check_model_name(name), built.module, built.inputs, built.outputs, dev,
-                       None, None, arch_name, time.perf_counter() - started, built.batchable)
+                       None, None, arch_name, time.perf_counter() - started, built.batchable,
+                       built.text)

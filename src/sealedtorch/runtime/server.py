@@ -404,6 +404,10 @@ def create_app(runtime: Runtime) -> FastAPI:
         except (QueueFull, ShuttingDown) as exc:
             return _error(503, str(exc), {"retry-after": "1"})
 
+    from .openai_api import openai_router
+
+    app.include_router(openai_router(runtime))  # /v1/completions, /v1/chat/completions
+
     @app.get("/v1/attestation")
     async def attestation(nonce: str | None = None) -> JSONResponse:
         if runtime.attester is None:

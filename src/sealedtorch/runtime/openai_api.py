@@ -1,0 +1,272 @@
+"""An OpenAI-compatible text API for served causal LMs, inside the TEE.
+
+``POST /v1/completions``, ``POST /v1/chat/completions`` (chat template from the sealed
+tokenizer) and ``GET /v1/models``, with ``max_tokens``, ``temperature``, ``top_p``,
+``stop``, ``seed`` and ``stream`` (server-sent events, ending with ``data: [DONE]``).  They
+sit behind the same TLS key as the KServe API, so a client that checked
+``/v1/attestation`` and pinned that key (``sealedtorch.runtime.client``) talks to the TEE
+only.  Prompts are tokenized and completions detokenized here: raw text never needs
+tokenizing outside the TEE.
+
+Errors use OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, so the
+official clients raise their usual exceptions.  Request fields this server does not
+implement (``n`` > 1, ``logprobs``, ``echo``, ``best_of``, tools) are refused with a 400
+naming the field rather than silently ignored; fields that do not change the output
+(``user``, ``stream_options``) are accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..errors import ConfigError
+from .hf import GenerationParams, GenerationResult, TextGenerator
+
+if TYPE_CHECKING:
+    from .server import Runtime
+
+__all__ = ["ChatRequest", "CompletionRequest", "openai_router"]
+
+_MAX_STOP = 4
+_UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "best_of", "suffix", "tools",
+                "tool_choice", "functions", "function_call", "logit_bias", "response_format")
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1, le=1 << 16)
+    max_completion_tokens: int | None = Field(None, ge=1, le=1 << 16)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    n: int = Field(1, ge=1, le=1)
+    user: str | None = None
+    stream_options: dict[str, Any] | None = None
+    presence_penalty: float = Field(0.0, ge=0, le=0)
+    frequency_penalty: float = Field(0.0, ge=0, le=0)
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and (len(value) > _MAX_STOP or not all(value)):
+            raise ValueError(f"at most {_MAX_STOP} non-empty stop strings")
+        return value
+
+    def params(self, default_max: int) -> GenerationParams:
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return GenerationParams(
+            max_tokens=self.max_completion_tokens or self.max_tokens or default_max,
+            temperature=self.temperature, top_p=self.top_p, stop=stop, seed=self.seed)
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str]
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and len(value) != 1:
+            raise ValueError("exactly one prompt per request")
+        return value
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+    name: str | None = None
+
+
+class ChatRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+def _error(status: int, message: str, *, param: str | None = None,
+           kind: str = "invalid_request_error", code: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param,
+                                   "code": code}}, status_code=status)
+
+
+def _sse(data: dict[str, Any] | str) -> bytes:
+    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {text}\n\n".encode()
+
+
+class _Api:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def generator(self, name: str) -> TextGenerator | JSONResponse:
+        slot = self.runtime.slots.get(name)
+        if slot is None:
+            served = [n for n, s in self.runtime.slots.items()
+                      if s.model is not None and s.model.text is not None]
+            return _error(404, f"The model {name!r} does not exist (text models served: "
+                               f"{', '.join(served) or 'none'})", param="model",
+                          code="model_not_found")
+        if slot.state != "ready" or slot.model is None:
+            return _error(503, f"model {name!r} is not ready ({slot.state})",
+                          kind="server_error")
+        if slot.model.text is None:
+            return _error(400, f"model {name!r} does not generate text (it is served on the "
+                               "KServe v2 API only)", param="model")
+        return slot.model.text  # type: ignore[no-any-return]
+
+    async def parse(self, request: Request, cls: type[_Common]) -> _Common | JSONResponse:
+        body = await request.body()
+        if len(body) > self.runtime.config.max_request_bytes:
+            return _error(413, "request body too large")
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return _error(400, "the request body is not valid JSON")
+        if not isinstance(data, dict):
+            return _error(400, "the request body must be a JSON object")
+        for name in _UNSUPPORTED:
+            if data.get(name) not in (None, False, 0, [], {}):
+                return _error(400, f"{name!r} is not supported by this server", param=name)
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = ".".join(str(p) for p in err["loc"])
+            return _error(400, f"{loc}: {err['msg']}", param=loc)
+
+    async def run(self, gen: TextGenerator, prompt_ids: list[int], req: _Common,
+                  render: Callable[[GenerationResult, str, int], dict[str, Any]],
+                  chunk: Callable[[str | None, str | None, str, int], dict[str, Any]]
+                  ) -> Response:
+        params = req.params(16 if isinstance(req, CompletionRequest) else 256)
+        ident, created = uuid.uuid4().hex, int(time.time())
+        if not req.stream:
+            result = await asyncio.to_thread(gen.generate, prompt_ids, params)
+            return JSONResponse(render(result, ident, created))
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[str | GenerationResult | BaseException] = asyncio.Queue()
+
+        def produce() -> None:
+            try:
+                result = gen.generate(prompt_ids, params, on_text=lambda text: (
+                    loop.call_soon_threadsafe(queue.put_nowait, text)))
+                loop.call_soon_threadsafe(queue.put_nowait, result)
+            except BaseException as exc:  # reported in the stream, then the stream ends
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+
+        threading.Thread(target=produce, name="generate", daemon=True).start()
+
+        async def events() -> AsyncIterator[bytes]:
+            yield _sse(chunk(None, None, ident, created))  # role / opening chunk
+            while True:
+                item = await queue.get()
+                if isinstance(item, str):
+                    yield _sse(chunk(item, None, ident, created))
+                elif isinstance(item, GenerationResult):
+                    yield _sse(chunk(None, item.finish_reason, ident, created))
+                    break
+                else:
+                    yield _sse({"error": {"message": f"generation failed: "
+                                                     f"{type(item).__name__}",
+                                          "type": "server_error"}})
+                    break
+            yield _sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"cache-control": "no-store"})
+
+
+def _usage(r: GenerationResult) -> dict[str, int]:
+    return {"prompt_tokens": r.prompt_tokens, "completion_tokens": len(r.token_ids),
+            "total_tokens": r.prompt_tokens + len(r.token_ids)}
+
+
+def openai_router(runtime: Runtime) -> APIRouter:
+    """The ``/v1`` OpenAI-compatible routes over ``runtime``'s text-generation models."""
+    router = APIRouter()
+    api = _Api(runtime)
+
+    @router.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        data = [{"id": name, "object": "model", "created": 0, "owned_by": "sealedtorch"}
+                for name, s in runtime.slots.items()
+                if s.model is not None and s.model.text is not None]
+        return {"object": "list", "data": data}
+
+    @router.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        req = await api.parse(request, CompletionRequest)
+        if isinstance(req, JSONResponse):
+            return req
+        assert isinstance(req, CompletionRequest)
+        gen = api.generator(req.model)
+        if isinstance(gen, JSONResponse):
+            return gen
+        prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
+        ids = gen.encode(prompt)
+
+        def render(r: GenerationResult, ident: str, created: int) -> dict[str, Any]:
+            return {"id": f"cmpl-{ident}", "object": "text_completion", "created": created,
+                    "model": req.model, "choices": [{"index": 0, "text": r.text,
+                                                     "finish_reason": r.finish_reason,
+                                                     "logprobs": None}],
+                    "usage": _usage(r)}
+
+        def chunk(text: str | None, finish: str | None, ident: str,
+                  created: int) -> dict[str, Any]:
+            return {"id": f"cmpl-{ident}", "object": "text_completion", "created": created,
+                    "model": req.model, "choices": [{"index": 0, "text": text or "",
+                                                     "finish_reason": finish,
+                                                     "logprobs": None}]}
+
+        return await api.run(gen, ids, req, render, chunk)
+
+    @router.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        req = await api.parse(request, ChatRequest)
+        if isinstance(req, JSONResponse):
+            return req
+        assert isinstance(req, ChatRequest)
+        gen = api.generator(req.model)
+        if isinstance(gen, JSONResponse):
+            return gen
+        try:
+            ids = gen.encode_chat([m.model_dump(exclude_none=True) for m in req.messages])
+        except ConfigError as exc:
+            return _error(400, str(exc), param="messages")
+
+        def render(r: GenerationResult, ident: str, created: int) -> dict[str, Any]:
+            return {"id": f"chatcmpl-{ident}", "object": "chat.completion",
+                    "created": created, "model": req.model,
+                    "choices": [{"index": 0, "finish_reason": r.finish_reason,
+                                 "message": {"role": "assistant", "content": r.text},
+                                 "logprobs": None}],
+                    "usage": _usage(r)}
+
+        def chunk(text: str | None, finish: str | None, ident: str,
+                  created: int) -> dict[str, Any]:
+            if text is None and finish is None:
+                delta: dict[str, Any] = {"role": "assistant", "content": ""}
+            else:
+                delta = {"content": text} if text else {}
+            return {"id": f"chatcmpl-{ident}", "object": "chat.completion.chunk",
+                    "created": created, "model": req.model,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
+                                 "logprobs": None}]}
+
+        return await api.run(gen, ids, req, render, chunk)
+
+    return router
