@@ -43,10 +43,11 @@ def train_tokenizer(vocab_size: int = 300) -> Any:
 def llama_config(vocab: int, **extra: Any) -> Any:
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                       max_position_embeddings=128, tie_word_embeddings=True,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=0, **extra)
+    options: dict[str, Any] = {
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+        "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    return LlamaConfig(vocab_size=vocab, **{**options, **extra})
 
 
 def gpt2_config(vocab: int) -> Any:
