@@ -28,13 +28,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from hf_models import llama_config, train_tokenizer  # noqa: E402
+from hf_models import llama_config, train_tokenizer
 
-import sealedtorch  # noqa: E402
-from sealedtorch.attest.sim import init_platform  # noqa: E402
-from sealedtorch.keys import ModelKey, StaticKeys  # noqa: E402
-from sealedtorch.runtime.loader import ModelSource  # noqa: E402
-from sealedtorch.runtime.server import RuntimeServer  # noqa: E402
+import sealedtorch
+from sealedtorch.attest.sim import init_platform
+from sealedtorch.keys import ModelKey, StaticKeys
+from sealedtorch.runtime.loader import ModelSource
+from sealedtorch.runtime.server import RuntimeServer
 
 PROMPT = "confidential models run inside a trusted execution environment"
 
