@@ -52,6 +52,7 @@ _EVENTS = (("/v1/attest/challenge", "attest.challenge"), ("/v1/attest", "attest"
            ("/v1/admin/policies", "policy.set"), ("/v1/admin/rotations", "rotate"),
            ("/v1/admin/revocations", "revoke"), ("/v1/admin/retirements", "retire"),
            ("/v1/admin/tokens/revocations", "token.revoke"),
+           ("/v1/admin/tokens/rotations", "token.rotate"),
            ("/v1/admin/tokens", "token.create"), ("/v1/admin/audit", "audit.read"))
 
 
@@ -419,6 +420,16 @@ def create_app(service: Keyserver, *, max_body: int = 1 << 20,
                      authorization: str | None = Header(None)) -> protocol.TokenInfo:
         who = admin(request, authorization, "token.revoke")
         return service.revoke_token(who, _ctx(request), req.token_id)
+
+    @app.post("/v1/admin/tokens/rotations", tags=["admin"], status_code=201,
+              response_model=protocol.TokenCreateResponse,
+              summary="Replace a token by a new one of the same identity; the old one is "
+                      "revoked (admins only)")
+    def rotate_token(req: protocol.TokenRotateRequest, request: Request,
+                     authorization: str | None = Header(None)
+                     ) -> protocol.TokenCreateResponse:
+        who = admin(request, authorization, "token.rotate")
+        return service.rotate_token(who, _ctx(request), req)
 
     @app.get("/v1/admin/audit", tags=["admin"], response_model=protocol.AuditResponse,
              summary="Audit records (admins and auditors: all; owners: their own models')")

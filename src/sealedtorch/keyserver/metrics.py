@@ -51,6 +51,10 @@ class KeyserverMetrics:
         self.unavailable = r.add(Counter(
             p + "store_unavailable_total",
             "Requests answered 503 because the database was unavailable."))
+        self.integrity_failures = r.add(Counter(
+            p + "store_integrity_failures_total",
+            "Store rows refused because they fail their MAC under the KEK (inserted or "
+            "changed behind the keyserver's back), by table.", ("table",)))
         self.nonces = r.add(Gauge(
             p + "nonces",
             "Nonces held in the store (shared by all replicas): issued, used or expired, "
