@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -82,6 +83,67 @@ _TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 TOKEN_LIFETIME = 90 * 86400.0
 #: The longest lifetime a token may be given.
 TOKEN_LIFETIME_MAX = 5 * 365 * 86400.0
+
+
+#: Unauthenticated failures audited one record each per window; the rest are counted.
+FAILURE_BUDGET = 100
+FAILURE_WINDOW = 60.0
+
+
+class FailureSampler:
+    """Decides which failures of *unauthenticated* requests get their own durable audit
+    record: the first ``budget`` in each ``window`` seconds (per replica); the others are
+    only counted (metrics) and, when the window closes, one summary record lists how many
+    of each (event, problem) were left out.  So a flood of malformed or unauthenticated
+    requests grows the audit log by at most ``budget + 1`` records a window, whatever its
+    size, while authenticated failures (and every integrity failure) are always recorded.
+    """
+
+    def __init__(self, budget: int = FAILURE_BUDGET, window: float = FAILURE_WINDOW,
+                 clock: Clock = time.monotonic) -> None:
+        self.budget = budget
+        self.window = window
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._start: float | None = None
+        self._recorded = 0
+        self._suppressed: dict[tuple[str, str], int] = {}
+
+    def admit(self, event: str, problem: str) -> tuple[bool, dict[str, Any] | None]:
+        """(record this one?, the summary of a window that just closed, if any)."""
+        now = self.clock()
+        with self._lock:
+            summary = None
+            if self._start is None or now - self._start >= self.window:
+                summary = self._close()
+                self._start = now
+            if self._recorded < self.budget:
+                self._recorded += 1
+                return True, summary
+            key = (event, problem)
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return False, summary
+
+    def flush(self) -> dict[str, Any] | None:
+        """The summary of the current window if it has ended (else None)."""
+        with self._lock:
+            if self._start is None or self.clock() - self._start < self.window:
+                return None
+            summary = self._close()
+            self._start = None
+            return summary
+
+    def _close(self) -> dict[str, Any] | None:
+        suppressed, self._suppressed, self._recorded = self._suppressed, {}, 0
+        if not suppressed:
+            return None
+        return {"event": "audit.failures.suppressed", "decision": DENY,
+                "window_seconds": self.window, "recorded": self.budget,
+                "suppressed_total": sum(suppressed.values()),
+                "suppressed": [{"event": e, "problem": p, "count": n}
+                               for (e, p), n in sorted(suppressed.items())],
+                "reasons": [f"unauthenticated failures beyond {self.budget} a window are "
+                            f"counted, not recorded one by one"]}
 
 
 @dataclass(frozen=True)
@@ -153,6 +215,7 @@ class Keyserver:
         self._policies: dict[str, Policy] = {}
         self._last_purge = 0.0
         self.rows = RowIntegrity(kek, on_failure=self._integrity_failure)
+        self.failures = FailureSampler()
 
     def _integrity_failure(self, table: str) -> None:
         self.metrics.integrity_failures.inc(table=table)
@@ -216,6 +279,14 @@ class Keyserver:
                                           exc.problem_type,
                                           "request_id": entry.get("request_id")}})
             return
+        if _unauthenticated(entry, exc):
+            record, summary = self.failures.admit(str(entry.get("event")), exc.problem_type)
+            if summary is not None:
+                self._write_summary(summary)
+            if not record:  # counted, not recorded: a flood costs the log nothing
+                self.metrics.record(entry)
+                self.metrics.audit_suppressed.inc(event=str(entry.get("event")))
+                return
         try:
             self._audit(entry)
         except ServiceUnavailable as store_exc:  # the refusal stands all the same
@@ -249,8 +320,26 @@ class Keyserver:
     def record_request_error(self, ctx: RequestContext, event: str,
                              exc: SealedTorchError) -> None:
         """Audit a request the HTTP layer refused before it reached an operation (malformed
-        JSON, an oversized body, ...)."""
-        self._audit_failure(self._entry(ctx, event), exc)
+        JSON, an oversized body, ...): nobody was authenticated yet, so it is sampled."""
+        self._audit_failure(self._entry(ctx, event, unauthenticated=True), exc)
+
+    def _write_summary(self, summary: dict[str, Any]) -> None:
+        summary = {"time": self.clock(), **summary}
+        try:
+            self._audit(summary)
+        except Exception:  # the counters still hold the numbers
+            log.exception("could not write the summary of suppressed failures")
+            return
+        log.warning("%d unauthenticated failures were counted, not recorded one by one",
+                    summary["suppressed_total"],
+                    extra={"fields": {"event": summary["event"],
+                                      "suppressed": summary["suppressed"]}})
+
+    def flush_failures(self) -> None:
+        """Write the summary of a closed window of suppressed failures (if any)."""
+        summary = self.failures.flush()
+        if summary is not None:
+            self._write_summary(summary)
 
     # ------------------------------------------------------------------ attestation
 
@@ -926,6 +1015,10 @@ class Keyserver:
         """Prometheus text: this replica's counters, and gauges read from the store now."""
         m = self.metrics
         try:
+            self.flush_failures()
+        except Exception:
+            log.exception("metrics: flushing suppressed failures failed")
+        try:
             with self.store.snapshot() as tx:
                 nonces = tx.count_nonces()
                 length, _ = tx.audit_head()
@@ -941,6 +1034,19 @@ class Keyserver:
 # ---------------------------------------------------------------------- helpers
 
 _TEE_VALUES = frozenset(t.value for t in Tee)
+#: Events whose caller has proven nothing yet (their failures are sampled).
+_UNAUTHENTICATED_EVENTS = frozenset({"attest", "attest.challenge"})
+
+
+def _unauthenticated(entry: dict[str, Any], exc: SealedTorchError) -> bool:
+    """A failure of a caller who has not authenticated: malformed requests, attestation
+    attempts, bad bearer tokens.  Never an integrity failure, never a caller whose token
+    verified (those are always recorded)."""
+    if isinstance(exc, StoreIntegrityError):
+        return False
+    if entry.get("unauthenticated") or entry.get("event") in _UNAUTHENTICATED_EVENTS:
+        return True
+    return type(exc) is AuthenticationError  # a missing/forged/expired/revoked token
 
 
 def _token_info(t: AdminTokenRecord, *, intact: bool = True) -> protocol.TokenInfo:
