@@ -9,12 +9,18 @@ directory (and a fresh PostgreSQL schema), registers one model, then measures, i
    its own keep-alive connection, spread over the replicas), releases per second and the
    p50 / p99 of one release under that load.
 
+3. ``--row-macs``: the cost of the store's row MACs (issue 11 §1) next to the release path,
+   in one process on SQLite: ``Keyserver.release`` of one key with the row checks as
+   shipped, and with them skipped (a bench-only stand-in, same store, same run,
+   interleaved), plus the cost of one MAC made and one checked cold (no cache).
+
 Printed, not asserted.  Goal on a 2-core machine: p50 <= 5 ms, >= 300 releases/s (SQLite).
 The clients, the servers and PostgreSQL share the same cores, so the figures are a lower
 bound, and two replicas on one 2-core machine cannot show the scaling they give on two.
 
     python bench/keyserver.py [--latency-n 300] [--clients 32] [--seconds 8]
         [--stores sqlite,postgresql,postgresql-2] [--pg-url postgresql://…/test]
+        [--row-macs [--row-macs-n 400]] [--stores none]
 """
 
 from __future__ import annotations
@@ -180,6 +186,82 @@ def _scenario(name: str, args: argparse.Namespace, tmp: Path, platform: sim.SimP
     }
 
 
+def _row_mac_cost(tmp: Path, platform: sim.SimPlatform, n: int) -> dict[str, Any]:
+    """In-process service release time with and without the row checks (see docstring)."""
+    from sealedtorch import crypto
+    from sealedtorch.attest import binding
+    from sealedtorch.keyserver import protocol
+    from sealedtorch.keyserver.rowmac import RowIntegrity, model_bytes
+    from sealedtorch.keyserver.server import build_keyserver
+    from sealedtorch.keyserver.service import RequestContext
+
+    class Unchecked(RowIntegrity):  # bench only: what the release cost without the checks
+        def check_model(self, m: Any) -> Any:
+            return m
+
+        def check_key(self, k: Any) -> Any:
+            return k
+
+    import logging
+
+    logging.getLogger("sealedtorch").setLevel(logging.ERROR)  # sim releases log warnings
+    work = tmp / "row-macs"
+    work.mkdir()
+    init = init_data_dir(work / "data", now=time.time())
+    service = build_keyserver(init.config,
+                              trust_sim_roots=[platform.directory / sim.PUB_FILE])
+    try:
+        ctx = RequestContext("127.0.0.1")
+        admin = service.authenticate_admin(init.admin_token_file.read_text().strip(), ctx,
+                                           "bench")
+        key = ModelKey.generate(MODEL)
+        service.register(admin, ctx, protocol.RegisterRequest(
+            model_id=MODEL, key=protocol.KeyMaterial(version=1,
+                                                     key=protocol.b64encode(key.secret)),
+            policy={"allow": [{"tee": "sim",
+                               "measurement": measure.measurement(b"bench").hex()}]}))
+        kp = crypto.EphemeralKeyPair.generate()
+        nonce = service.challenge("sim", ctx).nonce
+        ev = SimAttester(platform, measure.measurement(b"bench")).evidence(
+            binding.report_data(nonce, kp.public_bytes))
+        token = service.attest(protocol.AttestRequest(
+            nonce=protocol.b64encode(nonce), tee="sim", evidence=protocol.b64encode(ev.data),
+            public_key=protocol.b64encode(kp.public_bytes)), ctx).token
+        checked, unchecked = service.rows, Unchecked(service.kek)
+        timings: dict[str, list[float]] = {"checked": [], "unchecked": []}
+        for i in range(n + 20):
+            for name, rows in (("checked", checked), ("unchecked", unchecked)):
+                service.rows = rows
+                t0 = time.perf_counter()
+                service.release(token, ctx, model_id=MODEL)
+                if i >= 20:  # warm-up
+                    timings[name].append((time.perf_counter() - t0) * 1000)
+        service.rows = checked
+        with service.store.snapshot() as tx:
+            model = tx.get_model(MODEL)
+        assert model is not None
+        cold = []
+        for _ in range(200):
+            fresh = RowIntegrity(service.kek)
+            t0 = time.perf_counter()
+            fresh.check_model(model)
+            cold.append((time.perf_counter() - t0) * 1e6)
+        made = []
+        for _ in range(200):
+            t0 = time.perf_counter()
+            checked.tag(model_bytes(model))
+            made.append((time.perf_counter() - t0) * 1e6)
+    finally:
+        service.store.close()
+        service.kek.close()
+    p50 = {k: statistics.median(v) for k, v in timings.items()}
+    return {"n": n, "release_p50_ms_checked": round(p50["checked"], 3),
+            "release_p50_ms_unchecked": round(p50["unchecked"], 3),
+            "ratio": round(p50["checked"] / p50["unchecked"], 3),
+            "check_cold_us_p50": round(statistics.median(cold), 1),
+            "mac_us_p50": round(statistics.median(made), 1), "kek": service.kek.kek_id}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--latency-n", type=int, default=300)
@@ -195,12 +277,17 @@ def main() -> int:
                                                        "postgresql://postgres@127.0.0.1:5432/"
                                                        "test"),
                     help="PostgreSQL database; a fresh schema is made and dropped per store")
+    ap.add_argument("--row-macs", action="store_true",
+                    help="also measure the row-MAC checks on the release path (in-process)")
+    ap.add_argument("--row-macs-n", type=int, default=400)
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="sealedtorch-bench-"))
     platform = sim.init_platform(tmp / "sim")
     reports = []
     for name in [n.strip() for n in args.stores.split(",") if n.strip()]:
+        if name == "none":
+            continue
         if name == "sqlite":
             reports.append(_scenario(name, args, tmp, platform, None, 1))
             continue
@@ -230,8 +317,15 @@ def main() -> int:
         print(f"  {r['store']:<14} {lat['p50']:>9} ms {lat['p99']:>7}   "
               f"{'':>{len(str(args.clients)) + 9}}{thr['releases_per_s']:>10} "
               f"{thr['p50_ms']:>7} {thr['p99_ms']:>7} {thr['errors']}")
+    row_macs = _row_mac_cost(tmp, platform, args.row_macs_n) if args.row_macs else None
+    if row_macs is not None:
+        print(f"  row MACs ({row_macs['kek']}), service release of one key, SQLite, "
+              f"in-process, n={row_macs['n']}: p50 {row_macs['release_p50_ms_checked']} ms "
+              f"with the checks, {row_macs['release_p50_ms_unchecked']} ms without "
+              f"(x{row_macs['ratio']}); one MAC made {row_macs['mac_us_p50']} us, checked "
+              f"cold {row_macs['check_cold_us_p50']} us (warm: cached)")
     print(json.dumps({"cpus": os.cpu_count(), "synchronous": args.synchronous,
-                      "results": reports}))
+                      "results": reports, "row_macs": row_macs}))
     return 0
 
 

@@ -261,14 +261,27 @@ def _add_token_commands(ksub: argparse._SubParsersAction) -> None:
     tsub = tok.add_subparsers(dest="tokens_command", metavar="COMMAND", required=True)
     p = tsub.add_parser("create", help="create a token; it is shown once",
                         description="admin: everything; owner: only the models it registers "
-                                    "(owner tokens with the same --name share them); "
-                                    "auditor: reads the audit log.")
+                                    "(a second token with the --name of a valid owner token "
+                                    "shares its models; a name whose tokens were all "
+                                    "revoked or expired is a new owner); auditor: reads the "
+                                    "audit log.  Tokens expire (default 90 days).")
     _connection_args(p)
     p.add_argument("--role", required=True, choices=["admin", "owner", "auditor"])
     p.add_argument("--name", required=True, help="who holds it (for owners: the owner)")
+    p.add_argument("--expires", type=_duration, metavar="DURATION", default=None,
+                   help="lifetime: 90d (default), 12h, 30m, 3600s, ...")
     p.add_argument("-o", "--output", type=Path, metavar="FILE",
                    help="write the token to this new file (mode 0600) instead of stdout")
     p.set_defaults(handler=_tokens_create)
+    p = tsub.add_parser("rotate", help="replace a token by a new one (same identity, name "
+                                       "and role); the old one is revoked at once")
+    _connection_args(p)
+    p.add_argument("token_id", metavar="TOKEN_ID", help="as `tokens list` shows (adm_…)")
+    p.add_argument("--expires", type=_duration, metavar="DURATION", default=None,
+                   help="the new token's lifetime (default 90d)")
+    p.add_argument("-o", "--output", type=Path, metavar="FILE",
+                   help="write the new token to this new file (mode 0600) instead of stdout")
+    p.set_defaults(handler=_tokens_rotate)
     p = tsub.add_parser("list", help="list tokens (ids, names, roles, states)")
     _connection_args(p)
     p.add_argument("--json", action="store_true")
@@ -279,22 +292,47 @@ def _add_token_commands(ksub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_tokens_revoke)
 
 
-def _tokens_create(args: argparse.Namespace) -> int:
-    from .keyserver.config import write_new
+def _duration(text: str) -> int:
+    """``90d``, ``12h``, ``30m``, ``3600s`` or plain seconds → seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    value = text.strip().lower()
+    factor = units.get(value[-1:], None)
+    number = value[:-1] if factor is not None else value
+    if not number.isdigit():
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 90d, 12h, 30m)")
+    return int(number) * (factor or 1)
 
+
+def _tokens_create(args: argparse.Namespace) -> int:
     if args.output is not None and args.output.exists():
         raise KeyFileError(f"{args.output}: already exists; refusing to overwrite it")
     with _admin(args) as admin:
-        created = admin.create_token(args.role, args.name)
+        created = admin.create_token(args.role, args.name, expires_in=args.expires)
+    _print_new_token(args, created)
+    return 0
+
+
+def _tokens_rotate(args: argparse.Namespace) -> int:
+    if args.output is not None and args.output.exists():
+        raise KeyFileError(f"{args.output}: already exists; refusing to overwrite it")
+    with _admin(args) as admin:
+        created = admin.rotate_token(args.token_id, expires_in=args.expires)
+    _print_new_token(args, created)
+    print(f"token {created.get('rotated_from')} revoked", file=sys.stderr)
+    return 0
+
+
+def _print_new_token(args: argparse.Namespace, created: dict[str, Any]) -> None:
+    from .keyserver.config import write_new
+
+    what = (f"{created['role']} token {created['token_id']} for {created['name']!r}, "
+            f"expires {created.get('expires_at')}")
     if args.output is not None:
         write_new(args.output, (created["token"] + "\n").encode())
-        print(f"{created['role']} token {created['token_id']} for {created['name']!r} "
-              f"written to {args.output}")
+        print(f"{what}, written to {args.output}")
     else:
         print(created["token"])
-        print(f"{created['role']} token {created['token_id']} for {created['name']!r} "
-              f"(shown once; store it in a 0600 file)", file=sys.stderr)
-    return 0
+        print(f"{what} (shown once; store it in a 0600 file)", file=sys.stderr)
 
 
 def _tokens_list(args: argparse.Namespace) -> int:
@@ -305,8 +343,10 @@ def _tokens_list(args: argparse.Namespace) -> int:
         return 0
     for t in tokens:
         state = f"revoked {t['revoked_at']}" if t.get("revoked_at") else "valid"
+        if not t.get("intact", True):
+            state = "TAMPERED (row fails its MAC; refused)"
         print(f"{t['token_id']}  {t['role']:<8} {t['name']:<24} created {t['created_at']}  "
-              f"{state}")
+              f"expires {t.get('expires_at') or 'never'}  {state}")
     return 0
 
 

@@ -74,6 +74,11 @@ def constant_time_equal(a: bytes, b: bytes) -> bool:
     return hmac.compare_digest(a, b)
 
 
+def hmac_sha256(key: bytes, data: bytes) -> bytes:
+    """HMAC-SHA256 (RFC 2104): the keyserver's row MACs under a file KEK's derived key."""
+    return hmac.new(key, data, hashlib.sha256).digest()
+
+
 def hkdf_sha256(ikm: bytes, *, salt: bytes, info: bytes, length: int = KEY_SIZE) -> bytes:
     """Derive a sub-key; ``info`` names its purpose so keys never cross purposes."""
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(ikm)

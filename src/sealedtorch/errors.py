@@ -39,6 +39,20 @@ class IntegrityError(SealedTorchError):
     problem_type = "integrity"
 
 
+class StoreIntegrityError(IntegrityError):
+    """A keyserver store row (a model's policy or owner, a key version's state, an admin
+    token) fails its MAC under the KEK: it was inserted or changed behind the keyserver's
+    back (by someone who can write the database but does not hold the KEK).  The row is
+    refused, never used; same problem type as its parent (HTTP 500)."""
+
+    #: which table the refused row is in (``models``, ``key_versions``, ``admin_tokens``)
+    table: str = ""
+
+    def __init__(self, message: str, *, table: str = "") -> None:
+        super().__init__(message)
+        self.table = table
+
+
 class KeyFileError(SealedTorchError):
     """A key file is missing, unreadable, malformed, or would be overwritten."""
 

@@ -20,12 +20,12 @@ from . import crypto, secretfile
 from .errors import KeyFileError
 
 KEY_FILE_TYPE = "sealedtorch-model-key"
-_MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+_MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
 
 
 def validate_model_id(model_id: str) -> str:
     """Model ids are short printable names: they appear in URLs, logs and file preambles."""
-    if not isinstance(model_id, str) or not _MODEL_ID.match(model_id):
+    if not isinstance(model_id, str) or not _MODEL_ID.fullmatch(model_id):
         raise ValueError(
             f"invalid model id {model_id!r}: use 1-128 characters from A-Z a-z 0-9 . _ : / -, "
             "starting with a letter or digit")

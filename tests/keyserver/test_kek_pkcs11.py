@@ -89,7 +89,7 @@ def hsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hsm]:
     previous = os.environ.get("SOFTHSM2_CONF")
     os.environ["SOFTHSM2_CONF"] = str(conf)
     h = Hsm(module, conf, pin_file, tmp)
-    for label in ("kek-a", "kek-b", "kek-threads"):
+    for label in ("kek-a", "kek-b", "kek-threads", "kek-rows"):
         Pkcs11Kek.create(h.uri(label)).close()
     try:
         yield h
@@ -531,3 +531,71 @@ def test_kek_create_cli_and_a_rewrap_with_a_wrong_pin(hsm, tmp_path):
     assert "KekLoginError" in bad.stderr and "refused the PIN" in bad.stderr
     assert PIN not in bad.stderr
     assert dep.kek_section() == {"type": "file", "path": "kek.json"}  # nothing staged
+
+
+# --------------------------------------------------------------------------- row MACs
+
+def test_row_macs_are_made_and_checked_in_the_token(hsm):
+    kek = Pkcs11Kek(hsm.uri("kek-a"))
+    other = Pkcs11Kek(hsm.uri("kek-b"))
+    try:
+        row = b'["sealedtorch/keyserver/row/v1","models","m"]'
+        tag, again = kek.mac(row), kek.mac(row)
+        assert tag != again  # a fresh IV each time, and both verify
+        assert kek.verify_mac(row, tag) and kek.verify_mac(row, again)
+        assert not kek.verify_mac(row.replace(b'"m"', b'"n"'), tag)
+        assert not kek.verify_mac(row, tag[:-1] + bytes([tag[-1] ^ 1]))
+        assert not kek.verify_mac(row, tag[:-1])
+        assert not other.verify_mac(row, tag)  # another KEK in the same token
+        assert not kek.verify_mac(row, FileKek(crypto.generate_key()).mac(row))
+    finally:
+        kek.close()
+        other.close()
+
+
+def _db_rows(dep: Deployment, sql: str) -> list[tuple[object, ...]]:
+    conn = sqlite3.connect(f"file:{dep.data / 'keyserver.db'}?mode=ro", uri=True)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+def test_rewrap_to_the_hsm_moves_row_macs_and_tampering_stays_refused(hsm, tmp_path):
+    dep = _deployment(tmp_path)
+    target = hsm.uri("kek-rows")
+    srv = server.BackgroundServer.start(dep.init.config,
+                                        trust_sim_roots=[tmp_path / "sim" / sim.PUB_FILE])
+    ca = dep.init.ca_file
+    try:
+        key = ModelKey.generate("sealed-row-model")
+        with AdminClient.from_token_file(srv.url, ca, dep.init.admin_token_file) as admin:
+            admin.register(key, dep.policy())
+            admin.create_token("owner", "olive")
+        report = rewrap(dep.data, target, prune=True)
+        hsm_id = report.target
+        assert report.switched and report.remacced == 4  # model, key, two tokens
+        assert report.pruned  # nothing is MAC'd or wrapped under the file KEK any more
+        for table in ("models", "key_versions", "admin_tokens"):
+            assert {r[0] for r in _db_rows(dep, f"SELECT mac_kek FROM {table}")} == {hsm_id}
+        (marker,) = _db_rows(dep, "SELECT value FROM meta WHERE key = 'row_macs'")
+        assert str(marker[0]).startswith(hsm_id + " ")
+        attester = SimAttester(dep.platform, dep.measurement)
+        with AttestedKeyClient(srv.url, ca, attester) as client:
+            assert client.fetch("sealed-row-model").model_key == key
+        with AdminClient.from_token_file(srv.url, ca, dep.init.admin_token_file) as admin:
+            assert all(t["intact"] for t in admin.list_tokens())
+
+        # a database writer admits another runtime: refused by the token's GMAC check
+        evil = measure.measurement(b"not-the-owners-runtime")
+        policy = json.dumps({"allow": [{"measurement": evil.hex(), "tee": "sim"}]})
+        subprocess.run([sys.executable, "-c",
+                        "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); "
+                        "c.execute('UPDATE models SET policy = ?', (sys.argv[2],)); c.commit()",
+                        str(dep.data / "keyserver.db"), policy], check=True, timeout=60)
+        with AttestedKeyClient(srv.url, ca, SimAttester(dep.platform, evil)) as client:
+            with pytest.raises(IntegrityError):
+                client.fetch("sealed-row-model")
+    finally:
+        srv.stop()
+    assert audit.verify_chain(dep.audit_records()).ok

@@ -11,10 +11,13 @@ thread (measured ~0.3 ms a request).  Hardware evidence (which may fetch collate
 the network) and the admin API run in the thread pool.
 
 The attestation endpoints (challenge and attest) are rate limited per client address, in
-memory, per replica (:class:`RateLimiter`); a refused request is ``429`` with
-``Retry-After`` and is counted in the metrics but not audited (a flood must not grow the
-audit chain).  ``GET /metrics`` serves Prometheus text.  A database outage answers ``503``
-(``Retry-After: 1``) until the store is back.
+memory, per replica (:class:`RateLimiter`), in the request envelope *before the body is
+read or parsed*, so a malformed flood is refused as cheaply as a well-formed one; a refused
+request is ``429`` with ``Retry-After`` and is counted in the metrics but not audited (a
+flood must not grow the audit chain).  Failures of unauthenticated requests that get past
+the limiter are audited individually up to a budget per minute, then counted and
+summarised (see :class:`~.service.FailureSampler`).  ``GET /metrics`` serves Prometheus
+text.  A database outage answers ``503`` (``Retry-After: 1``) until the store is back.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ _EVENTS = (("/v1/attest/challenge", "attest.challenge"), ("/v1/attest", "attest"
            ("/v1/admin/policies", "policy.set"), ("/v1/admin/rotations", "rotate"),
            ("/v1/admin/revocations", "revoke"), ("/v1/admin/retirements", "retire"),
            ("/v1/admin/tokens/revocations", "token.revoke"),
+           ("/v1/admin/tokens/rotations", "token.rotate"),
            ("/v1/admin/tokens", "token.create"), ("/v1/admin/audit", "audit.read"))
 
 
@@ -97,6 +101,10 @@ class RateLimiter:
         return wait
 
 
+#: Rate-limited paths (the attestation endpoints) and their metric label.
+_LIMITED = {"/v1/attest/challenge": "challenge", "/v1/attest": "attest"}
+
+
 def _event_for(path: str) -> str:
     for prefix, event in _EVENTS:
         if path == prefix or path.startswith(prefix + "/"):
@@ -129,10 +137,23 @@ class _Envelope:
     Content-Length header claims, so an oversized or endless body is refused early.
     """
 
-    def __init__(self, app: ASGIApp, service: Keyserver, max_body: int) -> None:
+    def __init__(self, app: ASGIApp, service: Keyserver, max_body: int,
+                 limiter: RateLimiter | None = None) -> None:
         self.app = app
         self.service = service
         self.max_body = max_body
+        self.limiter = limiter
+
+    def _limited(self, scope: Scope, client_addr: str | None) -> tuple[str, float] | None:
+        """(endpoint, seconds to wait) if this attestation request is over its client's
+        rate; decided from the path alone, before any byte of the body is read."""
+        if self.limiter is None:
+            return None
+        endpoint = _LIMITED.get(scope.get("path", ""))
+        if endpoint is None:
+            return None
+        wait = self.limiter.wait(client_addr or "?")
+        return (endpoint, wait) if wait > 0 else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -155,6 +176,15 @@ class _Envelope:
             await send(message)
 
         try:
+            over = self._limited(scope, client_addr)
+            if over is not None:
+                endpoint, wait = over
+                self.service.metrics.rate_limited.inc(endpoint=endpoint)
+                exc_rl = RateLimited(f"too many attestation requests from this address; "
+                                     f"retry in {wait:.1f} s")
+                response = _problem_response(problem_for(exc_rl, request_id=request_id), wait)
+                await response(scope, receive, send_wrapper)
+                return
             body = await self._read_body(scope, receive)
             if body is None:
                 exc = with_status(RequestError(
@@ -241,17 +271,6 @@ def create_app(service: Keyserver, *, max_body: int = 1 << 20,
         return _problem_response(problem_for(exc, request_id=_ctx(request).request_id),
                                  getattr(exc, "retry_after", None))
 
-    def limit(request: Request, endpoint: str) -> None:
-        if limiter is None:
-            return
-        wait = limiter.wait(request.client.host if request.client else "?")
-        if wait > 0:
-            service.metrics.rate_limited.inc(endpoint=endpoint)
-            exc = RateLimited(f"too many attestation requests from this address; retry in "
-                              f"{wait:.1f} s")
-            exc.retry_after = wait  # type: ignore[attr-defined]
-            raise exc
-
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = []
@@ -304,7 +323,6 @@ def create_app(service: Keyserver, *, max_body: int = 1 << 20,
               responses={200: {"model": protocol.ChallengeResponse}},
               summary="A single-use nonce to bind into evidence")
     async def challenge(req: protocol.ChallengeRequest, request: Request) -> dict[str, str]:
-        limit(request, "challenge")
         ch = await hot(service.challenge, req.tee, _ctx(request))
         return {"nonce": protocol.b64encode(ch.nonce), "expires_at": iso(ch.expires_at)}
 
@@ -312,7 +330,6 @@ def create_app(service: Keyserver, *, max_body: int = 1 << 20,
               responses={200: {"model": protocol.AttestResponse}},
               summary="Verify evidence; answer an attestation-result token")
     async def attest(req: protocol.AttestRequest, request: Request) -> dict[str, Any]:
-        limit(request, "attest")
         if req.tee == "sim":  # one signature check: cheaper inline than a thread hop
             issued = await hot(service.attest, req, _ctx(request))
         else:  # DCAP/SNP verification may fetch collateral: keep the event loop free
@@ -420,6 +437,16 @@ def create_app(service: Keyserver, *, max_body: int = 1 << 20,
         who = admin(request, authorization, "token.revoke")
         return service.revoke_token(who, _ctx(request), req.token_id)
 
+    @app.post("/v1/admin/tokens/rotations", tags=["admin"], status_code=201,
+              response_model=protocol.TokenCreateResponse,
+              summary="Replace a token by a new one of the same identity; the old one is "
+                      "revoked (admins only)")
+    def rotate_token(req: protocol.TokenRotateRequest, request: Request,
+                     authorization: str | None = Header(None)
+                     ) -> protocol.TokenCreateResponse:
+        who = admin(request, authorization, "token.rotate")
+        return service.rotate_token(who, _ctx(request), req)
+
     @app.get("/v1/admin/audit", tags=["admin"], response_model=protocol.AuditResponse,
              summary="Audit records (admins and auditors: all; owners: their own models')")
     def read_audit(request: Request, model_id: str | None = Query(None, max_length=1024),
@@ -432,4 +459,4 @@ def create_app(service: Keyserver, *, max_body: int = 1 << 20,
         return service.read_audit(who, _ctx(request), model_id=model_id, since=since,
                                   after_seq=after_seq, limit=limit)
 
-    return _Envelope(app, service, max_body)
+    return _Envelope(app, service, max_body, limiter)

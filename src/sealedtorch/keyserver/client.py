@@ -348,10 +348,23 @@ class AdminClient:
         return result
 
     # --- tokens (admin role) and the audit log
-    def create_token(self, role: str, name: str) -> dict[str, Any]:
-        """A new token: ``{token_id, name, role, created_at, token}`` (``token`` only here)."""
-        result: dict[str, Any] = self._call("POST", "/v1/admin/tokens",
-                                            {"role": role, "name": name})
+    def create_token(self, role: str, name: str, *,
+                     expires_in: int | None = None) -> dict[str, Any]:
+        """A new token: ``{token_id, name, role, created_at, expires_at, principal_id,
+        token}`` (``token`` only here); ``expires_in`` seconds (default: 90 days)."""
+        body: dict[str, Any] = {"role": role, "name": name}
+        if expires_in is not None:
+            body["expires_in"] = expires_in
+        result: dict[str, Any] = self._call("POST", "/v1/admin/tokens", body)
+        return result
+
+    def rotate_token(self, token_id: str, *, expires_in: int | None = None) -> dict[str, Any]:
+        """The token's successor (same identity, name and role; shown once); the old one
+        is revoked."""
+        body: dict[str, Any] = {"token_id": token_id}
+        if expires_in is not None:
+            body["expires_in"] = expires_in
+        result: dict[str, Any] = self._call("POST", "/v1/admin/tokens/rotations", body)
         return result
 
     def list_tokens(self) -> list[dict[str, Any]]:

@@ -35,6 +35,9 @@ CONFIG_FORMAT = "sealedtorch-keyserver/v1"
 ADMIN_TOKEN_FILE = "admin-token"  # noqa: S105 (a file name)
 #: Per-client limit on the attestation endpoints: (requests per second, burst).
 DEFAULT_RATE_LIMIT = (50.0, 200.0)
+#: ``"required"``: this directory's store is sealed with row MACs (see :mod:`.rowmac`), so a
+#: store without its marker is refused instead of sealed again (trust on upgrade, once).
+ROW_MACS_SETTING = "row_macs"
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,28 @@ def open_store(cfg: KeyserverConfig) -> Store:
     return open_store_settings(cfg.store, cfg.data_dir)
 
 
+def set_setting(cfg: KeyserverConfig, key: str, value: Any) -> None:
+    """Set one top-level setting of ``keyserver.json`` atomically (temp file, fsync,
+    rename); every other setting is kept as it is."""
+    import os
+
+    path = cfg.data_dir / CONFIG_FILE
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    raw[key] = value
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, (json.dumps(raw, indent=2) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
 def open_kek(cfg: KeyserverConfig) -> KekProvider:
     """The configured KEKs (active + read-only fallbacks, see :class:`.kek.KekRing`),
     following later changes of this directory's configuration file."""
@@ -212,22 +237,33 @@ def init_data_dir(data_dir: Path | str, *, hostnames: tuple[str, ...] = (),
         "token_signing_key": "token-signing.key",
         "nonce_ttl": 60, "token_ttl": 300, "max_body": 1 << 20,
         "rate_limit": {"rate": DEFAULT_RATE_LIMIT[0], "burst": DEFAULT_RATE_LIMIT[1]},
+        ROW_MACS_SETTING: "required",
     }
     write_new(d / CONFIG_FILE, (json.dumps(settings, indent=2) + "\n").encode(), 0o600)
     cfg = load_config(d)
 
+    from .rowmac import META_KEY, RowIntegrity
+    from .service import TOKEN_LIFETIME
+
     token = tokens.new_admin_token()
     token_hash = tokens.admin_token_hash(token)
     store = open_store(cfg)
+    kek = open_kek(cfg)
     try:
+        rows = RowIntegrity(kek)
+        record = rows.seal_token(AdminTokenRecord(
+            tokens.admin_token_id(token_hash), "initial", "admin", now,
+            principal_id="initial", expires_at=now + TOKEN_LIFETIME, token_hash=token_hash))
         with store.transaction() as tx:
-            tx.insert_admin_token(AdminTokenRecord(tokens.admin_token_id(token_hash),
-                                                   "initial", "admin", now), token_hash)
+            tx.insert_admin_token(record, token_hash)
+            tx.set_meta(META_KEY, rows.marker())
             tx.append_audit({"time": now, "event": "keyserver.init", "decision": "ok",
                              "actor": "local", "details": {
                                  "admin_token": tokens.admin_token_id(token_hash),
-                                 "kek": open_kek(cfg).kek_id}})
+                                 "admin_token_expires_at": record.expires_at,
+                                 "kek": kek.kek_id}})
     finally:
         store.close()
+        kek.close()
     write_new(d / ADMIN_TOKEN_FILE, (token + "\n").encode())
     return InitResult(cfg, d / ADMIN_TOKEN_FILE, cfg.path(ca_path) if ca_path else None)

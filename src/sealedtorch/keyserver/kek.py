@@ -41,6 +41,7 @@ log = logging.getLogger("sealedtorch.keyserver.kek")
 
 KEK_FILE_TYPE = "sealedtorch-keyserver-kek"
 _AAD_LABEL = b"sealedtorch/model-key/v1\x00"
+_ROW_MAC_INFO = b"sealedtorch/keyserver/row-mac/v1"
 
 
 # --------------------------------------------------------------------------- errors
@@ -91,6 +92,16 @@ class KekProvider(Protocol):
         """Unwrap a record; ``kek_id`` is the id stored with it (None: unknown)."""
         ...
 
+    def mac(self, data: bytes) -> bytes:
+        """A tag over ``data`` (a store row's canonical bytes) under a key that exists only
+        inside this provider: who can write the database but not use the KEK cannot make
+        one.  Tags may be randomised; check them with :meth:`verify_mac`."""
+        ...
+
+    def verify_mac(self, data: bytes, tag: bytes) -> bool:
+        """True if ``tag`` was made by :meth:`mac` of this provider over ``data``."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -109,6 +120,8 @@ class FileKek:
         if len(kek) != crypto.KEY_SIZE:
             raise ValueError("a KEK is 32 bytes")
         self._kek = kek
+        # a sub-key for row MACs: never the KEK itself, never usable to unwrap
+        self._mac_key = crypto.hkdf_sha256(kek, salt=b"", info=_ROW_MAC_INFO)
         self.kek_id = "file:" + crypto.sha256(b"sealedtorch/kek-id/v1\x00", kek)[:8].hex()
 
     def __repr__(self) -> str:
@@ -147,6 +160,12 @@ class FileKek:
                kek_id: str | None = None) -> bytes:
         _check_kek_id(self, kek_id)
         return crypto.unwrap_key(self._kek, wrapped, key_aad(model_id, version))
+
+    def mac(self, data: bytes) -> bytes:
+        return crypto.hmac_sha256(self._mac_key, data)
+
+    def verify_mac(self, data: bytes, tag: bytes) -> bool:
+        return crypto.constant_time_equal(crypto.hmac_sha256(self._mac_key, data), tag)
 
     def close(self) -> None:
         pass
@@ -364,6 +383,20 @@ class KekRing:
                                                            version=version)
         raise IntegrityError("wrapped key fails to unwrap under every configured KEK "
                              "(wrong KEK or tampered record)")
+
+    def mac(self, data: bytes) -> bytes:
+        return self.mac_with_id(data)[0]
+
+    def mac_with_id(self, data: bytes) -> tuple[bytes, str]:
+        """A row MAC under the active KEK, and that KEK's id (stored beside the tag)."""
+        self._reload_if_changed()
+        provider = self._active
+        return provider.mac(data), provider.kek_id
+
+    def verify_mac(self, data: bytes, tag: bytes, kek_id: str | None = None) -> bool:
+        """Check a row MAC under the KEK that made it (``kek_id``; None: the active one)."""
+        provider = self._active if kek_id is None else self.provider_for(kek_id)
+        return provider.verify_mac(data, tag)
 
     def close(self) -> None:
         with self._lock:

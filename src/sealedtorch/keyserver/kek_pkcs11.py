@@ -527,6 +527,39 @@ class Pkcs11Kek:
             raise IntegrityError("unwrapped key has the wrong length")
         return bytes(plain)
 
+    def mac(self, data: bytes) -> bytes:
+        """GMAC in the token: AES-GCM of an empty plaintext with ``data`` as associated
+        data under a fresh random IV; the tag is IV ‖ 128-bit GCM tag.  (The KEK object is
+        made encrypt/decrypt only, so a MAC with the KEK itself is GCM's tag; verifying is
+        a decryption that the token refuses when the tag does not match.)"""
+        p11 = self._module.p11
+        iv = crypto.random_bytes(crypto.NONCE_SIZE)
+        params = p11.GCMParams(iv, data, _TAG_BITS)
+        try:
+            tag = self._call(lambda k: k.encrypt(b"", mechanism=p11.Mechanism.AES_GCM,
+                                                 mechanism_param=params), "mac")
+        except p11.PKCS11Error as exc:
+            raise KekUnavailable(f"{self.kek_id}: the token refused to MAC: "
+                                 f"{type(exc).__name__}") from None
+        return iv + bytes(tag)
+
+    def verify_mac(self, data: bytes, tag: bytes) -> bool:
+        p11 = self._module.p11
+        if len(tag) != crypto.NONCE_SIZE + crypto.TAG_SIZE:
+            return False
+        params = p11.GCMParams(tag[:crypto.NONCE_SIZE], data, _TAG_BITS)
+        body = tag[crypto.NONCE_SIZE:]
+        try:
+            plain = self._call(lambda k: k.decrypt(body, mechanism=p11.Mechanism.AES_GCM,
+                                                   mechanism_param=params), "verify mac")
+        except (p11.EncryptedDataInvalid, p11.EncryptedDataLenRange, p11.DataInvalid,
+                p11.GeneralError, p11.FunctionFailed):
+            return False
+        except p11.PKCS11Error as exc:
+            raise KekUnavailable(f"{self.kek_id}: the token refused to verify a MAC: "
+                                 f"{type(exc).__name__}") from None
+        return len(plain) == 0
+
     def close(self) -> None:
         with self._module.lock:
             if not self._closed:

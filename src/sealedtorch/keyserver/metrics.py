@@ -51,6 +51,14 @@ class KeyserverMetrics:
         self.unavailable = r.add(Counter(
             p + "store_unavailable_total",
             "Requests answered 503 because the database was unavailable."))
+        self.integrity_failures = r.add(Counter(
+            p + "store_integrity_failures_total",
+            "Store rows refused because they fail their MAC under the KEK (inserted or "
+            "changed behind the keyserver's back), by table.", ("table",)))
+        self.audit_suppressed = r.add(Counter(
+            p + "audit_suppressed_total",
+            "Unauthenticated failures counted but not recorded one by one (beyond the "
+            "per-window budget of individual audit records), by event.", ("event",)))
         self.nonces = r.add(Gauge(
             p + "nonces",
             "Nonces held in the store (shared by all replicas): issued, used or expired, "

@@ -14,7 +14,7 @@ import json
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from .. import crypto
 from ..errors import RequestError
@@ -174,7 +174,7 @@ class KeysResponse(_Body):
 class KeyMaterial(_Body):
     """A model key uploaded by its owner (register, rotate with an uploaded key)."""
 
-    version: int = Field(ge=1, le=2**32 - 1)
+    version: StrictInt = Field(ge=1, le=2**32 - 1)
     key: str = Field(description="the 32-byte model key, base64")
 
 
@@ -206,7 +206,8 @@ class RotateResponse(_Body):
 
 class StateChangeRequest(_Body):
     model_id: str
-    version: int | None = Field(None, description="one version; omitted: every version")
+    version: StrictInt | None = Field(None, ge=1, le=2**32 - 1,
+                                      description="one version; omitted: every version")
     reason: str = Field("", max_length=1000)
 
 
@@ -241,8 +242,19 @@ class StateChangeResponse(_Body):
 class TokenCreateRequest(_Body):
     role: AdminRole
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]*$",
-                      description="who holds it; for owners, the owner principal: every "
-                                  "owner token with this name manages the same models")
+                      description="who holds it (a label); while a valid token with this "
+                                  "name and role exists the new one joins its identity, "
+                                  "otherwise it is a new identity")
+    expires_in: StrictInt | None = Field(
+        None, ge=60, le=5 * 365 * 86400,
+        description="lifetime in seconds (default 90 days)")
+
+
+class TokenRotateRequest(_Body):
+    token_id: str = Field(max_length=64)
+    expires_in: StrictInt | None = Field(None, ge=60, le=5 * 365 * 86400,
+                                         description="the successor's lifetime in seconds "
+                                                     "(default 90 days)")
 
 
 class TokenInfo(_Body):
@@ -251,6 +263,12 @@ class TokenInfo(_Body):
     role: AdminRole
     created_at: str
     revoked_at: str | None = None
+    expires_at: str | None = Field(None, description="after this the token is refused")
+    principal_id: str | None = Field(None, description="the immutable identity the token "
+                                                       "belongs to (kept by rotation)")
+    rotated_from: str | None = Field(None, description="the token this one replaced")
+    intact: bool = Field(True, description="false: the stored row fails its MAC under the "
+                                           "KEK (changed behind the keyserver's back)")
 
 
 class TokenCreateResponse(TokenInfo):

@@ -12,6 +12,9 @@ Steps, each safe to interrupt (a rerun with the same target picks up where it st
 3. **switch** — the target becomes the active KEK; the previous one stays a read-only
    fallback.  Running servers wrap new keys under the target from their next wrap on;
 4. **sweep** — records written under the old KEK by a server between 2 and 3 are moved;
+   then every row MAC (:mod:`.rowmac`: models, key versions, admin tokens, the store's
+   marker) that verifies under an old KEK is made again under the target (a row that does
+   not verify is left alone, never blessed, and stays refused);
 5. **prune** (``--prune``) — fallbacks that no record references any more are dropped
    from the configuration (their keys or files are not destroyed: that is the owner's
    call).
@@ -43,6 +46,7 @@ from .kek import (
     open_ring,
     parse_target,
 )
+from .rowmac import META_KEY, RowIntegrity, seal_all
 from .store import KeyRecord
 
 LOCK_FILE = "rewrap.lock"
@@ -59,6 +63,7 @@ class RewrapReport:
     staged: bool = False              # the target was added to the configuration now
     switched: bool = False            # the target became the active KEK now
     pruned: list[str] = field(default_factory=list)
+    remacced: int = 0                 # row MACs moved to the target
     usage: dict[str | None, int] = field(default_factory=dict)  # records per kek id at the end
 
 
@@ -212,6 +217,8 @@ def _rewrap(cfg: KeyserverConfig, spec: dict[str, Any], new: KekProvider, ring: 
             ring.reload()
             report.switched = True
         _move_all(store, ring, new, report, total, progress, batch, clock)  # the sweep
+        if report.switched or ring.kek_id == new.kek_id:
+            report.remacced = _remac(store, ring)
     except SealedTorchError as exc:
         audit("kek.rewrap.done", ERROR, to=new.kek_id, moved=report.moved,
               problem=exc.problem_type, reasons=[str(exc)])
@@ -220,7 +227,12 @@ def _rewrap(cfg: KeyserverConfig, spec: dict[str, Any], new: KekProvider, ring: 
         report.usage = tx.kek_usage()
     if prune:
         section = _read_raw(cfg)["kek"]
-        keep = [f for f in section.get("fallback") or [] if report.usage.get(f.get("kek_id"))]
+        with store.snapshot() as tx:
+            macs = tx.mac_usage()
+            marker = tx.get_meta(META_KEY) or ""
+        keep = [f for f in section.get("fallback") or []
+                if report.usage.get(f.get("kek_id")) or macs.get(f.get("kek_id"))
+                or marker.startswith(f"{f.get('kek_id')} ")]
         report.pruned = [str(f.get("kek_id")) for f in section.get("fallback") or []
                          if f not in keep]
         if report.pruned:
@@ -229,6 +241,7 @@ def _rewrap(cfg: KeyserverConfig, spec: dict[str, Any], new: KekProvider, ring: 
                 pruned["fallback"] = keep
             write_kek_section(cfg, pruned)
     audit("kek.rewrap.done", to=new.kek_id, moved=report.moved, skipped=report.skipped,
+          remacced=report.remacced,
           switched=report.switched, pruned=report.pruned,
           usage={str(k): n for k, n in report.usage.items()})
     return report
@@ -272,6 +285,19 @@ def _move_all(store: Any, ring: KekRing, new: KekProvider, report: RewrapReport,
             else:
                 report.skipped += 1
         idle = 0 if changed else idle + 1  # all changed under us: look again
+
+
+def _remac(store: Any, ring: KekRing) -> int:
+    """Row MACs and the store's marker under the ring's (new) active KEK; rows that do not
+    verify under the KEK they name are not touched."""
+    rows = RowIntegrity(ring)
+    with store.transaction() as tx:
+        n = seal_all(tx, rows, only_unsealed=False)
+        marker = tx.get_meta(META_KEY)
+        if marker is not None and not marker.startswith(ring.kek_id + " ") \
+                and rows.marker_ok(marker):
+            tx.set_meta(META_KEY, rows.marker())
+    return n
 
 
 # --------------------------------------------------------------------------- status

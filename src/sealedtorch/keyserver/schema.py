@@ -90,6 +90,31 @@ _BASE_POSTGRES = (
     "FOR EACH STATEMENT EXECUTE FUNCTION sealedtorch_audit_append_only()",
 )
 
+#: Lifetime given at upgrade (migration 3) to admin tokens made before tokens expired
+#: (the 7776000 in its statements).
+TOKEN_UPGRADE_LIFETIME = 90 * 86400
+
+# Migration 3, the statements both dialects share.  ``ADD COLUMN`` without ``IF NOT EXISTS``
+# is what SQLite accepts; PostgreSQL applies migrations once under its advisory lock.
+_INTEGRITY_COMMON = (
+    "ALTER TABLE models ADD COLUMN owner_id TEXT",
+    "ALTER TABLE models ADD COLUMN mac_kek TEXT",
+    "ALTER TABLE key_versions ADD COLUMN mac_kek TEXT",
+    "ALTER TABLE admin_tokens ADD COLUMN principal_id TEXT",
+    "ALTER TABLE admin_tokens ADD COLUMN rotated_from TEXT",
+    "ALTER TABLE admin_tokens ADD COLUMN mac_kek TEXT",
+)
+# Identities made before migration 3 were their names: their immutable id is that name.
+# Later identities get their name as id too, unless an identity with that id existed
+# before (then ``NAME#2``, ``NAME#3``…; no name holds ``#``), so a new token with a revoked
+# owner's name is another principal.  The owner column of audit records holds this id.
+_INTEGRITY_BACKFILL = (
+    "UPDATE admin_tokens SET principal_id = name WHERE principal_id IS NULL",
+    "UPDATE models SET owner_id = owner WHERE owner_id IS NULL AND owner IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS models_owner_id ON models (owner_id, model_id)",
+    "CREATE INDEX IF NOT EXISTS admin_tokens_principal ON admin_tokens (principal_id)",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "base: models, key versions, nonces, admin tokens, audit chain",
               _BASE_SQLITE, _BASE_POSTGRES),
@@ -108,6 +133,29 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE audit ADD COLUMN IF NOT EXISTS owner TEXT",
             "CREATE INDEX IF NOT EXISTS audit_owner ON audit (owner, seq)",
             "CREATE INDEX IF NOT EXISTS admin_tokens_name ON admin_tokens (name)",
+        )),
+    Migration(
+        3, "integrity: row MACs under the KEK, immutable owner ids, token expiry",
+        sqlite=(
+            *_INTEGRITY_COMMON,
+            "ALTER TABLE admin_tokens ADD COLUMN expires_at REAL",
+            "ALTER TABLE admin_tokens ADD COLUMN row_mac BLOB",
+            "ALTER TABLE models ADD COLUMN row_mac BLOB",
+            "ALTER TABLE key_versions ADD COLUMN row_mac BLOB",
+            # trust on upgrade: tokens made before expiry existed get the default lifetime
+            "UPDATE admin_tokens SET expires_at = CAST(strftime('%s', 'now') AS REAL) + "
+            "7776000 WHERE expires_at IS NULL",
+            *_INTEGRITY_BACKFILL,
+        ),
+        postgres=(
+            *_INTEGRITY_COMMON,
+            "ALTER TABLE admin_tokens ADD COLUMN IF NOT EXISTS expires_at DOUBLE PRECISION",
+            "ALTER TABLE admin_tokens ADD COLUMN IF NOT EXISTS row_mac BYTEA",
+            "ALTER TABLE models ADD COLUMN IF NOT EXISTS row_mac BYTEA",
+            "ALTER TABLE key_versions ADD COLUMN IF NOT EXISTS row_mac BYTEA",
+            "UPDATE admin_tokens SET expires_at = extract(epoch from now()) + 7776000 "
+            "WHERE expires_at IS NULL",
+            *_INTEGRITY_BACKFILL,
         )),
 )
 

@@ -27,7 +27,15 @@ from ..attest import sim
 from ..errors import ConfigError
 from . import tls
 from .app import RateLimit, create_app
-from .config import KeyserverConfig, load_config, open_kek, open_store, with_database
+from .config import (
+    ROW_MACS_SETTING,
+    KeyserverConfig,
+    load_config,
+    open_kek,
+    open_store,
+    set_setting,
+    with_database,
+)
 from .service import Clock, Keyserver
 from .tokens import TokenSigner
 
@@ -83,10 +91,21 @@ def build_keyserver(cfg: KeyserverConfig, *, trust_sim_roots: Sequence[Path | st
     verifier = attest.VerifierConfig(
         sim_platform_keys=roots, pccs_url=cfg.pccs_url, kds_url=cfg.kds_url,
         cache_dir=cfg.data_dir / "cache")
-    return Keyserver(store=open_store(cfg), kek=open_kek(cfg),
-                     signer=TokenSigner.load(cfg.path(cfg.token_signing_key)),
-                     verifier=verifier, clock=clock, nonce_ttl=cfg.nonce_ttl,
-                     token_ttl=cfg.token_ttl)
+    service = Keyserver(store=open_store(cfg), kek=open_kek(cfg),
+                        signer=TokenSigner.load(cfg.path(cfg.token_signing_key)),
+                        verifier=verifier, clock=clock, nonce_ttl=cfg.nonce_ttl,
+                        token_ttl=cfg.token_ttl)
+    try:
+        # rows written before row MACs are sealed once (trust on upgrade); afterwards this
+        # data directory requires a sealed store
+        service.prepare_store(allow_upgrade=cfg.extra.get(ROW_MACS_SETTING) != "required")
+        if cfg.extra.get(ROW_MACS_SETTING) != "required":
+            set_setting(cfg, ROW_MACS_SETTING, "required")
+    except BaseException:
+        service.store.close()
+        service.kek.close()
+        raise
+    return service
 
 
 def parse_listen(listen: str) -> tuple[str, int]:

@@ -18,8 +18,10 @@ concerns, which decides which owner may read it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +41,7 @@ from ..errors import (
     RequestError,
     SealedTorchError,
     ServiceUnavailable,
+    StoreIntegrityError,
 )
 from ..keys import ModelKey, validate_model_id
 from . import audit, protocol
@@ -47,6 +50,7 @@ from .kek import KekProvider
 from .metrics import KeyserverMetrics
 from .problems import with_status
 from .protocol import AdminRole, Role, b64decode
+from .rowmac import META_KEY, RowIntegrity, seal_all
 from .store import (
     AdminTokenRecord,
     KeyRecord,
@@ -74,7 +78,72 @@ NONCE_RETENTION = 3600.0
 _PURGE_EVERY = 30.0
 #: Audit records one ``GET /v1/admin/audit`` answers at most.
 AUDIT_PAGE_MAX = 10_000
-_TOKEN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+_TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+#: Default lifetime of an admin, owner or auditor token (``tokens create --expires``).
+TOKEN_LIFETIME = 90 * 86400.0
+#: The longest lifetime a token may be given.
+TOKEN_LIFETIME_MAX = 5 * 365 * 86400.0
+
+
+#: Unauthenticated failures audited one record each per window; the rest are counted.
+FAILURE_BUDGET = 100
+FAILURE_WINDOW = 60.0
+
+
+class FailureSampler:
+    """Decides which failures of *unauthenticated* requests get their own durable audit
+    record: the first ``budget`` in each ``window`` seconds (per replica); the others are
+    only counted (metrics) and, when the window closes, one summary record lists how many
+    of each (event, problem) were left out.  So a flood of malformed or unauthenticated
+    requests grows the audit log by at most ``budget + 1`` records a window, whatever its
+    size, while authenticated failures (and every integrity failure) are always recorded.
+    """
+
+    def __init__(self, budget: int = FAILURE_BUDGET, window: float = FAILURE_WINDOW,
+                 clock: Clock = time.monotonic) -> None:
+        self.budget = budget
+        self.window = window
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._start: float | None = None
+        self._recorded = 0
+        self._suppressed: dict[tuple[str, str], int] = {}
+
+    def admit(self, event: str, problem: str) -> tuple[bool, dict[str, Any] | None]:
+        """(record this one?, the summary of a window that just closed, if any)."""
+        now = self.clock()
+        with self._lock:
+            summary = None
+            if self._start is None or now - self._start >= self.window:
+                summary = self._close()
+                self._start = now
+            if self._recorded < self.budget:
+                self._recorded += 1
+                return True, summary
+            key = (event, problem)
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return False, summary
+
+    def flush(self) -> dict[str, Any] | None:
+        """The summary of the current window if it has ended (else None)."""
+        with self._lock:
+            if self._start is None or self.clock() - self._start < self.window:
+                return None
+            summary = self._close()
+            self._start = None
+            return summary
+
+    def _close(self) -> dict[str, Any] | None:
+        suppressed, self._suppressed, self._recorded = self._suppressed, {}, 0
+        if not suppressed:
+            return None
+        return {"event": "audit.failures.suppressed", "decision": DENY,
+                "window_seconds": self.window, "recorded": self.budget,
+                "suppressed_total": sum(suppressed.values()),
+                "suppressed": [{"event": e, "problem": p, "count": n}
+                               for (e, p), n in sorted(suppressed.items())],
+                "reasons": [f"unauthenticated failures beyond {self.budget} a window are "
+                            f"counted, not recorded one by one"]}
 
 
 @dataclass(frozen=True)
@@ -145,6 +214,49 @@ class Keyserver:
         self.token_ttl = token_ttl
         self._policies: dict[str, Policy] = {}
         self._last_purge = 0.0
+        self.rows = RowIntegrity(kek, on_failure=self._integrity_failure)
+        self.failures = FailureSampler()
+
+    def _integrity_failure(self, table: str) -> None:
+        self.metrics.integrity_failures.inc(table=table)
+
+    # ------------------------------------------------------------------ store integrity
+
+    def prepare_store(self, *, allow_upgrade: bool) -> int:
+        """Make sure every row that decides who gets a key is sealed under the KEK.
+
+        A store whose marker (a MAC'd ``meta`` row) is valid is ready.  A store without it
+        was written by a sealedtorch before row MACs: with ``allow_upgrade`` its rows are
+        sealed now, as they are (trust on upgrade: whatever they say at this moment is
+        taken as genuine), audited, and the marker written; without, it is refused (the
+        data directory says its store was sealed already, so a missing marker means
+        someone removed it).  Returns how many rows were sealed."""
+        with self.store.transaction() as tx:
+            value = tx.get_meta(META_KEY)
+            if value is not None:
+                if not self.rows.marker_ok(value):
+                    self._integrity_failure("meta")
+                    raise StoreIntegrityError("the store's row-MAC marker fails its MAC "
+                                              "under the KEK (changed behind the "
+                                              "keyserver's back, or another KEK)",
+                                              table="meta")
+                return 0
+            if not allow_upgrade:
+                self._integrity_failure("meta")
+                raise StoreIntegrityError(
+                    "the store has no row-MAC marker, but this data directory's store was "
+                    "sealed before (keyserver.json: row_macs=required): someone removed it; "
+                    "refusing to seal rows that may have been changed", table="meta")
+            sealed = seal_all(tx, self.rows, only_unsealed=True)
+            tx.set_meta(META_KEY, self.rows.marker())
+            tx.append_audit({"time": self.clock(), "event": "store.integrity.upgrade",
+                             "decision": OK, "actor": "local", "sealed_rows": sealed,
+                             "kek": self.rows.kek.kek_id,
+                             "reasons": ["rows written before row MACs sealed as they are "
+                                         "(trust on upgrade)"]})
+        log.warning("store integrity: sealed %d existing rows under the KEK (trust on "
+                    "upgrade)", sealed, extra={"fields": {"sealed_rows": sealed}})
+        return sealed
 
     # ------------------------------------------------------------------ audit helpers
 
@@ -167,6 +279,14 @@ class Keyserver:
                                           exc.problem_type,
                                           "request_id": entry.get("request_id")}})
             return
+        if _unauthenticated(entry, exc):
+            record, summary = self.failures.admit(str(entry.get("event")), exc.problem_type)
+            if summary is not None:
+                self._write_summary(summary)
+            if not record:  # counted, not recorded: a flood costs the log nothing
+                self.metrics.record(entry)
+                self.metrics.audit_suppressed.inc(event=str(entry.get("event")))
+                return
         try:
             self._audit(entry)
         except ServiceUnavailable as store_exc:  # the refusal stands all the same
@@ -200,8 +320,26 @@ class Keyserver:
     def record_request_error(self, ctx: RequestContext, event: str,
                              exc: SealedTorchError) -> None:
         """Audit a request the HTTP layer refused before it reached an operation (malformed
-        JSON, an oversized body, ...)."""
-        self._audit_failure(self._entry(ctx, event), exc)
+        JSON, an oversized body, ...): nobody was authenticated yet, so it is sampled."""
+        self._audit_failure(self._entry(ctx, event, unauthenticated=True), exc)
+
+    def _write_summary(self, summary: dict[str, Any]) -> None:
+        summary = {"time": self.clock(), **summary}
+        try:
+            self._audit(summary)
+        except Exception:  # the counters still hold the numbers
+            log.exception("could not write the summary of suppressed failures")
+            return
+        log.warning("%d unauthenticated failures were counted, not recorded one by one",
+                    summary["suppressed_total"],
+                    extra={"fields": {"event": summary["event"],
+                                      "suppressed": summary["suppressed"]}})
+
+    def flush_failures(self) -> None:
+        """Write the summary of a closed window of suppressed failures (if any)."""
+        summary = self.failures.flush()
+        if summary is not None:
+            self._write_summary(summary)
 
     # ------------------------------------------------------------------ attestation
 
@@ -387,7 +525,8 @@ class Keyserver:
         model = tx.get_model(model_id)
         if model is None:
             raise KeyUnavailable(f"unknown model {model_id!r}")
-        entry.update(policy_digest=model.policy_digest, owner=model.owner)
+        entry.update(policy_digest=model.policy_digest, owner=model.owner_id)
+        self.rows.check_model(model)
         decision = self._decide(model, tok)
         entry["reasons"] = list(decision.reasons)
         decision.raise_if_denied()
@@ -409,6 +548,7 @@ class Keyserver:
                     f"{' or '.join(states)}"), 410)
             key = active[-1]
         entry["version"] = key.version
+        self.rows.check_key(key)
         return _Grant(model, key, self._unwrap(key))
 
     def _release_all(self, tok: AttestationToken, entry: dict[str, Any]) -> list[_Grant]:
@@ -419,6 +559,17 @@ class Keyserver:
         try:
             with self.store.transaction() as tx:
                 for model in tx.list_models():
+                    try:
+                        self.rows.check_model(model)
+                    except StoreIntegrityError as exc:
+                        # refused for everyone, audited; the other models are still served
+                        broken = dict(entry, model_id=model.model_id, owner=model.owner_id,
+                                      policy_digest=model.policy_digest, decision=ERROR,
+                                      problem=exc.problem_type, reasons=_fail_reasons(exc))
+                        tx.append_audit(broken)
+                        records.append(broken)
+                        failure = failure or exc
+                        continue
                     decision = self._decide(model, tok)
                     if not decision.allowed:
                         withheld.append({"model_id": model.model_id,
@@ -429,10 +580,12 @@ class Keyserver:
                               if k.state is KeyState.ACTIVE]
                     if not active:
                         continue
-                    rec = dict(entry, model_id=model.model_id, owner=model.owner,
+                    rec = dict(entry, model_id=model.model_id, owner=model.owner_id,
                                versions=[k.version for k in active],
                                policy_digest=model.policy_digest, reasons=list(decision.reasons))
                     try:
+                        for k in active:
+                            self.rows.check_key(k)
                         grants.extend(_Grant(model, k, self._unwrap(k)) for k in active)
                         rec["decision"] = ALLOW
                     except SealedTorchError as exc:
@@ -453,7 +606,7 @@ class Keyserver:
             raise
         for rec in records:
             self._log(rec)
-        if failure is not None:
+        if failure is not None and not (isinstance(failure, StoreIntegrityError) and grants):
             raise failure
         return grants
 
@@ -471,9 +624,14 @@ class Keyserver:
                 record = tx.admin_token(token_hash)
             if record is None:
                 raise AuthenticationError("unknown admin token")
+            self.rows.check_token(record)
             if record.revoked_at is not None:
                 raise AuthenticationError(f"admin token {record.token_id} was revoked")
-        except AuthenticationError as exc:
+            if record.expires_at is not None and self.clock() >= record.expires_at:
+                raise AuthenticationError(
+                    f"admin token {record.token_id} expired at {audit.iso(record.expires_at)}"
+                    f"; an admin can issue its successor with `keyserver tokens rotate`")
+        except (AuthenticationError, StoreIntegrityError) as exc:
             self._audit_failure(self._entry(ctx, "admin.denied", action=action), exc)
             raise
         return record
@@ -501,16 +659,16 @@ class Keyserver:
             raise ForbiddenError(f"a {who.role} token may not {action} (needs "
                                  f"{' or '.join(r.value for r in roles)})")
 
-    @staticmethod
-    def _owned(tx: StoreTx, who: AdminTokenRecord, model_id: str,
+    def _owned(self, tx: StoreTx, who: AdminTokenRecord, model_id: str,
                entry: dict[str, Any]) -> ModelRecord:
         """The model, if this token may manage it.  For an owner, another owner's model
         is indistinguishable from an unknown one (same 404, same text); the audit record of
         the attempt says what happened and is readable by admins and auditors only."""
         model = tx.get_model(model_id)
-        if model is not None and (who.role != AdminRole.OWNER or model.owner == who.name):
-            entry["owner"] = model.owner
-            return model
+        if model is not None and (who.role != AdminRole.OWNER
+                                  or model.owner_id == _principal(who)):
+            entry["owner"] = model.owner_id
+            return self.rows.check_model(model)
         exc = KeyUnavailable(f"unknown model {str(model_id)[:128]!r}")
         if model is not None:
             exc.audit_reasons = [  # type: ignore[attr-defined]
@@ -534,18 +692,22 @@ class Keyserver:
                 exc = ConflictError(
                     f"model id {model_id!r} is already registered (model ids are unique on "
                     f"a keyserver: if it is not yours, choose another)")
-                if existing.owner == admin.name:
-                    entry["owner"] = admin.name
+                if existing.owner_id == _principal(admin):
+                    entry["owner"] = existing.owner_id
                 else:
                     exc.audit_reasons = [  # type: ignore[attr-defined]
                         f"model {model_id!r} belongs to another owner"]
                 raise exc
             now = self.clock()
             owner = admin.name if admin.role == AdminRole.OWNER else None
-            model = ModelRecord(model_id, policy.to_json(), policy.digest(), now, now, owner)
+            owner_id = _principal(admin) if admin.role == AdminRole.OWNER else None
+            model = self.rows.seal_model(ModelRecord(model_id, policy.to_json(),
+                                                     policy.digest(), now, now, owner,
+                                                     owner_id))
             tx.insert_model(model)
-            tx.insert_key(self._wrapped(key, now))
-            entry.update(version=key.version, policy_digest=model.policy_digest, owner=owner)
+            tx.insert_key(self.rows.seal_key(self._wrapped(key, now)))
+            entry.update(version=key.version, policy_digest=model.policy_digest,
+                         owner=owner_id)
             return _model_info(model, tx.key_versions(model_id))
 
         result: protocol.ModelInfo = self._admin_write(entry, body)
@@ -561,7 +723,11 @@ class Keyserver:
             policy = load_policy(req.policy)
             entry.update(previous_policy_digest=model.policy_digest,
                          policy_digest=policy.digest())
-            tx.update_policy(model.model_id, policy.to_json(), policy.digest(), self.clock())
+            now = self.clock()
+            sealed = self.rows.seal_model(dataclasses.replace(
+                model, policy=policy.to_json(), policy_digest=policy.digest(), updated_at=now))
+            tx.update_policy(model.model_id, policy.to_json(), policy.digest(), now,
+                             row_mac=sealed.row_mac, mac_kek=sealed.mac_kek)
             updated = tx.get_model(model.model_id)
             assert updated is not None
             return _model_info(updated, tx.key_versions(model.model_id))
@@ -600,7 +766,7 @@ class Keyserver:
                 sealed = crypto.hpke_seal(recipient, key.secret,
                                           info=protocol.rotate_info(key.model_id, key.version))
                 entry["source"] = "generated"
-            tx.insert_key(self._wrapped(key, now))
+            tx.insert_key(self.rows.seal_key(self._wrapped(key, now)))
             entry.update(version=key.version, policy_digest=model.policy_digest)
             return protocol.RotateResponse(
                 model_id=key.model_id, version=key.version,
@@ -639,8 +805,10 @@ class Keyserver:
                                         f"{event}")
             now = self.clock()
             for key in targets:
+                sealed = self.rows.seal_key(dataclasses.replace(key, state=state))
                 tx.set_key_state(model.model_id, key.version, state, now, req.reason,
-                                 erase=state is KeyState.RETIRED)
+                                 erase=state is KeyState.RETIRED, row_mac=sealed.row_mac,
+                                 mac_kek=sealed.mac_kek)
             changed = [k.version for k in targets]
             entry.update(versions=changed, policy_digest=model.policy_digest)
             return protocol.StateChangeResponse(model_id=model.model_id, changed=changed,
@@ -659,10 +827,12 @@ class Keyserver:
             if model_id is not None:
                 models = [self._owned(tx, admin, model_id, entry)]
             elif admin.role == AdminRole.OWNER:
-                entry["owner"] = admin.name
-                models = tx.list_models(owner=admin.name)
+                entry["owner"] = _principal(admin)
+                models = tx.list_models(owner_id=_principal(admin))
             else:
                 models = tx.list_models()
+            for m in models:
+                self.rows.check_model(m)
             return [_model_info(m, tx.key_versions(m.model_id)) for m in models]
 
         result: list[protocol.ModelInfo] = self._admin_write(entry, body)
@@ -673,28 +843,87 @@ class Keyserver:
     def create_token(self, admin: AdminTokenRecord, ctx: RequestContext,
                      req: protocol.TokenCreateRequest) -> protocol.TokenCreateResponse:
         """A new admin/owner/auditor token (admins only).  The token is in the answer once;
-        the store keeps its hash.  Owner tokens with the same name manage the same models
-        (a second token for an owner is how its credentials are rotated)."""
+        the store keeps its hash.  It expires after ``expires_in`` seconds (default 90
+        days).  The token belongs to an identity (``principal_id``, immutable): while a
+        valid token of this name and role exists, the new one joins that identity (a second
+        credential for the same owner); otherwise it is a *new* identity, so a name whose
+        tokens were all revoked or expired never hands their models to whoever gets the
+        name next."""
         entry = self._admin_entry(admin, ctx, "token.create", token_role=str(req.role),
                                   token_name=str(req.name)[:64])
 
         def body(tx: StoreTx, entry: dict[str, Any]) -> protocol.TokenCreateResponse:
             self._require(admin, "create tokens", AdminRole.ADMIN)
             role = AdminRole(req.role)
-            if not _TOKEN_NAME.match(req.name):
+            if not _TOKEN_NAME.fullmatch(req.name):
                 raise RequestError("token name: 1-64 characters, letters, digits and ._@- "
                                    "(starting with a letter or digit)")
-            clash = next((t for t in tx.list_admin_tokens()
-                          if t.name == req.name and t.role != role), None)
+            now = self.clock()
+            lifetime = _lifetime(req.expires_in)
+            existing = tx.list_admin_tokens()
+            clash = next((t for t in existing if t.name == req.name and t.role != role), None)
             if clash is not None:
                 raise ConflictError(f"the name {req.name!r} already belongs to a {clash.role} "
                                     f"token; one name, one role")
+            live = next((t for t in existing if t.name == req.name and t.role == role
+                         and self._live(t, now)), None)
+            if live is not None:
+                principal = _principal(live)
+            else:
+                taken = {_principal(t) for t in existing}
+                principal, n = req.name, 1
+                while principal in taken:
+                    n += 1
+                    principal = f"{req.name}#{n}"
             token = new_admin_token()
             token_hash = admin_token_hash(token)
-            record = AdminTokenRecord(admin_token_id(token_hash), req.name, role.value,
-                                      self.clock())
+            record = self.rows.seal_token(AdminTokenRecord(
+                admin_token_id(token_hash), req.name, role.value, now,
+                principal_id=principal, expires_at=now + lifetime, token_hash=token_hash))
             tx.insert_admin_token(record, token_hash)
-            entry["token_id"] = record.token_id
+            entry.update(token_id=record.token_id, principal_id=principal,
+                         expires_at=record.expires_at)
+            return protocol.TokenCreateResponse(token=token, **_token_info(record).model_dump())
+
+        result: protocol.TokenCreateResponse = self._admin_write(entry, body)
+        return result
+
+    def _live(self, t: AdminTokenRecord, now: float) -> bool:
+        """Not revoked, not expired, and its row verifies."""
+        return (t.revoked_at is None and (t.expires_at is None or now < t.expires_at)
+                and self.rows.token_ok(t))
+
+    def rotate_token(self, admin: AdminTokenRecord, ctx: RequestContext,
+                     req: protocol.TokenRotateRequest) -> protocol.TokenCreateResponse:
+        """The successor of a token (admins only): same identity, name and role, a fresh
+        secret and expiry; the old token is revoked in the same transaction.  Works on an
+        expired token too (that is how an expired credential is renewed), never on a
+        revoked one."""
+        entry = self._admin_entry(admin, ctx, "token.rotate", token_id=str(req.token_id)[:64])
+
+        def body(tx: StoreTx, entry: dict[str, Any]) -> protocol.TokenCreateResponse:
+            self._require(admin, "rotate tokens", AdminRole.ADMIN)
+            old = tx.admin_token_by_id(req.token_id)
+            if old is None:
+                raise KeyUnavailable(f"unknown token {str(req.token_id)[:64]!r}")
+            self.rows.check_token(old)
+            if old.revoked_at is not None:
+                raise ConflictError(f"token {old.token_id} is revoked; a revoked identity "
+                                    f"cannot be rotated (create a new token)")
+            now = self.clock()
+            lifetime = _lifetime(req.expires_in)
+            token = new_admin_token()
+            token_hash = admin_token_hash(token)
+            record = self.rows.seal_token(AdminTokenRecord(
+                admin_token_id(token_hash), old.name, old.role, now,
+                principal_id=_principal(old), expires_at=now + lifetime,
+                token_hash=token_hash, rotated_from=old.token_id))
+            tx.insert_admin_token(record, token_hash)
+            revoked = self.rows.seal_token(dataclasses.replace(old, revoked_at=now))
+            tx.revoke_admin_token(old.token_id, now, row_mac=revoked.row_mac,
+                                  mac_kek=revoked.mac_kek)
+            entry.update(new_token_id=record.token_id, token_name=old.name,
+                         principal_id=_principal(old), expires_at=record.expires_at)
             return protocol.TokenCreateResponse(token=token, **_token_info(record).model_dump())
 
         result: protocol.TokenCreateResponse = self._admin_write(entry, body)
@@ -706,7 +935,8 @@ class Keyserver:
 
         def body(tx: StoreTx, entry: dict[str, Any]) -> list[protocol.TokenInfo]:
             self._require(admin, "list tokens", AdminRole.ADMIN)
-            return [_token_info(t) for t in tx.list_admin_tokens()]
+            return [_token_info(t, intact=self.rows.token_ok(t))
+                    for t in tx.list_admin_tokens()]
 
         result: list[protocol.TokenInfo] = self._admin_write(entry, body)
         return result
@@ -724,11 +954,15 @@ class Keyserver:
                 raise KeyUnavailable(f"unknown token {str(token_id)[:64]!r}")
             if target.revoked_at is not None:
                 raise ConflictError(f"token {token_id} is already revoked")
+            now = self.clock()
             if target.role == AdminRole.ADMIN and not any(
-                    t.role == AdminRole.ADMIN and t.revoked_at is None
+                    t.role == AdminRole.ADMIN and self._live(t, now)
                     and t.token_id != token_id for t in tx.list_admin_tokens()):
                 raise ConflictError("refusing to revoke the last valid admin token")
-            tx.revoke_admin_token(token_id, self.clock())
+            # revoking is allowed even for a row that fails its MAC (it only takes rights)
+            revoked = self.rows.seal_token(dataclasses.replace(target, revoked_at=now))
+            tx.revoke_admin_token(token_id, now, row_mac=revoked.row_mac,
+                                  mac_kek=revoked.mac_kek)
             updated = tx.admin_token_by_id(token_id)
             assert updated is not None
             entry["token_name"] = updated.name
@@ -749,7 +983,7 @@ class Keyserver:
         def body(tx: StoreTx, entry: dict[str, Any]) -> protocol.AuditResponse:
             self._require(admin, "read the audit log", AdminRole.ADMIN, AdminRole.AUDITOR,
                           AdminRole.OWNER)
-            owner = admin.name if admin.role == AdminRole.OWNER else None
+            owner = _principal(admin) if admin.role == AdminRole.OWNER else None
             if owner is not None:
                 entry["owner"] = owner
             count = max(1, min(int(limit), AUDIT_PAGE_MAX))
@@ -781,6 +1015,10 @@ class Keyserver:
         """Prometheus text: this replica's counters, and gauges read from the store now."""
         m = self.metrics
         try:
+            self.flush_failures()
+        except Exception:
+            log.exception("metrics: flushing suppressed failures failed")
+        try:
             with self.store.snapshot() as tx:
                 nonces = tx.count_nonces()
                 length, _ = tx.audit_head()
@@ -796,13 +1034,44 @@ class Keyserver:
 # ---------------------------------------------------------------------- helpers
 
 _TEE_VALUES = frozenset(t.value for t in Tee)
+#: Events whose caller has proven nothing yet (their failures are sampled).
+_UNAUTHENTICATED_EVENTS = frozenset({"attest", "attest.challenge"})
 
 
-def _token_info(t: AdminTokenRecord) -> protocol.TokenInfo:
+def _unauthenticated(entry: dict[str, Any], exc: SealedTorchError) -> bool:
+    """A failure of a caller who has not authenticated: malformed requests, attestation
+    attempts, bad bearer tokens.  Never an integrity failure, never a caller whose token
+    verified (those are always recorded)."""
+    if isinstance(exc, StoreIntegrityError):
+        return False
+    if entry.get("unauthenticated") or entry.get("event") in _UNAUTHENTICATED_EVENTS:
+        return True
+    return type(exc) is AuthenticationError  # a missing/forged/expired/revoked token
+
+
+def _token_info(t: AdminTokenRecord, *, intact: bool = True) -> protocol.TokenInfo:
     return protocol.TokenInfo(token_id=t.token_id, name=t.name, role=AdminRole(t.role),
                               created_at=audit.iso(t.created_at),
                               revoked_at=audit.iso(t.revoked_at)
-                              if t.revoked_at is not None else None)
+                              if t.revoked_at is not None else None,
+                              expires_at=audit.iso(t.expires_at)
+                              if t.expires_at is not None else None,
+                              principal_id=_principal(t), rotated_from=t.rotated_from,
+                              intact=intact)
+
+
+def _principal(t: AdminTokenRecord) -> str:
+    """The token's immutable identity (rows from before migration 3 got their name)."""
+    return t.principal_id if t.principal_id is not None else t.name
+
+
+def _lifetime(expires_in: float | None) -> float:
+    if expires_in is None:
+        return TOKEN_LIFETIME
+    if not 60 <= expires_in <= TOKEN_LIFETIME_MAX:
+        raise RequestError(f"expires_in: a token lives between 60 s and "
+                           f"{int(TOKEN_LIFETIME_MAX // 86400)} days")
+    return float(expires_in)
 
 
 def _parse_tee(tee: str) -> Tee:

@@ -26,6 +26,7 @@ import logging
 import sqlite3
 import threading
 import time
+import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -41,8 +42,12 @@ log = logging.getLogger("sealedtorch.keyserver")
 SCHEMA_VERSION = schema.LATEST
 
 
-_MODEL_COLUMNS = "model_id, policy, policy_digest, created_at, updated_at, owner"
-_TOKEN_COLUMNS = "token_id, name, role, created_at, revoked_at"  # noqa: S105
+_MODEL_COLUMNS = ("model_id, policy, policy_digest, created_at, updated_at, owner, owner_id, "
+                  "row_mac, mac_kek")
+_KEY_COLUMNS = ("model_id, version, state, wrapped, kek_id, created_at, changed_at, reason, "
+                "row_mac, mac_kek")
+_TOKEN_COLUMNS = ("token_id, name, role, created_at, revoked_at, principal_id, "  # noqa: S105
+                  "expires_at, token_hash, rotated_from, row_mac, mac_kek")
 
 
 class StoreUnavailable(ServiceUnavailable):
@@ -63,9 +68,15 @@ class ModelRecord:
     policy_digest: str
     created_at: float
     updated_at: float
-    #: The owner principal (an owner token's name) that registered the model; ``None``:
+    #: The owner principal's name (a label) that registered the model; ``None``:
     #: registered by an admin (only admins see it).
     owner: str | None = None
+    #: The owner principal's immutable id: what decides who manages the model (a new
+    #: token with a revoked owner's name is another principal and never matches).
+    owner_id: str | None = None
+    #: MAC of the row under the KEK ``mac_kek`` (see :mod:`.rowmac`); None: not sealed.
+    row_mac: bytes | None = field(default=None, repr=False)
+    mac_kek: str | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +89,8 @@ class KeyRecord:
     created_at: float
     changed_at: float | None = None
     reason: str | None = None
+    row_mac: bytes | None = field(default=None, repr=False)
+    mac_kek: str | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +100,16 @@ class AdminTokenRecord:
     role: str
     created_at: float
     revoked_at: float | None = None
+    #: The immutable identity the token belongs to (``id_…``; for identities made before
+    #: migration 3, their name).  Rotation keeps it; a new token by name never gets it.
+    principal_id: str | None = None
+    #: Unix time after which the token is refused (None: never, only legacy test rows).
+    expires_at: float | None = None
+    token_hash: bytes | None = field(default=None, repr=False)
+    #: the token this one replaced (``tokens rotate``)
+    rotated_from: str | None = None
+    row_mac: bytes | None = field(default=None, repr=False)
+    mac_kek: str | None = None
 
 
 class StoreTx(Protocol):
@@ -108,16 +131,31 @@ class StoreTx(Protocol):
     def purge_nonces(self, expired_before: float) -> int: ...
     # models and keys
     def get_model(self, model_id: str) -> ModelRecord | None: ...
-    def list_models(self, *, owner: str | None = None) -> list[ModelRecord]:
-        """Every model, or only those of ``owner``."""
+    def list_models(self, *, owner: str | None = None,
+                    owner_id: str | None = None) -> list[ModelRecord]:
+        """Every model, or only those of ``owner`` (a name) or ``owner_id``."""
         ...
     def insert_model(self, model: ModelRecord) -> None: ...
     def update_policy(self, model_id: str, policy: dict[str, Any], digest: str,
-                      now: float) -> None: ...
+                      now: float, *, row_mac: bytes | None = None,
+                      mac_kek: str | None = None) -> None: ...
     def key_versions(self, model_id: str) -> list[KeyRecord]: ...
     def insert_key(self, key: KeyRecord) -> None: ...
     def set_key_state(self, model_id: str, version: int, state: KeyState, now: float,
-                      reason: str, *, erase: bool) -> None: ...
+                      reason: str, *, erase: bool, row_mac: bytes | None = None,
+                      mac_kek: str | None = None) -> None: ...
+    # row MACs (see :mod:`.rowmac`)
+    def set_row_mac(self, table: str, key: tuple[Any, ...], row_mac: bytes,
+                    mac_kek: str) -> None:
+        """Store the MAC of one row: ``table`` is models (key: model_id), key_versions
+        (model_id, version) or admin_tokens (token_id)."""
+        ...
+    def all_key_versions(self) -> list[KeyRecord]: ...
+    def mac_usage(self) -> dict[str | None, int]:
+        """How many sealed rows (all three tables) each KEK id MACs."""
+        ...
+    def get_meta(self, key: str) -> str | None: ...
+    def set_meta(self, key: str, value: str) -> None: ...
     # KEK rewrap (`keyserver rewrap`)
     def wrapped_keys(self, *, not_under: str | None = None,
                      limit: int | None = None) -> list[KeyRecord]:
@@ -139,7 +177,8 @@ class StoreTx(Protocol):
     def admin_token(self, token_hash: bytes) -> AdminTokenRecord | None: ...
     def admin_token_by_id(self, token_id: str) -> AdminTokenRecord | None: ...
     def list_admin_tokens(self) -> list[AdminTokenRecord]: ...
-    def revoke_admin_token(self, token_id: str, now: float) -> None: ...
+    def revoke_admin_token(self, token_id: str, now: float, *, row_mac: bytes | None = None,
+                           mac_kek: str | None = None) -> None: ...
     # audit
     def append_audit(self, entry: dict[str, Any]) -> audit.AuditRecord:
         """Append the next link of the chain.  ``entry["owner"]`` (if any) is also stored
@@ -243,16 +282,32 @@ class SqlTx:
     # --- models and keys
     @staticmethod
     def _model(row: tuple[Any, ...]) -> ModelRecord:
-        return ModelRecord(row[0], json.loads(row[1]), row[2], row[3], row[4], row[5])
+        return ModelRecord(row[0], json.loads(row[1]), row[2], row[3], row[4], row[5], row[6],
+                           bytes(row[7]) if row[7] is not None else None, row[8])
+
+    @staticmethod
+    def _key(r: tuple[Any, ...]) -> KeyRecord:
+        return KeyRecord(r[0], int(r[1]), KeyState(r[2]),
+                         bytes(r[3]) if r[3] is not None else None, r[4], r[5], r[6], r[7],
+                         bytes(r[8]) if r[8] is not None else None, r[9])
+
+    @staticmethod
+    def _token(r: tuple[Any, ...]) -> AdminTokenRecord:
+        return AdminTokenRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6],
+                                bytes(r[7]) if r[7] is not None else None, r[8],
+                                bytes(r[9]) if r[9] is not None else None, r[10])
 
     def get_model(self, model_id: str) -> ModelRecord | None:
         row = self._one(f"SELECT {_MODEL_COLUMNS} FROM models WHERE model_id = ?",  # noqa: S608
                         (model_id,))
         return self._model(row) if row else None
 
-    def list_models(self, *, owner: str | None = None) -> list[ModelRecord]:
+    def list_models(self, *, owner: str | None = None,
+                    owner_id: str | None = None) -> list[ModelRecord]:
         sql = f"SELECT {_MODEL_COLUMNS} FROM models"  # noqa: S608
-        if owner is not None:
+        if owner_id is not None:
+            rows = self._all(sql + " WHERE owner_id = ? ORDER BY model_id", (owner_id,))
+        elif owner is not None:
             rows = self._all(sql + " WHERE owner = ? ORDER BY model_id", (owner,))
         else:
             rows = self._all(sql + " ORDER BY model_id")
@@ -260,43 +315,75 @@ class SqlTx:
 
     def insert_model(self, model: ModelRecord) -> None:
         self._x(f"INSERT INTO models ({_MODEL_COLUMNS}) "  # noqa: S608
-                        "VALUES (?, ?, ?, ?, ?, ?)",
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (model.model_id, json.dumps(model.policy, sort_keys=True),
-                         model.policy_digest, model.created_at, model.updated_at, model.owner))
+                         model.policy_digest, model.created_at, model.updated_at, model.owner,
+                         model.owner_id, model.row_mac, model.mac_kek))
 
     def update_policy(self, model_id: str, policy: dict[str, Any], digest: str,
-                      now: float) -> None:
-        self._x("UPDATE models SET policy = ?, policy_digest = ?, updated_at = ? "
-                        "WHERE model_id = ?",
-                        (json.dumps(policy, sort_keys=True), digest, now, model_id))
+                      now: float, *, row_mac: bytes | None = None,
+                      mac_kek: str | None = None) -> None:
+        self._x("UPDATE models SET policy = ?, policy_digest = ?, updated_at = ?, "
+                "row_mac = ?, mac_kek = ? WHERE model_id = ?",
+                (json.dumps(policy, sort_keys=True), digest, now, row_mac, mac_kek, model_id))
 
     def key_versions(self, model_id: str) -> list[KeyRecord]:
         rows = self._all(
-            "SELECT model_id, version, state, wrapped, kek_id, created_at, changed_at, reason "
-            "FROM key_versions WHERE model_id = ? ORDER BY version", (model_id,))
-        return [KeyRecord(r[0], int(r[1]), KeyState(r[2]),
-                          bytes(r[3]) if r[3] is not None else None, r[4], r[5], r[6], r[7])
-                for r in rows]
+            f"SELECT {_KEY_COLUMNS} FROM key_versions WHERE model_id = ? "  # noqa: S608
+            "ORDER BY version", (model_id,))
+        return [self._key(r) for r in rows]
+
+    def all_key_versions(self) -> list[KeyRecord]:
+        return [self._key(r) for r in self._all(
+            f"SELECT {_KEY_COLUMNS} FROM key_versions ORDER BY model_id, version")]  # noqa: S608
 
     def insert_key(self, key: KeyRecord) -> None:
         self._x("INSERT INTO key_versions (model_id, version, state, wrapped, kek_id, "
-                        "created_at, changed_at, reason) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        "created_at, changed_at, reason, row_mac, mac_kek) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (key.model_id, key.version, key.state.value, key.wrapped, key.kek_id,
-                         key.created_at, key.changed_at, key.reason))
+                         key.created_at, key.changed_at, key.reason, key.row_mac, key.mac_kek))
 
     def set_key_state(self, model_id: str, version: int, state: KeyState, now: float,
-                      reason: str, *, erase: bool) -> None:
+                      reason: str, *, erase: bool, row_mac: bytes | None = None,
+                      mac_kek: str | None = None) -> None:
         self._x("UPDATE key_versions SET state = ?, changed_at = ?, reason = ?, "
-                        "wrapped = CASE WHEN ? THEN NULL ELSE wrapped END "
-                        "WHERE model_id = ? AND version = ?",
-                        (state.value, now, reason, erase, model_id, version))
+                "wrapped = CASE WHEN ? THEN NULL ELSE wrapped END, row_mac = ?, mac_kek = ? "
+                "WHERE model_id = ? AND version = ?",
+                (state.value, now, reason, erase, row_mac, mac_kek, model_id, version))
+
+    # --- row MACs
+    _ROW_KEYS: typing.ClassVar[dict[str, tuple[str, ...]]] = {
+        "models": ("model_id",), "key_versions": ("model_id", "version"),
+        "admin_tokens": ("token_id",)}
+
+    def set_row_mac(self, table: str, key: tuple[Any, ...], row_mac: bytes,
+                    mac_kek: str) -> None:
+        columns = self._ROW_KEYS[table]  # a fixed name, never the caller's text
+        where = " AND ".join(f"{c} = ?" for c in columns)
+        self._x(f"UPDATE {table} SET row_mac = ?, mac_kek = ? WHERE {where}",  # noqa: S608
+                (row_mac, mac_kek, *key))
+
+    def mac_usage(self) -> dict[str | None, int]:
+        usage: dict[str | None, int] = {}
+        for table in self._ROW_KEYS:
+            for kek_id, n in self._all(f"SELECT mac_kek, count(*) FROM {table} "  # noqa: S608
+                                       "WHERE row_mac IS NOT NULL GROUP BY mac_kek"):
+                usage[kek_id] = usage.get(kek_id, 0) + int(n)
+        return usage
+
+    def get_meta(self, key: str) -> str | None:
+        row = self._one("SELECT value FROM meta WHERE key = ?", (key,))
+        return str(row[0]) if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._x("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) "
+                "DO UPDATE SET value = excluded.value", (key, value))
 
     # --- KEK rewrap
     def wrapped_keys(self, *, not_under: str | None = None,
                      limit: int | None = None) -> list[KeyRecord]:
-        sql = ("SELECT model_id, version, state, wrapped, kek_id, created_at, changed_at, "
-               "reason FROM key_versions WHERE wrapped IS NOT NULL")
+        sql = f"SELECT {_KEY_COLUMNS} FROM key_versions WHERE wrapped IS NOT NULL"  # noqa: S608
         args: list[Any] = []
         if not_under is not None:
             sql += " AND (kek_id IS NULL OR kek_id <> ?)"
@@ -305,8 +392,7 @@ class SqlTx:
         if limit is not None:
             sql += " LIMIT ?"
             args.append(limit)
-        return [KeyRecord(r[0], int(r[1]), KeyState(r[2]), bytes(r[3]), r[4], r[5], r[6], r[7])
-                for r in self._all(sql, args)]
+        return [self._key(r) for r in self._all(sql, args)]
 
     def rewrap_key(self, model_id: str, version: int, *, expected: bytes, wrapped: bytes,
                    kek_id: str) -> bool:
@@ -323,28 +409,31 @@ class SqlTx:
     # --- admin tokens
     def insert_admin_token(self, record: AdminTokenRecord, token_hash: bytes) -> None:
         self._x("INSERT INTO admin_tokens (token_id, token_hash, name, role, "
-                        "created_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?)",
-                        (record.token_id, token_hash, record.name, record.role,
-                         record.created_at, record.revoked_at))
+                "created_at, revoked_at, principal_id, expires_at, rotated_from, row_mac, "
+                "mac_kek) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (record.token_id, token_hash, record.name, record.role,
+                 record.created_at, record.revoked_at, record.principal_id, record.expires_at,
+                 record.rotated_from, record.row_mac, record.mac_kek))
 
     def admin_token(self, token_hash: bytes) -> AdminTokenRecord | None:
         row = self._one(f"SELECT {_TOKEN_COLUMNS} FROM admin_tokens "  # noqa: S608
                         "WHERE token_hash = ?", (token_hash,))
-        return AdminTokenRecord(*row) if row else None
+        return self._token(row) if row else None
 
     def admin_token_by_id(self, token_id: str) -> AdminTokenRecord | None:
         row = self._one(f"SELECT {_TOKEN_COLUMNS} FROM admin_tokens "  # noqa: S608
                         "WHERE token_id = ?", (token_id,))
-        return AdminTokenRecord(*row) if row else None
+        return self._token(row) if row else None
 
     def list_admin_tokens(self) -> list[AdminTokenRecord]:
         rows = self._all(f"SELECT {_TOKEN_COLUMNS} FROM admin_tokens "  # noqa: S608
                          "ORDER BY created_at, token_id")
-        return [AdminTokenRecord(*r) for r in rows]
+        return [self._token(r) for r in rows]
 
-    def revoke_admin_token(self, token_id: str, now: float) -> None:
-        self._x("UPDATE admin_tokens SET revoked_at = ? WHERE token_id = ? "
-                        "AND revoked_at IS NULL", (now, token_id))
+    def revoke_admin_token(self, token_id: str, now: float, *, row_mac: bytes | None = None,
+                           mac_kek: str | None = None) -> None:
+        self._x("UPDATE admin_tokens SET revoked_at = ?, row_mac = ?, mac_kek = ? "
+                "WHERE token_id = ? AND revoked_at IS NULL", (now, row_mac, mac_kek, token_id))
 
     # --- audit
     def audit_head(self) -> tuple[int, str]:
