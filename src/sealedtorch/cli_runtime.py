@@ -42,6 +42,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="if a model fails to load, keep serving (live, not ready) instead of "
                         "exiting")
     p.add_argument("--log-format", choices=["json", "text"], default="json")
+    p.add_argument("--write-cert", type=Path, metavar="PATH",
+                   help="write the serving TLS certificate (and, if generated, its "
+                        "throwaway CA) to PATH at start, for clients that need a CA file; "
+                        "pin it only after checking its key against /v1/attestation")
     p.add_argument("--announce", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--print-config", action="store_true",
                    help="print the canonical runtime configuration (what is measured), exit")
@@ -115,7 +119,8 @@ def _serve(args: argparse.Namespace) -> int:
         return serve(sources, keys=keys, config=config, listen=args.listen,
                      tls_cert=args.tls_cert, tls_key=args.tls_key, tee=args.tee,
                      sim_platform=args.sim_platform, announce=args.announce,
-                     exit_on_load_failure=not args.stay_unready, log_format=args.log_format)
+                     exit_on_load_failure=not args.stay_unready, log_format=args.log_format,
+                     write_cert=args.write_cert)
     finally:
         keys.close()
 
