@@ -17,13 +17,14 @@ from sealedtorch.errors import BindingError, ConfigError
 from sealedtorch.format import seal
 from sealedtorch.keys import ModelKey, StaticKeys
 from sealedtorch.runtime.architectures import mlp
-from sealedtorch.runtime.client import pinned_ssl_context
+from sealedtorch.runtime.client import AttestedClient, pinned_ssl_context
 from sealedtorch.runtime.config import RuntimeConfig
 from sealedtorch.runtime.kserve import HEADER_LENGTH, decode_infer_response, encode_infer_request
 from sealedtorch.runtime.loader import ModelSource
-from sealedtorch.runtime.server import write_certificate
+from sealedtorch.runtime.server import SubprocessServer, write_certificate
 
-from .conftest import MLP_ARCH, MLP_KWARGS
+from .conftest import MLP_ARCH, MLP_KWARGS, sim_policy
+from .test_with_keycache import _serve_args, allow, keycache, short_dir  # noqa: F401 (fixtures)
 
 GOOD = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4],
                     "data": [1.0, 2.0, 3.0, 4.0]}]}
@@ -259,3 +260,31 @@ def test_pinned_context_refuses_a_certificate_whose_key_was_not_attested(start_s
     two = start_server([recorder("rec")])
     with pytest.raises(BindingError, match="not the attested TLS key"):
         pinned_ssl_context(one.cert_pem, two.spki)
+
+
+# --- serve --write-cert, as a real process ------------------------------------------------
+
+@pytest.mark.slow
+def test_serve_writes_its_certificate_and_it_pins_the_attested_key(
+        keycache, tiny, sim_dir, tmp_path):  # noqa: F811
+    config = RuntimeConfig()
+    sock = keycache([(tiny.key, allow(config))])
+    cert = tmp_path / "runtime-cert.pem"
+    args = [*_serve_args(tmp_path, sim_dir, tiny.path, sock, config), "--write-cert", str(cert)]
+    with SubprocessServer.start(args) as srv:
+        assert cert.stat().st_mode & 0o777 == 0o644  # public, written before listening
+        with AttestedClient(srv.url, policy=sim_policy(config),
+                            sim_roots=[sim_dir / "platform.pub"]) as client:
+            client.attest()
+            # the documented check: the file's key is the attested one, then pin the file
+            ctx = pinned_ssl_context(cert.read_bytes(), client.pinned_spki)
+        with httpx.Client(base_url=srv.url, verify=ctx) as c:
+            assert c.get("/v2/health/live").json() == {"live": True}
+        assert srv.stop() == 0
+
+
+def test_serve_refuses_a_certificate_path_it_cannot_write(tmp_path, start_server, tiny,
+                                                           tiny_source):
+    srv = start_server([tiny_source], keys=tiny.keys)
+    with pytest.raises(ConfigError, match="--write-cert: cannot write"):
+        write_certificate(srv.runtime.tls, tmp_path / "missing-dir" / "cert.pem")
