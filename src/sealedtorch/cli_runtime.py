@@ -170,7 +170,10 @@ def _write_outputs(path: Path, outputs: dict[str, Any]) -> None:
             raise ConfigError(f"{path}: the model has {len(arrays)} outputs; use .npz")
         np.save(path, next(iter(arrays.values())))
     elif suffix == ".json":
-        path.write_text(json.dumps({k: {"shape": list(a.shape), "data": a.tolist()}
+        from .runtime.kserve import datatype_of
+
+        path.write_text(json.dumps({k: {"datatype": datatype_of(outputs[k].dtype),
+                                        "shape": list(a.shape), "data": a.tolist()}
                                     for k, a in arrays.items()}))
     else:
         raise ConfigError(f"{path}: unknown output format (use .npz, .npy or .json)")
@@ -189,14 +192,33 @@ def _client_infer(args: argparse.Namespace) -> int:
         outputs = client.infer(args.model, inputs, binary=not args.json_wire)
     if args.output is not None:
         _write_outputs(args.output, outputs)
-    summary: dict[str, Any] = {}
-    for name, t in outputs.items():
-        flat = t.reshape(-1).float() if t.dtype.is_floating_point else t.reshape(-1)
-        entry: dict[str, Any] = {"shape": list(t.shape), "dtype": str(t.dtype)}
-        entry["data" if flat.numel() <= 64 else "first"] = flat[:64].tolist()
-        summary[name] = entry
-    print(json.dumps({"model": args.model, "outputs": summary}))
+    print(json.dumps(output_summary(args.model, outputs)))
     return 0
+
+
+#: How many values of each output ``client infer`` prints (all of them go to --output).
+SUMMARY_VALUES = 64
+
+
+def output_summary(model: str, outputs: dict[str, Any]) -> dict[str, Any]:
+    """What ``client infer`` prints: the KServe response layout (``outputs``: a list of
+    name, KServe ``datatype``, shape, ``data``), the same keys for every size, so a script
+    parses one shape: ``data`` holds the first :data:`SUMMARY_VALUES` values in row-major
+    order, ``elements`` the total count and ``truncated`` whether some were left out."""
+    import torch
+
+    from .runtime.kserve import datatype_of
+
+    entries = []
+    for name, t in outputs.items():
+        flat = t.reshape(-1)
+        head = flat[:SUMMARY_VALUES]
+        if head.dtype in (torch.float16, torch.bfloat16):
+            head = head.float()
+        entries.append({"name": name, "datatype": datatype_of(t.dtype), "shape": list(t.shape),
+                        "data": head.tolist(), "elements": flat.numel(),
+                        "truncated": flat.numel() > SUMMARY_VALUES})
+    return {"model": model, "outputs": entries}
 
 
 def _sha256(data: bytes) -> str:

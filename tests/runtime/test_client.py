@@ -208,7 +208,10 @@ def test_cli_client_infer(start_server, tiny, tiny_source, sim_dir, policy_for, 
     with torch.inference_mode():
         expected = tiny.module(torch.from_numpy(x)).numpy()
     assert np.array_equal(np.load(out)["output"], expected)
-    assert json.loads(captured.out)["outputs"]["output"]["shape"] == [2, 3]
+    printed = json.loads(captured.out)["outputs"]
+    assert [(o["name"], o["datatype"], o["shape"]) for o in printed] == [
+        ("output", "FP32", [2, 3])]
+    assert printed[0]["data"] == expected.reshape(-1).tolist()
 
     policy.write_text(json.dumps({"allow": [{"tee": "sim", "measurement": "00" * 48}]}))
     rc = main(["client", "infer", "--url", srv.url, "--policy", str(policy), "--model", "tiny",
@@ -227,3 +230,27 @@ def test_cli_print_measurement_matches_the_running_server(capsys, tmp_path):
     assert main(["attest", "measure", "--config", str(tmp_path / "c.json")]) == 0
     expected = runtime_measurement(RuntimeConfig(device="auto")).hex()
     assert expected in capsys.readouterr().out
+
+
+def test_cli_client_infer_prints_one_layout_for_small_and_large_outputs(
+        start_server, recorder, sim_dir, policy_for, tmp_path, capsys):
+    srv = start_server([recorder("rec")])
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps(policy_for()))
+    printed = []
+    for rows in (1, 50):  # 2 values, then 100: more than are printed
+        np.save(tmp_path / "x.npy", np.ones((rows, 2), dtype=np.float32))
+        rc = main(["client", "infer", "--url", srv.url, "--policy", str(policy), "--model",
+                   "rec", "--input", str(tmp_path / "x.npy"), "--sim-root",
+                   str(sim_dir / PUB), "--output", str(tmp_path / "y.json")])
+        assert rc == 0
+        printed.append(json.loads(capsys.readouterr().out)["outputs"][0])
+    small, large = printed
+    assert small.keys() == large.keys() == {"name", "datatype", "shape", "data", "elements",
+                                            "truncated"}
+    assert (small["datatype"], small["shape"], small["elements"], small["truncated"]) == (
+        "FP32", [1, 2], 2, False)
+    assert (large["shape"], large["elements"], large["truncated"], len(large["data"])) == (
+        [50, 2], 100, True, 64)
+    written = json.loads((tmp_path / "y.json").read_text())["y"]
+    assert written["datatype"] == "FP32" and len(written["data"]) == 50
