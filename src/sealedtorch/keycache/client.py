@@ -187,7 +187,7 @@ class KeycacheClient:
             if self._attester is None:
                 from ..attest.attesters import get_attester
 
-                args = dict(self._attester_args)
+                args: dict[str, Any] = dict(self._attester_args)
                 if args["runtime_config"] is None:
                     args["runtime_config"] = default_runtime_config()
                 self._attester = get_attester(**args)

@@ -95,7 +95,7 @@ class AttestedClient:
             stream = response.extensions.get("network_stream")
             ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
             connection_spki = peer_spki(ssl_object)
-            connection_cert = ssl_object.getpeercert(True)
+            connection_cert: bytes = ssl_object.getpeercert(True) if ssl_object else b""
             if response.status_code != 200:
                 raise AttestationError(f"{self.url}/v1/attestation answered HTTP "
                                        f"{response.status_code}: {_error_text(response)}")
@@ -129,7 +129,7 @@ class AttestedClient:
         tritonclient passes (its default is the public CA bundle, which must not widen the
         pin); ``insecure=True`` only turns off the host-name match."""
         try:
-            import gevent.ssl
+            import gevent.ssl  # type: ignore[import-untyped]
             context_class: type[ssl.SSLContext] = gevent.ssl.SSLContext
         except ImportError:  # pragma: no cover (tritonclient always brings gevent)
             context_class = ssl.SSLContext

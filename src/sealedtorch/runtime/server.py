@@ -297,7 +297,7 @@ def _content_encoding(request: Request) -> str | None:
 
 
 async def _read_encoded_body(request: Request, limit: int
-                             ) -> tuple[bytearray, memoryview]:
+                             ) -> tuple[bytearray, memoryview | torch.Tensor]:
     """A gzip/deflate body, decompressed to at most ``limit`` bytes, as (JSON header,
     binary data).  ``Inference-Header-Content-Length`` counts the decompressed JSON part,
     as tritonclient sends it.  Decompression is bounded: a small body that inflates past
