@@ -76,6 +76,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=120.0)
     p.set_defaults(handler=_client_infer)
 
+    p = csub.add_parser(
+        "cert", help="attest the runtime, then write its TLS certificate for other clients",
+        description="Fetch the runtime's evidence for a fresh nonce, verify it, check that "
+                    "it binds the TLS key of the connection and apply the policy; only then "
+                    "write the certificate that connection presented (PEM) to --out, for "
+                    "clients that pin a certificate file (curl --cacert; in Python "
+                    "sealedtorch.runtime.client.pinned_ssl_context).  Exit 1 if the policy "
+                    "denies (nothing is written), 2 on any other error.")
+    p.add_argument("--url", required=True, help="https://HOST:PORT of the runtime")
+    p.add_argument("--policy", type=Path, required=True,
+                   help="reference values the runtime must satisfy (policy YAML/JSON)")
+    p.add_argument("--sim-root", type=Path, action="append", default=[],
+                   help="trust this sim platform key (platform.pub); repeatable")
+    p.add_argument("--out", type=Path, required=True, metavar="PATH",
+                   help="where to write the attested certificate (PEM)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+    p.set_defaults(handler=_client_cert)
+
 
 def _split_arch(values: list[str], names: list[str]) -> dict[str, str]:
     out: dict[str, str] = {}
@@ -193,6 +211,33 @@ def _client_infer(args: argparse.Namespace) -> int:
     if args.output is not None:
         _write_outputs(args.output, outputs)
     print(json.dumps(output_summary(args.model, outputs)))
+    return 0
+
+
+def _client_cert(args: argparse.Namespace) -> int:
+    import os
+    import ssl
+
+    from .runtime.client import AttestedClient
+
+    with AttestedClient(args.url, policy=args.policy, sim_roots=args.sim_root,
+                        timeout=args.timeout) as client:
+        result = client.attest()
+        der = client.certificate_der
+    assert der is not None
+    tmp = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(ssl.DER_cert_to_PEM_cert(der))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, args.out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(f"--out: cannot write {args.out}: {exc.strerror}") from None
+    print(f"attested: {result.claims.tee} runtime at {args.url}; "
+          f"{result.decision.reasons[0]}; wrote its TLS certificate to {args.out}",
+          file=sys.stderr)
+    print(json.dumps({"url": args.url, "path": str(args.out),
+                      "tls_spki_sha256": _sha256(result.spki)}))
     return 0
 
 

@@ -254,3 +254,35 @@ def test_cli_client_infer_prints_one_layout_for_small_and_large_outputs(
         [50, 2], 100, True, 64)
     written = json.loads((tmp_path / "y.json").read_text())["y"]
     assert written["datatype"] == "FP32" and len(written["data"]) == 50
+
+
+def test_cli_client_cert_writes_the_attested_certificate(start_server, tiny, tiny_source,
+                                                         sim_dir, policy_for, tmp_path,
+                                                         capsys):
+    from sealedtorch.runtime.client import pinned_ssl_context
+
+    srv = start_server([tiny_source], keys=tiny.keys)
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps(policy_for()))
+    out = tmp_path / "runtime.pem"
+    rc = main(["client", "cert", "--url", srv.url, "--policy", str(policy), "--sim-root",
+               str(sim_dir / PUB), "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert json.loads(captured.out)["tls_spki_sha256"] == crypto.sha256(srv.spki).hex()
+    assert crypto.tls_certificate_spki(out.read_bytes()) == srv.spki
+    with httpx.Client(base_url=srv.url, verify=pinned_ssl_context(out.read_bytes())) as c:
+        assert c.get("/v2/health/live").status_code == 200
+
+
+def test_cli_client_cert_writes_nothing_when_the_policy_denies(start_server, tiny,
+                                                               tiny_source, sim_dir,
+                                                               tmp_path, capsys):
+    srv = start_server([tiny_source], keys=tiny.keys)
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"allow": [{"tee": "sim", "measurement": "00" * 48}]}))
+    out = tmp_path / "runtime.pem"
+    rc = main(["client", "cert", "--url", srv.url, "--policy", str(policy), "--sim-root",
+               str(sim_dir / PUB), "--out", str(out)])
+    assert rc == 1 and "denied" in capsys.readouterr().err
+    assert not out.exists()
