@@ -120,3 +120,22 @@ def test_kserve_sdk_pinned_to_one_runtime_refuses_another(served, attested, star
     x = np.ones((1, 4), dtype=np.float32)
     with pytest.raises(httpx.ConnectError):
         asyncio.run(_kserve_infer(other.url, attested.ssl_context(), x, True))
+
+
+def test_tritonclient_with_the_written_certificate_file_as_ca(served, attested, tmp_path,
+                                                             tiny):
+    from sealedtorch.runtime.client import pinned_ssl_context
+    from sealedtorch.runtime.server import write_certificate
+
+    path = write_certificate(served.runtime.tls, tmp_path / "runtime.pem")
+    pinned_ssl_context(path.read_bytes(), attested.pinned_spki)  # the documented check
+    client = tritonclient_http.InferenceServerClient(
+        served.url.removeprefix("https://"), ssl=True, ssl_options={"ca_certs": str(path)})
+    try:
+        x = np.ones((1, 4), dtype=np.float32)
+        inp = tritonclient_http.InferInput("input", [1, 4], "FP32")
+        inp.set_data_from_numpy(x)
+        assert np.array_equal(client.infer("tiny", [inp]).as_numpy("output"),
+                              _expected(tiny, x))
+    finally:
+        client.close()
