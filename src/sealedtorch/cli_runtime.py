@@ -42,6 +42,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="if a model fails to load, keep serving (live, not ready) instead of "
                         "exiting")
     p.add_argument("--log-format", choices=["json", "text"], default="json")
+    p.add_argument("--write-cert", type=Path, metavar="PATH",
+                   help="write the serving TLS certificate (and, if generated, its "
+                        "throwaway CA) to PATH at start, for clients that need a CA file; "
+                        "pin it only after checking its key against /v1/attestation")
     p.add_argument("--announce", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--print-config", action="store_true",
                    help="print the canonical runtime configuration (what is measured), exit")
@@ -71,6 +75,24 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="send tensors as JSON instead of the binary extension")
     p.add_argument("--timeout", type=float, default=120.0)
     p.set_defaults(handler=_client_infer)
+
+    p = csub.add_parser(
+        "cert", help="attest the runtime, then write its TLS certificate for other clients",
+        description="Fetch the runtime's evidence for a fresh nonce, verify it, check that "
+                    "it binds the TLS key of the connection and apply the policy; only then "
+                    "write the certificate that connection presented (PEM) to --out, for "
+                    "clients that pin a certificate file (curl --cacert; in Python "
+                    "sealedtorch.runtime.client.pinned_ssl_context).  Exit 1 if the policy "
+                    "denies (nothing is written), 2 on any other error.")
+    p.add_argument("--url", required=True, help="https://HOST:PORT of the runtime")
+    p.add_argument("--policy", type=Path, required=True,
+                   help="reference values the runtime must satisfy (policy YAML/JSON)")
+    p.add_argument("--sim-root", type=Path, action="append", default=[],
+                   help="trust this sim platform key (platform.pub); repeatable")
+    p.add_argument("--out", type=Path, required=True, metavar="PATH",
+                   help="where to write the attested certificate (PEM)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+    p.set_defaults(handler=_client_cert)
 
 
 def _split_arch(values: list[str], names: list[str]) -> dict[str, str]:
@@ -115,7 +137,8 @@ def _serve(args: argparse.Namespace) -> int:
         return serve(sources, keys=keys, config=config, listen=args.listen,
                      tls_cert=args.tls_cert, tls_key=args.tls_key, tee=args.tee,
                      sim_platform=args.sim_platform, announce=args.announce,
-                     exit_on_load_failure=not args.stay_unready, log_format=args.log_format)
+                     exit_on_load_failure=not args.stay_unready, log_format=args.log_format,
+                     write_cert=args.write_cert)
     finally:
         keys.close()
 
@@ -165,7 +188,10 @@ def _write_outputs(path: Path, outputs: dict[str, Any]) -> None:
             raise ConfigError(f"{path}: the model has {len(arrays)} outputs; use .npz")
         np.save(path, next(iter(arrays.values())))
     elif suffix == ".json":
-        path.write_text(json.dumps({k: {"shape": list(a.shape), "data": a.tolist()}
+        from .runtime.kserve import datatype_of
+
+        path.write_text(json.dumps({k: {"datatype": datatype_of(outputs[k].dtype),
+                                        "shape": list(a.shape), "data": a.tolist()}
                                     for k, a in arrays.items()}))
     else:
         raise ConfigError(f"{path}: unknown output format (use .npz, .npy or .json)")
@@ -184,14 +210,60 @@ def _client_infer(args: argparse.Namespace) -> int:
         outputs = client.infer(args.model, inputs, binary=not args.json_wire)
     if args.output is not None:
         _write_outputs(args.output, outputs)
-    summary: dict[str, Any] = {}
-    for name, t in outputs.items():
-        flat = t.reshape(-1).float() if t.dtype.is_floating_point else t.reshape(-1)
-        entry: dict[str, Any] = {"shape": list(t.shape), "dtype": str(t.dtype)}
-        entry["data" if flat.numel() <= 64 else "first"] = flat[:64].tolist()
-        summary[name] = entry
-    print(json.dumps({"model": args.model, "outputs": summary}))
+    print(json.dumps(output_summary(args.model, outputs)))
     return 0
+
+
+def _client_cert(args: argparse.Namespace) -> int:
+    import os
+    import ssl
+
+    from .runtime.client import AttestedClient
+
+    with AttestedClient(args.url, policy=args.policy, sim_roots=args.sim_root,
+                        timeout=args.timeout) as client:
+        result = client.attest()
+        der = client.certificate_der
+    assert der is not None
+    tmp = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(ssl.DER_cert_to_PEM_cert(der))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, args.out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(f"--out: cannot write {args.out}: {exc.strerror}") from None
+    print(f"attested: {result.claims.tee} runtime at {args.url}; "
+          f"{result.decision.reasons[0]}; wrote its TLS certificate to {args.out}",
+          file=sys.stderr)
+    print(json.dumps({"url": args.url, "path": str(args.out),
+                      "tls_spki_sha256": _sha256(result.spki)}))
+    return 0
+
+
+#: How many values of each output ``client infer`` prints (all of them go to --output).
+SUMMARY_VALUES = 64
+
+
+def output_summary(model: str, outputs: dict[str, Any]) -> dict[str, Any]:
+    """What ``client infer`` prints: the KServe response layout (``outputs``: a list of
+    name, KServe ``datatype``, shape, ``data``), the same keys for every size, so a script
+    parses one shape: ``data`` holds the first :data:`SUMMARY_VALUES` values in row-major
+    order, ``elements`` the total count and ``truncated`` whether some were left out."""
+    import torch
+
+    from .runtime.kserve import datatype_of
+
+    entries = []
+    for name, t in outputs.items():
+        flat = t.reshape(-1)
+        head = flat[:SUMMARY_VALUES]
+        if head.dtype in (torch.float16, torch.bfloat16):
+            head = head.float()
+        entries.append({"name": name, "datatype": datatype_of(t.dtype), "shape": list(t.shape),
+                        "data": head.tolist(), "elements": flat.numel(),
+                        "truncated": flat.numel() > SUMMARY_VALUES})
+    return {"model": model, "outputs": entries}
 
 
 def _sha256(data: bytes) -> str:

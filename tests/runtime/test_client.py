@@ -208,7 +208,10 @@ def test_cli_client_infer(start_server, tiny, tiny_source, sim_dir, policy_for, 
     with torch.inference_mode():
         expected = tiny.module(torch.from_numpy(x)).numpy()
     assert np.array_equal(np.load(out)["output"], expected)
-    assert json.loads(captured.out)["outputs"]["output"]["shape"] == [2, 3]
+    printed = json.loads(captured.out)["outputs"]
+    assert [(o["name"], o["datatype"], o["shape"]) for o in printed] == [
+        ("output", "FP32", [2, 3])]
+    assert printed[0]["data"] == expected.reshape(-1).tolist()
 
     policy.write_text(json.dumps({"allow": [{"tee": "sim", "measurement": "00" * 48}]}))
     rc = main(["client", "infer", "--url", srv.url, "--policy", str(policy), "--model", "tiny",
@@ -227,3 +230,59 @@ def test_cli_print_measurement_matches_the_running_server(capsys, tmp_path):
     assert main(["attest", "measure", "--config", str(tmp_path / "c.json")]) == 0
     expected = runtime_measurement(RuntimeConfig(device="auto")).hex()
     assert expected in capsys.readouterr().out
+
+
+def test_cli_client_infer_prints_one_layout_for_small_and_large_outputs(
+        start_server, recorder, sim_dir, policy_for, tmp_path, capsys):
+    srv = start_server([recorder("rec")])
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps(policy_for()))
+    printed = []
+    for rows in (1, 50):  # 2 values, then 100: more than are printed
+        np.save(tmp_path / "x.npy", np.ones((rows, 2), dtype=np.float32))
+        rc = main(["client", "infer", "--url", srv.url, "--policy", str(policy), "--model",
+                   "rec", "--input", str(tmp_path / "x.npy"), "--sim-root",
+                   str(sim_dir / PUB), "--output", str(tmp_path / "y.json")])
+        assert rc == 0
+        printed.append(json.loads(capsys.readouterr().out)["outputs"][0])
+    small, large = printed
+    assert small.keys() == large.keys() == {"name", "datatype", "shape", "data", "elements",
+                                            "truncated"}
+    assert (small["datatype"], small["shape"], small["elements"], small["truncated"]) == (
+        "FP32", [1, 2], 2, False)
+    assert (large["shape"], large["elements"], large["truncated"], len(large["data"])) == (
+        [50, 2], 100, True, 64)
+    written = json.loads((tmp_path / "y.json").read_text())["y"]
+    assert written["datatype"] == "FP32" and len(written["data"]) == 50
+
+
+def test_cli_client_cert_writes_the_attested_certificate(start_server, tiny, tiny_source,
+                                                         sim_dir, policy_for, tmp_path,
+                                                         capsys):
+    from sealedtorch.runtime.client import pinned_ssl_context
+
+    srv = start_server([tiny_source], keys=tiny.keys)
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps(policy_for()))
+    out = tmp_path / "runtime.pem"
+    rc = main(["client", "cert", "--url", srv.url, "--policy", str(policy), "--sim-root",
+               str(sim_dir / PUB), "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert json.loads(captured.out)["tls_spki_sha256"] == crypto.sha256(srv.spki).hex()
+    assert crypto.tls_certificate_spki(out.read_bytes()) == srv.spki
+    with httpx.Client(base_url=srv.url, verify=pinned_ssl_context(out.read_bytes())) as c:
+        assert c.get("/v2/health/live").status_code == 200
+
+
+def test_cli_client_cert_writes_nothing_when_the_policy_denies(start_server, tiny,
+                                                               tiny_source, sim_dir,
+                                                               tmp_path, capsys):
+    srv = start_server([tiny_source], keys=tiny.keys)
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"allow": [{"tee": "sim", "measurement": "00" * 48}]}))
+    out = tmp_path / "runtime.pem"
+    rc = main(["client", "cert", "--url", srv.url, "--policy", str(policy), "--sim-root",
+               str(sim_dir / PUB), "--out", str(out)])
+    assert rc == 1 and "denied" in capsys.readouterr().err
+    assert not out.exists()

@@ -32,10 +32,27 @@ from . import protocol
 from .store import KeysStale  # noqa: F401  (so problem types map back to this class)
 from .upstream import UpstreamUnavailable  # noqa: F401  (idem)
 
-__all__ = ["KeycacheClient", "KeycacheUnavailable"]
+__all__ = ["ENV_RUNTIME_CONFIG", "ENV_SOCKET", "KeycacheClient", "KeycacheUnavailable",
+           "default_runtime_config"]
 
 
 _NONCE_POOL = 64
+
+
+#: The keycache socket a :class:`KeycacheClient` uses when none is given.
+ENV_SOCKET = "SEALEDTORCH_KEYCACHE_SOCKET"
+#: The runtime configuration file a process in the sim TEE is measured with by default.
+ENV_RUNTIME_CONFIG = "SEALEDTORCH_RUNTIME_CONFIG"
+
+
+def default_runtime_config() -> bytes:
+    """The canonical runtime configuration this process is measured with when none is
+    given: the file ``$SEALEDTORCH_RUNTIME_CONFIG`` names, else the defaults.  The same
+    bytes `sealedtorch serve --config FILE --print-config` prints, so a script and the
+    runtime under one configuration have one measurement."""
+    from ..runtime.config import load_config  # the runtime's schema (it is what's measured)
+
+    return load_config(os.environ.get(ENV_RUNTIME_CONFIG) or None).canonical_bytes()
 
 
 class KeycacheUnavailable(KeyUnavailable):
@@ -54,10 +71,17 @@ class KeycacheClient:
     Thread-safe: concurrent :meth:`get_key` calls share one connection pool.
     """
 
-    def __init__(self, socket_path: str | os.PathLike[str] = protocol.DEFAULT_SOCKET, *,
+    def __init__(self, socket_path: str | os.PathLike[str] | None = None, *,
                  attester: Any = None, tee: str = "auto",
                  sim_platform: str | os.PathLike[str] | None = None,
-                 runtime_config: bytes = b"", timeout: float = 10.0) -> None:
+                 runtime_config: bytes | None = None, timeout: float = 10.0) -> None:
+        # socket_path None: $SEALEDTORCH_KEYCACHE_SOCKET, else the default socket (the same
+        # rule as `keycache run`).  runtime_config None: the configuration a script in the
+        # TEE is measured with (sim TEE): $SEALEDTORCH_RUNTIME_CONFIG, else the runtime's
+        # defaults, i.e. the measurement of `sealedtorch serve` with the same --config, so
+        # one policy entry covers the runtime and a script using the Python API.
+        if socket_path is None:
+            socket_path = os.environ.get(ENV_SOCKET) or protocol.DEFAULT_SOCKET
         self.socket_path = os.fspath(socket_path)
         self._attester = attester
         self._attester_args = {"tee": tee, "sim_platform": sim_platform,
@@ -163,7 +187,10 @@ class KeycacheClient:
             if self._attester is None:
                 from ..attest.attesters import get_attester
 
-                self._attester = get_attester(**self._attester_args)
+                args: dict[str, Any] = dict(self._attester_args)
+                if args["runtime_config"] is None:
+                    args["runtime_config"] = default_runtime_config()
+                self._attester = get_attester(**args)
             return self._attester
 
     # --- status -------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import socket
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ from .kserve import (
 )
 from .tls import PinMismatch, capture_context, peer_spki, pinned_context
 
-__all__ = ["AttestedClient", "InferenceError"]
+__all__ = ["AttestedClient", "InferenceError", "attested_ssl_context", "pinned_ssl_context"]
 
 
 class InferenceError(RequestError):
@@ -75,6 +75,8 @@ class AttestedClient:
         self.verifier = verifier
         self.timeout = timeout
         self.result: AttestationResult | None = None
+        #: DER certificate of the connection whose key the evidence bound
+        self.certificate_der: bytes | None = None
         self._http: httpx.Client | None = None
         self._metadata: dict[str, dict[str, Any]] = {}
 
@@ -93,6 +95,7 @@ class AttestedClient:
             stream = response.extensions.get("network_stream")
             ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
             connection_spki = peer_spki(ssl_object)
+            connection_cert: bytes = ssl_object.getpeercert(True) if ssl_object else b""
             if response.status_code != 200:
                 raise AttestationError(f"{self.url}/v1/attestation answered HTTP "
                                        f"{response.status_code}: {_error_text(response)}")
@@ -103,8 +106,39 @@ class AttestedClient:
         result = verify_document(doc, nonce=nonce, connection_spki=connection_spki,
                                  policy=self.policy, verifier=self.verifier)
         self.result = result
+        self.certificate_der = connection_cert
         self.reconnect()
         return result
+
+    def ssl_context(self, context_class: type[ssl.SSLContext] = ssl.SSLContext
+                    ) -> ssl.SSLContext:
+        """An SSL context for *other* HTTP clients (httpx ``verify=``, the kserve SDK's
+        ``RESTConfig(verify=...)``, tritonclient via :meth:`ssl_context_factory`) that
+        accepts only the certificate of the attested connection (attests first if needed).
+        A restarted runtime has a new key: attest again and make a new context."""
+        if self.result is None or self.certificate_der is None:
+            self.attest()
+        assert self.result is not None and self.certificate_der is not None
+        return pinned_ssl_context(self.certificate_der, self.result.spki,
+                                  context_class=context_class)
+
+    def ssl_context_factory(self) -> Callable[..., ssl.SSLContext]:
+        """For ``tritonclient.http.InferenceServerClient(url, ssl=True,
+        ssl_context_factory=client.ssl_context_factory(), insecure=True)``: returns gevent
+        contexts pinned like :meth:`ssl_context`.  The factory ignores the ``cafile`` that
+        tritonclient passes (its default is the public CA bundle, which must not widen the
+        pin); ``insecure=True`` only turns off the host-name match."""
+        try:
+            import gevent.ssl  # type: ignore[import-untyped]
+            context_class: type[ssl.SSLContext] = gevent.ssl.SSLContext
+        except ImportError:  # pragma: no cover (tritonclient always brings gevent)
+            context_class = ssl.SSLContext
+        context = self.ssl_context(context_class)
+
+        def factory(*_args: Any, **_kwargs: Any) -> ssl.SSLContext:
+            return context
+
+        return factory
 
     def reconnect(self) -> None:
         """Drop pooled connections; new ones are pinned to the same attested key (no new
@@ -191,6 +225,60 @@ class AttestedClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def pinned_ssl_context(certificate: bytes | str, spki_der: bytes | None = None, *,
+                       context_class: type[ssl.SSLContext] = ssl.SSLContext
+                       ) -> ssl.SSLContext:
+    """A client SSL context whose only trust anchor is ``certificate`` (DER bytes or PEM
+    text/bytes: the runtime certificate whose key an attestation bound, e.g. from
+    :attr:`AttestedClient.certificate_der`, or a ``serve --write-cert`` file after checking
+    its key against ``/v1/attestation``).
+
+    OpenSSL accepts a server only if it presents exactly that certificate (partial-chain
+    verification against it) and proves possession of its key; host names are not checked
+    (the trust comes from the attestation, and runtimes are often reached by IP or a name
+    not in the certificate).  Works with every client that takes an ``ssl.SSLContext``,
+    including gevent's (pass ``context_class=gevent.ssl.SSLContext``).  With the standard
+    class, and when ``spki_der`` is given, each handshake also checks the server's
+    SubjectPublicKeyInfo against it before any byte is sent (as :meth:`AttestedClient.infer`
+    does)."""
+    if isinstance(certificate, str):
+        certificate = certificate.encode()
+    pem = certificate.decode("ascii", "replace") if certificate.lstrip().startswith(
+        b"-----BEGIN") else ssl.DER_cert_to_PEM_cert(certificate)
+    leaf = pem[:pem.find("-----END CERTIFICATE-----") + len("-----END CERTIFICATE-----")]
+    if spki_der is not None and not crypto.constant_time_equal(
+            crypto.tls_certificate_spki(leaf.encode()), spki_der):
+        raise BindingError("the certificate's key is not the attested TLS key")
+    ctx = context_class(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    try:
+        ctx.load_verify_locations(cadata=leaf)
+    except (ssl.SSLError, ValueError) as exc:
+        raise ConfigError(f"not a PEM/DER certificate: {exc}") from None
+    if spki_der is not None and type(ctx) is ssl.SSLContext:
+        ctx.sealedtorch_pinned_spki = bytes(spki_der)  # type: ignore[attr-defined]
+        ctx.sslsocket_class = pinned_context(spki_der).sslsocket_class
+        ctx.sslobject_class = pinned_context(spki_der).sslobject_class
+    return ctx
+
+
+def attested_ssl_context(url: str, *,
+                         policy: Policy | str | os.PathLike[str] | dict[str, Any],
+                         sim_roots: Sequence[str | os.PathLike[str]] = (),
+                         verifier: VerifierConfig | None = None,
+                         context_class: type[ssl.SSLContext] = ssl.SSLContext,
+                         timeout: float = 30.0) -> ssl.SSLContext:
+    """Attest the runtime at ``url`` (raises unless ``policy`` allows it) and return an SSL
+    context pinned to the certificate of the connection the evidence bound: for httpx
+    (``verify=ctx``), the kserve SDK and others.  See :func:`pinned_ssl_context`."""
+    with AttestedClient(url, policy=policy, sim_roots=sim_roots, verifier=verifier,
+                        timeout=timeout) as client:
+        return client.ssl_context(context_class)
 
 
 def _http_client(context: ssl.SSLContext, timeout: float, base_url: str = "") -> httpx.Client:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,11 +27,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import RequestError
+from ..errors import ConfigError, RequestError
 
 __all__ = [
-    "DATATYPES", "HEADER_LENGTH", "InferRequest", "InvalidRequest", "PayloadTooLarge",
-    "RequestedOutput", "TensorSpec", "datatype_of", "decode_infer_response",
+    "DATATYPES", "HEADER_LENGTH", "REQUEST_FIELDS", "InferRequest", "InvalidRequest",
+    "PayloadTooLarge",
+    "RequestedOutput", "TensorSpec", "check_version", "datatype_of", "decode_infer_response",
     "encode_infer_request", "encode_infer_request_parts", "encode_infer_response",
     "parse_infer_parts", "parse_infer_request",
 ]
@@ -63,6 +65,19 @@ class PayloadTooLarge(RequestError):
 
     problem_type = "payload-too-large"
     status = 413
+
+
+_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def check_version(value: Any, where: str = "serving version") -> str:
+    """A KServe model version as it appears in ``/v2/models/{m}/versions/{v}``: 1 to 64
+    letters, digits, ``.``, ``_``, ``-``, starting with a letter or digit (so it is one
+    URL path segment as written)."""
+    if not isinstance(value, str) or not _VERSION.fullmatch(value):
+        raise ConfigError(f"{where} must be 1-64 letters, digits, '.', '_' or '-' (starting "
+                          f"with a letter or digit), got {str(value)[:80]!r}")
+    return value
 
 
 def datatype_of(dtype: torch.dtype) -> str:
@@ -129,33 +144,55 @@ class InferRequest:
 
 def parse_infer_request(body: bytes | bytearray, header_length: str | None, *,
                         inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
-                        max_batch_size: int, max_elements: int) -> InferRequest:
+                        max_batch_size: int, max_elements: int,
+                        model_name: str | None = None,
+                        model_versions: Sequence[str] = ()) -> InferRequest:
     """Validate ``body`` against the model's signature; return tensors ready to batch."""
     header, binary = split_body(body, header_length)
     return parse_infer_parts(header, binary, inputs=inputs, outputs=outputs,
-                             max_batch_size=max_batch_size, max_elements=max_elements)
+                             max_batch_size=max_batch_size, max_elements=max_elements,
+                             model_name=model_name, model_versions=model_versions,
+                             header_length_given=header_length is not None)
+
+
+#: Top-level request fields: the Open Inference Protocol's (``id``, ``parameters``,
+#: ``inputs``, ``outputs``), plus ``model_name``/``model_version``, which the kserve SDK's
+#: ``InferRequest`` and Triton's examples send (checked against the URL path).
+REQUEST_FIELDS = frozenset({"id", "parameters", "inputs", "outputs", "model_name",
+                            "model_version"})
 
 
 def parse_infer_parts(header: bytes | bytearray | memoryview,
                       binary: memoryview | torch.Tensor, *, inputs: Sequence[TensorSpec],
                       outputs: Sequence[TensorSpec], max_batch_size: int,
-                      max_elements: int) -> InferRequest:
+                      max_elements: int, model_name: str | None = None,
+                      model_versions: Sequence[str] = (),
+                      header_length_given: bool = True) -> InferRequest:
     """Like :func:`parse_infer_request`, with the JSON header and the binary data already
     apart.  ``binary`` may be a uint8 tensor: inputs then become views of it, without a
-    copy, wherever their offset suits their dtype's alignment."""
+    copy, wherever their offset suits their dtype's alignment.
+
+    ``model_name``/``model_versions``: the model (and the versions it answers to) that the
+    URL path names; a body that names another is refused, so a client that sends a body
+    meant for one model to another's URL learns it instead of getting the wrong answer.
+    ``header_length_given``: whether the binary extension's header length was sent; a body
+    that is not JSON then gets a hint about it."""
     try:
         doc = json.loads(bytes(header))
     except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+        raise InvalidRequest(_not_json(header, exc, header_length_given)) from None
     if not isinstance(doc, dict):
         raise InvalidRequest("request body must be a JSON object with an 'inputs' list")
-    unknown = set(doc) - {"id", "parameters", "inputs", "outputs"}
+    unknown = set(doc) - REQUEST_FIELDS
     if unknown:
-        raise InvalidRequest(f"unknown request field(s): {', '.join(sorted(unknown))}")
+        raise InvalidRequest(f"unknown request field(s): {', '.join(sorted(unknown))} "
+                             f"(allowed: {', '.join(sorted(REQUEST_FIELDS))})")
     req_id = doc.get("id")
     if req_id is not None and not isinstance(req_id, str):
         raise InvalidRequest("'id' must be a string")
+    _check_model_fields(doc, model_name, model_versions)
     params = _params(doc.get("parameters"), "parameters")
+    _check_request_parameters(params)
     raw_inputs = doc.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise InvalidRequest("'inputs' must be a non-empty list")
@@ -222,7 +259,7 @@ def parse_infer_parts(header: bytes | bytearray | memoryview,
         raise PayloadTooLarge(f"batch of {batch} rows is more than max_batch_size "
                               f"{max_batch_size}")
     requested = _requested_outputs(doc.get("outputs"), outputs,
-                                   bool(params.get("binary_data_output", False)))
+                                   _flag(params, "binary_data_output", "parameters", False))
     ordered = {s.name: seen[s.name] for s in inputs}
     return InferRequest(req_id, ordered, requested, batch)
 
@@ -347,9 +384,64 @@ def _requested_outputs(value: Any, specs: Sequence[TensorSpec],
         if name not in names:
             raise InvalidRequest(f"outputs[{index}]: the model has no output named {name!r} "
                                  f"(outputs: {', '.join(names)})")
-        params = _params(item.get("parameters"), f"outputs[{index}].parameters")
-        out.append(RequestedOutput(name, bool(params.get("binary_data", binary_default))))
+        where = f"outputs[{index}].parameters"
+        params = _params(item.get("parameters"), where)
+        if params.get("classification") not in (None, 0):
+            raise InvalidRequest(f"{where}: the classification extension is not supported "
+                                 f"(ask for the raw output and rank it on the client)")
+        out.append(RequestedOutput(name, _flag(params, "binary_data", where, binary_default)))
     return out
+
+
+def _flag(params: Mapping[str, Any], key: str, where: str, default: bool) -> bool:
+    """A boolean parameter: JSON true/false only.  The string "false" is truthy in Python,
+    so accepting it would silently do the opposite of what the client asked."""
+    value = params.get(key, default)
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"{where}: {key!r} must be a JSON boolean (true or false), got "
+                             f"{json.dumps(value)[:40]}")
+    return value
+
+
+def _check_model_fields(doc: Mapping[str, Any], model_name: str | None,
+                        model_versions: Sequence[str]) -> None:
+    name, version = doc.get("model_name"), doc.get("model_version")
+    if name is not None:
+        if not isinstance(name, str):
+            raise InvalidRequest("'model_name' must be a string")
+        if model_name is not None and name != model_name:
+            raise InvalidRequest(f"'model_name' {name[:80]!r} does not match the model in the "
+                                 f"URL path ({model_name!r})")
+    if version is not None:
+        if not isinstance(version, str):
+            raise InvalidRequest("'model_version' must be a string")
+        if version and model_versions and version not in model_versions:
+            raise InvalidRequest(f"'model_version' {version[:40]!r} is not a version of this "
+                                 f"model (versions: {', '.join(model_versions)})")
+
+
+def _check_request_parameters(params: Mapping[str, Any]) -> None:
+    if "binary_data_output" in params:
+        _flag(params, "binary_data_output", "parameters", False)
+
+
+def _not_json(header: bytes | bytearray | memoryview, exc: Exception,
+              header_length_given: bool) -> str:
+    """Why a request header is not JSON, with a hint where the body looks like the binary
+    tensor data extension sent without (or with a wrong) header length."""
+    message = f"request body is not valid JSON: {exc}"
+    raw = bytes(header[:2])
+    if raw[:2] == b"\x1f\x8b":
+        return (f"{message}; the body looks gzip-compressed: send it with "
+                f"'Content-Encoding: gzip'")
+    looks_binary = isinstance(exc, UnicodeDecodeError) or (
+        isinstance(exc, json.JSONDecodeError) and exc.msg == "Extra data")
+    if looks_binary:
+        if header_length_given:
+            return (f"{message}; is {HEADER_LENGTH} the byte length of the JSON part only?")
+        return (f"{message}; a body with binary tensor data needs the {HEADER_LENGTH} "
+                f"header (the byte length of the JSON part before the raw tensor bytes)")
+    return message
 
 
 # --- server: responses ----------------------------------------------------------------

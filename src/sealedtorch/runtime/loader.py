@@ -23,7 +23,7 @@ from ..errors import ConfigError, KeyUnavailable
 from ..keys import KeySource, ModelKey
 from .architectures import Built, build, spec_from_metadata
 from .config import RuntimeConfig
-from .kserve import TensorSpec
+from .kserve import TensorSpec, check_version
 
 __all__ = [
     "LoadedModel", "ModelSource", "PlainSource", "get_key_with_retries", "load_plain",
@@ -100,13 +100,16 @@ class LoadedModel:
     arch: str | None = None
     load_seconds: float = 0.0
     batchable: bool = True
+    serving_version: str | None = None
     #: Text generation (causal LMs): what the OpenAI-compatible API calls.
     text: Any = None
 
     @property
     def version(self) -> str:
-        """The KServe model version: the sealed key version ("1" for unsealed modules)."""
-        return str(self.key_version or 1)
+        """The KServe model version: the sealed metadata's ``serving_version`` (default
+        "1").  Not the key version: rotating a key re-seals the same model, and the public
+        API (``/v2/models/{m}/versions/{v}``) must not change under clients' feet."""
+        return self.serving_version or "1"
 
     @classmethod
     def from_module(cls, name: str, module: Callable[..., Any], *,
@@ -220,7 +223,17 @@ def load_sealed(source: ModelSource, keys: KeySource, config: RuntimeConfig | No
         "build_s": round(time.perf_counter() - t_decrypt, 4)}})
     return LoadedModel(source.name, built[0].module, built[0].inputs, built[0].outputs, dev,
                        preamble.model_id, preamble.key_version, built[1], elapsed,
-                       built[0].batchable, built[0].text)
+                       built[0].batchable,
+                       serving_version=serving_version_of(header.metadata, label),
+                       text=built[0].text)
+
+
+def serving_version_of(metadata: dict[str, Any], label: str = "model") -> str:
+    """The KServe version a sealed model is served under: its metadata's
+    ``serving_version`` (``seal --metadata serving_version=2``), else "1"."""
+    value = metadata.get("serving_version", "1")
+    return check_version(str(value) if isinstance(value, int) and not isinstance(
+        value, bool) else value, f"{label}: metadata serving_version")
 
 
 def _build(state: dict[str, torch.Tensor], metadata: dict[str, Any], arch: str | None,
@@ -257,4 +270,4 @@ def load_plain(name: str, path: str | os.PathLike[str], config: RuntimeConfig | 
                               f"model {name!r} ({path})")
     return LoadedModel(check_model_name(name), built.module, built.inputs, built.outputs, dev,
                        None, None, arch_name, time.perf_counter() - started, built.batchable,
-                       built.text)
+                       text=built.text)

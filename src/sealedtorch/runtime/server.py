@@ -45,7 +45,9 @@ import anyio
 import torch
 import uvicorn
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..attest import binding
@@ -67,7 +69,7 @@ from .metrics import CONTENT_TYPE, RuntimeMetrics
 from .tls import ServerTls
 
 __all__ = ["Runtime", "RuntimeServer", "SubprocessServer", "configure_logging", "create_app",
-           "parse_listen", "serve"]
+           "parse_listen", "serve", "write_certificate"]
 
 log = logging.getLogger("sealedtorch.runtime")
 
@@ -279,6 +281,68 @@ async def _read_body(request: Request, limit: int
     return header, data
 
 
+#: Content-Encodings a request body may use (tritonclient's request_compression_algorithm).
+_ENCODINGS = ("gzip", "deflate")
+
+
+def _content_encoding(request: Request) -> str | None:
+    """The body's Content-Encoding (None for identity); 400 for one we cannot decode."""
+    value = request.headers.get("content-encoding", "").strip().lower()
+    if value in ("", "identity"):
+        return None
+    if value not in _ENCODINGS:
+        raise InvalidRequest(f"Content-Encoding {value[:40]!r} is not supported (use gzip, "
+                             f"deflate or none)")
+    return value
+
+
+async def _read_encoded_body(request: Request, limit: int
+                             ) -> tuple[bytearray, memoryview | torch.Tensor]:
+    """A gzip/deflate body, decompressed to at most ``limit`` bytes, as (JSON header,
+    binary data).  ``Inference-Header-Content-Length`` counts the decompressed JSON part,
+    as tritonclient sends it.  Decompression is bounded: a small body that inflates past
+    ``limit`` (a "zip bomb") is refused after ``limit`` bytes of output, never held whole."""
+    encoding = _content_encoding(request)
+    compressed = bytearray()
+    async for chunk in request.stream():
+        compressed += chunk
+        if len(compressed) > limit:
+            raise PayloadTooLarge(f"request body is larger than the limit of {limit} bytes "
+                                  f"(max_request_bytes)")
+    body = await anyio.to_thread.run_sync(
+        lambda: _inflate(bytes(compressed), encoding or "gzip", limit))
+    header, binary = split_body(body, request.headers.get(HEADER_LENGTH))
+    return bytearray(header), binary
+
+
+def _inflate(data: bytes, encoding: str, limit: int) -> bytearray:
+    import zlib
+
+    # wbits: 16+15 reads a gzip wrapper; 15 a zlib stream (HTTP "deflate" is zlib-wrapped)
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else
+                                  zlib.MAX_WBITS)
+    out = bytearray()
+    pending = data
+    try:
+        while pending:
+            out += inflater.decompress(pending, limit + 1 - len(out))
+            if len(out) > limit:
+                raise PayloadTooLarge(f"the {encoding} request body decompresses to more than "
+                                      f"the limit of {limit} bytes (max_request_bytes)")
+            pending = inflater.unconsumed_tail
+            if inflater.eof:
+                break
+        if not inflater.eof:
+            raise InvalidRequest(f"the {encoding} request body is truncated")
+        if inflater.unused_data:
+            raise InvalidRequest(f"{len(inflater.unused_data)} bytes follow the end of the "
+                                 f"{encoding} stream")
+    except zlib.error as exc:
+        raise InvalidRequest(f"the request body is not valid {encoding} data: {exc}") \
+            from None
+    return out
+
+
 #: JSON up to this size is parsed/written on the event loop (a thread hop costs more than
 #: that); larger documents go to a worker thread so health checks never wait on them.
 _INLINE_BYTES = 64 * 1024
@@ -293,6 +357,23 @@ def create_app(runtime: Runtime) -> FastAPI:
                   redoc_url=None, openapi_url=None)
     cfg = runtime.config
     metrics = runtime.metrics
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # unknown routes (404) and wrong methods (405): the protocol's {"error": ...} body
+        if exc.status_code == 404:
+            message = f"no such endpoint: {request.url.path}"
+        elif exc.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path}"
+        else:
+            message = str(exc.detail)
+        return _error(exc.status_code, message, dict(exc.headers or {}))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}"
+                             for e in exc.errors())
+        return _error(400, f"invalid request: {problems}"[:500])
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
@@ -351,7 +432,14 @@ def create_app(runtime: Runtime) -> FastAPI:
         slot = runtime.slots.get(name)
         if slot is None:
             return _error(404, f"unknown model {name!r}")
+        if version is not None and slot.model is not None and version != slot.model.version:
+            return _error(404, f"model {name!r} has no version {version!r} (served: "
+                               f"{slot.model.version})")
+        if version is not None and slot.model is None and slot.state == "ready":
+            return _error(404, f"model {name!r} has no version {version!r}")
         body = {"name": name, "ready": slot.state == "ready", **slot.describe()}
+        if slot.model is not None:
+            body["version"] = slot.model.version
         return JSONResponse(body, status_code=200 if slot.state == "ready" else 503)
 
     @app.post("/v2/models/{name}/infer")
@@ -371,7 +459,11 @@ def create_app(runtime: Runtime) -> FastAPI:
         model, batcher = slot.model, slot.batcher
         assert model is not None and batcher is not None
         try:
-            header, binary = await _read_body(request, cfg.max_request_bytes)
+            if _content_encoding(request) is not None:
+                header, binary = await _read_encoded_body(request, cfg.max_request_bytes)
+            else:
+                header, binary = await _read_body(request, cfg.max_request_bytes)
+            header_length_given = request.headers.get(HEADER_LENGTH) is not None
             parsed = await _maybe_in_thread(
                 len(header) > _INLINE_BYTES,
                 lambda: parse_infer_parts(
@@ -379,7 +471,9 @@ def create_app(runtime: Runtime) -> FastAPI:
                     outputs=model.outputs,
                     max_batch_size=cfg.max_batch_size if model.batchable else max(
                         1, model.inputs[0].shape[0]),
-                    max_elements=cfg.max_elements))
+                    max_elements=cfg.max_elements, model_name=model.name,
+                    model_versions=(model.version,),
+                    header_length_given=header_length_given))
             future = batcher.submit(parsed)
             try:
                 outputs = await asyncio.wait_for(asyncio.wrap_future(future),
@@ -616,7 +710,8 @@ def serve(models: Sequence[Source], *, keys: KeySource | None,
           tls_key: str | os.PathLike[str] | None = None, tee: str = "auto",
           sim_platform: str | os.PathLike[str] | None = None,
           announce: str | os.PathLike[str] | None = None, exit_on_load_failure: bool = True,
-          graceful_timeout: float = 10.0, log_format: str = "json") -> int:
+          graceful_timeout: float = 10.0, log_format: str = "json",
+          write_cert: str | os.PathLike[str] | None = None) -> int:
     """``sealedtorch serve``: run until SIGTERM/SIGINT (then drain and stop), or until a
     model fails to load (exit status 2 with the reason) unless ``exit_on_load_failure`` is
     false, in which case the server stays up, live but unready."""
@@ -625,6 +720,12 @@ def serve(models: Sequence[Source], *, keys: KeySource | None,
     runtime = build_runtime(models, keys=keys, config=config, tls_cert=tls_cert,
                             tls_key=tls_key, hosts=(host,), tee=tee, sim_platform=sim_platform)
     sock = _bind(host, port)
+    if write_cert is not None:
+        try:
+            write_certificate(runtime.tls, write_cert)
+        except BaseException:
+            sock.close()
+            raise
     bound = sock.getsockname()[1]
     server = _uvicorn(runtime, sock, graceful_timeout)
     url = _url(host, bound)
@@ -674,6 +775,26 @@ def serve(models: Sequence[Source], *, keys: KeySource | None,
     if failure:
         raise failure[0]
     return 0
+
+
+def write_certificate(tls: ServerTls, path: str | os.PathLike[str]) -> Path:
+    """Write the serving certificate (and its throwaway CA, if generated) to ``path``
+    (``serve --write-cert``), atomically, world-readable: it is public.  A client may pin
+    it only after checking that its key is the one ``/v1/attestation`` binds (see
+    docs/runtime.md); the file itself proves nothing."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(tls.trust_pem)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise ConfigError(f"--write-cert: cannot write {target}: {exc.strerror}") from None
+    log.info("wrote the TLS certificate to %s", target,
+             extra={"fields": {"path": str(target), "tls_spki_sha256": tls.spki_sha256}})
+    return target
 
 
 def _sha256(data: bytes) -> str:

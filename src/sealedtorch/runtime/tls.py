@@ -42,6 +42,19 @@ class ServerTls:
     cert_pem: bytes
     context: ssl.SSLContext = field(repr=False)
     generated: bool
+    #: the generated certificate's throwaway CA (its key is gone once it signed), so that
+    #: clients that insist on a CA file (tritonclient's ssl_options, curl --cacert) can use
+    #: :attr:`trust_pem`; empty for --tls-cert files
+    ca_pem: bytes = b""
+
+    @property
+    def trust_pem(self) -> bytes:
+        """What ``serve --write-cert`` writes: the leaf certificate, then its CA if
+        generated.  A client that trusts this file (as a CA bundle) accepts exactly this
+        server: the CA's private key was deleted after it signed the leaf."""
+        if not self.ca_pem:
+            return self.cert_pem
+        return self.cert_pem.rstrip(b"\n") + b"\n" + self.ca_pem
 
     @property
     def spki(self) -> bytes:
@@ -83,7 +96,7 @@ class ServerTls:
         del ca_key  # the throwaway CA signs once; nothing ever trusts it
         ctx = _server_context()
         _load_from_memory(ctx, cert, key)
-        return cls(cert, ctx, generated=True)
+        return cls(cert, ctx, generated=True, ca_pem=ca_cert)
 
 
 def _server_context() -> ssl.SSLContext:
