@@ -353,17 +353,117 @@ def test_malformed_requests_get_openai_errors(served):
         assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
 
 
-def test_kserve_serves_the_same_model_as_token_ids_to_logits(model_dirs, served):
-    from sealedtorch.runtime.kserve import decode_infer_response, encode_infer_request
+def _kserve(served, name: str, body: bytes | dict, headers: dict | None = None):
+    with httpx.Client(base_url=served.url, verify=False, timeout=60) as c:
+        if isinstance(body, dict):
+            return c.post(f"/v2/models/{name}/infer", json=body)
+        return c.post(f"/v2/models/{name}/infer", content=body, headers=headers)
 
-    plain, tok = _plain_causal_lm(model_dirs["gpt2"])
-    ids = torch.tensor([tok("hello world")["input_ids"]])
-    body, headers = encode_infer_request({"input_ids": ids,
-                                          "attention_mask": torch.ones_like(ids)})
-    with httpx.Client(base_url=served.url, verify=False, timeout=30) as c:
-        r = c.post("/v2/models/gpt2/infer", content=body, headers=headers)
+
+def _text_input(texts: list[str]) -> dict:
+    return {"name": "text", "datatype": "BYTES", "shape": [len(texts)], "data": texts}
+
+
+def test_kserve_generates_text_from_text_equal_to_plaintext(model_dirs, served):
+    _, tok = _plain_causal_lm(model_dirs["llama"])
+    prompts = ["the quick brown", "hello world"]
+    r = _kserve(served, "llama", {"inputs": [_text_input(prompts)],
+                                  "parameters": {"max_tokens": 10}})
     assert r.status_code == 200, r.text
-    logits = decode_infer_response(r.content, r.headers.get("inference-header-content-length"))
+    out = r.json()["outputs"][0]
+    assert out["name"] == "text_output" and out["datatype"] == "BYTES" and out["shape"] == [2]
+    for prompt, text in zip(prompts, out["data"], strict=True):
+        want = _plain_greedy(model_dirs, "llama", tok(prompt)["input_ids"], 10)
+        assert text == tok.decode(want, skip_special_tokens=True)
+
+
+def test_kserve_binary_bytes_in_and_out(served):
+    from sealedtorch.runtime.kserve import decode_infer_response
+    from sealedtorch.runtime.text_kserve import encode_bytes
+
+    texts = ["héllo wörld", "sealed"]
+    raw = encode_bytes([t.encode() for t in texts])
+    doc = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2],
+                       "parameters": {"binary_data_size": len(raw)}}],
+           "parameters": {"binary_data_output": True, "max_tokens": 4}}
+    header = json.dumps(doc).encode()
+    r = _kserve(served, "gpt2", header + raw,
+                {"Inference-Header-Content-Length": str(len(header))})
+    assert r.status_code == 200, r.text
+    json_answer = _kserve(served, "gpt2", {"inputs": [_text_input(texts)],
+                                           "parameters": {"max_tokens": 4}}).json()
+    decoded = decode_infer_response(r.content, r.headers["inference-header-content-length"])
+    assert decoded["text_output"] == json_answer["outputs"][0]["data"]
+
+
+def test_kserve_embeds_text_like_the_plaintext_encoder(model_dirs, served):
+    from transformers import AutoTokenizer, BertModel
+
+    texts = ["hello world", "sealed weights are decrypted only inside the enclave"]
+    r = _kserve(served, "bert", {"inputs": [_text_input(texts)]})
+    assert r.status_code == 200, r.text
+    out = r.json()["outputs"][0]
+    assert out["name"] == "embedding" and out["shape"] == [2, 32]
+    plain = BertModel.from_pretrained(model_dirs["bert"]).eval()
+    batch = AutoTokenizer.from_pretrained(model_dirs["bert"])(texts, padding=True,
+                                                               return_tensors="pt")
     with torch.inference_mode():
-        want = plain(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-    assert torch.equal(logits["logits"], want)
+        hidden = plain(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    want = (hidden * mask).sum(1) / mask.sum(1)
+    assert torch.equal(torch.tensor(out["data"]).reshape(2, 32), want)
+
+
+def test_kserve_model_metadata_declares_bytes_text(served):
+    with httpx.Client(base_url=served.url, verify=False, timeout=30) as c:
+        meta = c.get("/v2/models/llama").json()
+    assert meta["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
+    assert meta["outputs"] == [{"name": "text_output", "datatype": "BYTES", "shape": [-1]}]
+
+
+@pytest.mark.parametrize("inputs, expect", [
+    ([{"name": "text", "datatype": "FP32", "shape": [1], "data": [1.0]}], "BYTES"),
+    ([{"name": "input_ids", "datatype": "BYTES", "shape": [1], "data": ["x"]}], "no input"),
+    ([{"name": "text", "datatype": "BYTES", "shape": [2], "data": ["x"]}], "needs 2"),
+    ([{"name": "text", "datatype": "BYTES", "shape": [1], "data": [3]}], "list of strings"),
+])
+def test_kserve_malformed_text_requests_are_400(served, inputs, expect):
+    r = _kserve(served, "gpt2", {"inputs": inputs})
+    assert r.status_code == 400 and expect in r.json()["error"]
+
+
+def test_kserve_non_utf8_text_is_refused(served):
+    from sealedtorch.runtime.text_kserve import encode_bytes
+
+    raw = encode_bytes([b"\xff\xfe"])
+    header = json.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1],
+                                     "parameters": {"binary_data_size": len(raw)}}]}).encode()
+    r = _kserve(served, "gpt2", header + raw,
+                {"Inference-Header-Content-Length": str(len(header))})
+    assert r.status_code == 400 and "UTF-8" in r.json()["error"]
+
+
+def test_kserve_generation_parameters_are_typed(served):
+    r = _kserve(served, "gpt2", {"inputs": [_text_input(["x"])],
+                                 "parameters": {"max_tokens": "5"}})
+    assert r.status_code == 400 and "max_tokens" in r.json()["error"]
+
+
+def test_tritonclient_sends_and_receives_text(served, tmp_path):
+    import numpy as np
+    import tritonclient.http as triton
+
+    cert = tmp_path / "runtime.pem"
+    cert.write_bytes(served.runtime.tls.trust_pem)
+    client = triton.InferenceServerClient(served.url.removeprefix("https://"), ssl=True,
+                                          ssl_options={"ca_certs": str(cert)})
+    try:
+        inp = triton.InferInput("text", [2], "BYTES")
+        inp.set_data_from_numpy(np.array(["hello", "world"], dtype=np.object_))
+        got = client.infer("gpt2", [inp], parameters={"max_tokens": 3})
+        answer = [b.decode() for b in got.as_numpy("text_output")]
+    finally:
+        client.close()
+    expected = _kserve(served, "gpt2", {"inputs": [_text_input(["hello", "world"])],
+                                        "parameters": {"max_tokens": 3}}).json()
+    assert answer == expected["outputs"][0]["data"]

@@ -67,7 +67,8 @@ class Built:
     module: torch.nn.Module
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    #: Text generation for causal LMs (a :class:`~sealedtorch.runtime.hf.TextGenerator`).
+    #: The text interface of transformers models (a
+    #: :class:`~sealedtorch.runtime.text_kserve.TextTask`).
     text: Any = None
 
     @property
@@ -275,17 +276,16 @@ def _build_export(spec: ArchSpec, state: dict[str, torch.Tensor], device: torch.
 # --- Hugging Face transformers ---------------------------------------------------------
 
 class TransformersForward(torch.nn.Module):
-    """KServe view of a transformers model: token ids in, one tensor out (``logits`` for
-    causal LMs and classifiers, ``last_hidden_state`` for encoders)."""
+    """Holds a served transformers model (its text interface is ``Built.text``, a
+    :class:`~sealedtorch.runtime.text_kserve.TextTask`); called directly, token ids in,
+    the model's output object out."""
 
-    def __init__(self, model: torch.nn.Module, output: str) -> None:
+    def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.output = output
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
-        return getattr(out, self.output)  # type: ignore[no-any-return]
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask)
 
 
 def _build_transformers(spec: ArchSpec, state: dict[str, torch.Tensor], device: torch.device,
@@ -296,20 +296,11 @@ def _build_transformers(spec: ArchSpec, state: dict[str, torch.Tensor], device: 
     if built.class_name != spec.name.removeprefix(HF_PREFIX):
         raise FormatError(f"{source}: the sealed config.json names {built.class_name}, the "
                           f"metadata {spec.name}")
-    dt = datatype_of(_first_float_dtype(built.model))
-    cfg = built.model.config
-    if built.task == "feature-extraction":
-        name, shape = "last_hidden_state", (-1, -1, int(cfg.hidden_size))
-    elif built.task == "text-classification":
-        name, shape = "logits", (-1, int(cfg.num_labels))
-    else:
-        name, shape = "logits", (-1, -1, int(cfg.vocab_size))
-    inputs = (TensorSpec("input_ids", "INT64", (-1, -1)),
-              TensorSpec("attention_mask", "INT64", (-1, -1)))
-    text = hf.TextGenerator(built) if built.task == "text-generation" and \
-        built.tokenizer is not None else None
-    return Built(TransformersForward(built.model, name).eval(), spec.inputs or inputs,
-                 spec.outputs or (TensorSpec(name, dt, shape),), text)
+    from .text_kserve import TextTask
+
+    task = TextTask(built)
+    return Built(TransformersForward(built.model).eval(), spec.inputs or task.inputs,
+                 spec.outputs or task.outputs, task)
 
 
 # --- built-in architectures -----------------------------------------------------------

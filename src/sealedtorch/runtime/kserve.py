@@ -11,7 +11,8 @@ by the raw little-endian bytes of each tensor, the header's length is given in t
 ``Inference-Header-Content-Length`` HTTP header, and each binary tensor says its byte size
 in ``parameters.binary_data_size``.  A client asks for binary outputs per output
 (``outputs[i].parameters.binary_data``) or for all (``parameters.binary_data_output``).
-``BYTES`` tensors are not supported (served models take numeric tensors).
+``BYTES`` tensors (text) are served for transformers models by
+:mod:`sealedtorch.runtime.text_kserve`; numeric models take numeric tensors.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ class TensorSpec:
     shape: tuple[int, ...]
 
     def __post_init__(self) -> None:
-        if self.datatype not in DATATYPES:
+        if self.datatype not in DATATYPES and self.datatype != "BYTES":
             raise ValueError(f"{self.name}: unknown datatype {self.datatype!r}")
         if not self.shape or any(not isinstance(d, int) or d < -1 or d == 0
                                  for d in self.shape):
@@ -106,6 +107,9 @@ class TensorSpec:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The torch dtype (``BYTES``, text, has none: see runtime/text_kserve.py)."""
+        if self.datatype == "BYTES":
+            raise ValueError(f"{self.name}: BYTES tensors have no torch dtype")
         return DATATYPES[self.datatype]
 
     def to_json(self) -> dict[str, Any]:
@@ -551,16 +555,27 @@ def _memory_of(t: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
-def decode_infer_response(body: bytes, header_length: str | None) -> dict[str, torch.Tensor]:
-    """Named output tensors from a response body (JSON or binary extension)."""
+def decode_infer_response(body: bytes, header_length: str | None) -> dict[str, Any]:
+    """Named outputs from a response body (JSON or binary extension): tensors, and lists of
+    strings for ``BYTES`` outputs (text)."""
     header, binary = split_body(body, header_length)
     doc = json.loads(bytes(header))
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, Any] = {}
     offset = 0
     for entry in doc.get("outputs", []):
-        dtype = DATATYPES[entry["datatype"]]
         shape = [int(d) for d in entry["shape"]]
         size = (entry.get("parameters") or {}).get("binary_data_size")
+        if entry["datatype"] == "BYTES":
+            from .text_kserve import decode_bytes
+
+            if size is None:
+                out[entry["name"]] = [str(v) for v in entry["data"]]
+            else:
+                out[entry["name"]] = [b.decode() for b in decode_bytes(
+                    binary[offset:offset + size], math.prod(shape), entry["name"])]
+                offset += size
+            continue
+        dtype = DATATYPES[entry["datatype"]]
         if size is not None:
             out[entry["name"]] = _from_bytes(binary[offset:offset + size], dtype, shape)
             offset += size

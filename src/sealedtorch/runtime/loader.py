@@ -101,7 +101,9 @@ class LoadedModel:
     load_seconds: float = 0.0
     batchable: bool = True
     serving_version: str | None = None
-    #: Text generation (causal LMs): what the OpenAI-compatible API calls.
+    #: Text in and out (transformers models): a
+    #: :class:`~sealedtorch.runtime.text_kserve.TextTask`, used by KServe BYTES requests
+    #: and, for causal LMs, the OpenAI-compatible API.
     text: Any = None
 
     @property

@@ -114,18 +114,18 @@ class _Api:
     def generator(self, name: str) -> TextGenerator | JSONResponse:
         slot = self.runtime.slots.get(name)
         if slot is None:
-            served = [n for n, s in self.runtime.slots.items()
-                      if s.model is not None and s.model.text is not None]
+            served = [n for n, s in self.runtime.slots.items() if _generator_of(s.model)]
             return _error(404, f"The model {name!r} does not exist (text models served: "
                                f"{', '.join(served) or 'none'})", param="model",
                           code="model_not_found")
         if slot.state != "ready" or slot.model is None:
             return _error(503, f"model {name!r} is not ready ({slot.state})",
                           kind="server_error")
-        if slot.model.text is None:
+        generator = _generator_of(slot.model)
+        if generator is None:
             return _error(400, f"model {name!r} does not generate text (it is served on the "
                                "KServe v2 API only)", param="model")
-        return slot.model.text  # type: ignore[no-any-return]
+        return generator
 
     async def parse(self, request: Request, cls: type[_Common]) -> _Common | JSONResponse:
         body = await request.body()
@@ -189,6 +189,11 @@ class _Api:
                                  headers={"cache-control": "no-store"})
 
 
+def _generator_of(model: Any) -> TextGenerator | None:
+    task = getattr(model, "text", None) if model is not None else None
+    return getattr(task, "generator", None)
+
+
 def _usage(r: GenerationResult) -> dict[str, int]:
     return {"prompt_tokens": r.prompt_tokens, "completion_tokens": len(r.token_ids),
             "total_tokens": r.prompt_tokens + len(r.token_ids)}
@@ -202,8 +207,7 @@ def openai_router(runtime: Runtime) -> APIRouter:
     @router.get("/v1/models")
     async def models() -> dict[str, Any]:
         data = [{"id": name, "object": "model", "created": 0, "owned_by": "sealedtorch"}
-                for name, s in runtime.slots.items()
-                if s.model is not None and s.model.text is not None]
+                for name, s in runtime.slots.items() if _generator_of(s.model)]
         return {"object": "list", "data": data}
 
     @router.post("/v1/completions")

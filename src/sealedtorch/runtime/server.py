@@ -66,6 +66,7 @@ from .kserve import (
 from .kserve import encode_infer_response as _encode
 from .loader import LoadedModel, resolve_device
 from .metrics import CONTENT_TYPE, RuntimeMetrics
+from .text_kserve import encode_text_response, parse_text_request
 from .tls import ServerTls
 
 __all__ = ["Runtime", "RuntimeServer", "SubprocessServer", "configure_logging", "create_app",
@@ -464,6 +465,8 @@ def create_app(runtime: Runtime) -> FastAPI:
             else:
                 header, binary = await _read_body(request, cfg.max_request_bytes)
             header_length_given = request.headers.get(HEADER_LENGTH) is not None
+            if model.text is not None:  # transformers: text in and out, tokenized here
+                return await _infer_text(model, header, binary)
             parsed = await _maybe_in_thread(
                 len(header) > _INLINE_BYTES,
                 lambda: parse_infer_parts(
@@ -497,6 +500,21 @@ def create_app(runtime: Runtime) -> FastAPI:
             return _error(exc.status, str(exc))
         except (QueueFull, ShuttingDown) as exc:
             return _error(503, str(exc), {"retry-after": "1"})
+
+    async def _infer_text(model: LoadedModel, header: Any, binary: Any) -> Response:
+        task = model.text
+        request = parse_text_request(header, binary, outputs=model.outputs,
+                                     max_batch_size=cfg.max_batch_size,
+                                     model_name=model.name, model_versions=(model.version,))
+        try:
+            values = await asyncio.wait_for(
+                asyncio.to_thread(task.run, request.texts, request.parameters),
+                cfg.request_timeout_s)
+        except TimeoutError:
+            return _error(504, f"inference did not finish within {cfg.request_timeout_s:g} s")
+        payload, headers = encode_text_response(model.name, model.version, request.id, values,
+                                                request.outputs)
+        return Response(payload, status_code=200, headers=headers)
 
     from .openai_api import openai_router
 
