@@ -343,6 +343,10 @@ def _tokens_list(args: argparse.Namespace) -> int:
         return 0
     for t in tokens:
         state = f"revoked {t['revoked_at']}" if t.get("revoked_at") else "valid"
+        expires = t.get("expires_at")
+        if not t.get("revoked_at") and expires and datetime.datetime.fromisoformat(
+                expires.replace("Z", "+00:00")) <= datetime.datetime.now(datetime.UTC):
+            state = "expired (renew: tokens rotate)"
         if not t.get("intact", True):
             state = "TAMPERED (row fails its MAC; refused)"
         print(f"{t['token_id']}  {t['role']:<8} {t['name']:<24} created {t['created_at']}  "

@@ -182,6 +182,11 @@ def test_an_inserted_admin_token_row_is_refused(dep):
         assert listed[tokens.admin_token_id(forged_hash)]["intact"] is False
         assert listed[tokens.admin_token_id(copied_hash)]["intact"] is False
         assert "evil-2" not in {t["name"] for t in listed.values()}
+        # revoking a forged row takes its rights for good but never blesses it
+        admin.revoke_token(tokens.admin_token_id(forged_hash))
+        after = {t["token_id"]: t for t in admin.list_tokens()}
+        assert after[tokens.admin_token_id(forged_hash)]["intact"] is False
+        assert after[tokens.admin_token_id(forged_hash)]["revoked_at"] is not None
 
 
 def test_a_revoked_key_switched_back_to_active_is_refused(dep):

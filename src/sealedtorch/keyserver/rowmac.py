@@ -73,7 +73,7 @@ def marker_bytes() -> bytes:
 class RowIntegrity:
     """Seals rows before they are written and checks them when they are read."""
 
-    def __init__(self, kek: KekProvider, *, on_failure: Any = None) -> None:
+    def __init__(self, kek: KekProvider | KekRing, *, on_failure: Any = None) -> None:
         self.kek = kek
         self._on_failure = on_failure  # called with the table name of each refused row
         self._verified: set[bytes] = set()

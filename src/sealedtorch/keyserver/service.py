@@ -959,8 +959,13 @@ class Keyserver:
                     t.role == AdminRole.ADMIN and self._live(t, now)
                     and t.token_id != token_id for t in tx.list_admin_tokens()):
                 raise ConflictError("refusing to revoke the last valid admin token")
-            # revoking is allowed even for a row that fails its MAC (it only takes rights)
-            revoked = self.rows.seal_token(dataclasses.replace(target, revoked_at=now))
+            # revoking is allowed even for a row that fails its MAC (it only takes rights),
+            # but such a row is never sealed: it stays refused and marked as tampered
+            revoked = dataclasses.replace(target, revoked_at=now)
+            if self.rows.token_ok(target):
+                revoked = self.rows.seal_token(revoked)
+            else:
+                entry["row_intact"] = False
             tx.revoke_admin_token(token_id, now, row_mac=revoked.row_mac,
                                   mac_kek=revoked.mac_kek)
             updated = tx.admin_token_by_id(token_id)
