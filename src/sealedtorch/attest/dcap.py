@@ -364,6 +364,10 @@ def _sgx_claims(body: bytes, *, status: str, advisories: tuple[str, ...],
         attributes=attributes,
         cpu_svn=body[0:16],
         fmspc=fmspc,
+        isv_ext_prod_id=body[32:48],
+        isv_family_id=body[304:320],
+        config_id=body[192:256],
+        config_svn=int.from_bytes(body[260:262], "little"),
     )
 
 
@@ -389,6 +393,7 @@ def _tdx_claims(body: bytes, *, status: str, advisories: tuple[str, ...],
         td_attributes=td_attributes,
         tee_tcb_svn=body[0:16],
         fmspc=fmspc,
+        xfam=body[128:136],
     )
 
 
