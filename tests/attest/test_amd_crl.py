@@ -179,6 +179,7 @@ def test_a_stale_cached_crl_is_refreshed_from_the_kds(ca, tmp_path, kds_server):
     config = VerifierConfig(cache_dir=tmp_path, kds_url=url, fetch_amd_crl=True)
     with pytest.raises(AttestationError, match="revoked"):
         snp._crl_status(ca.chain, config, AT)
+    assert hits["/vcek/v1/Milan/crl"] == 1
 
 
 def test_a_forged_crl_from_the_kds_is_not_cached(ca, tmp_path, kds_server):
