@@ -14,7 +14,10 @@ Appraisal of one report (``Evidence.data``, 1184 bytes, versions 2 and 3):
 4. bind the certificate to the report: its TCB extensions (blSPL, teeSPL, snpSPL,
    ucodeSPL, and fmcSPL on Turin) must equal ``reported_tcb``, and a VCEK's hwID must equal
    ``chip_id`` (unless the chip id is masked to zeros);
-5. verify the report signature over bytes 0x000–0x29F with the certificate's P-384 key.
+5. verify the report signature over bytes 0x000–0x29F with the certificate's P-384 key;
+6. check the chain against AMD's CRL for the product when one can be had (cache, or the
+   KDS with ``VerifierConfig.fetch_amd_crl``): claim ``crl_status`` is ``good`` or
+   ``unavailable: <why>``; a revoked ASK/ASVK raises.
 
 Every failure raises :class:`~sealedtorch.errors.AttestationError`
 (:class:`~sealedtorch.errors.CollateralError` when the VCEK is missing and cannot be
