@@ -381,6 +381,10 @@ class CollateralPolicy(_Strict):
 _TEE_NAMES = Literal["sgx", "tdx", "snp", "sim"]
 
 
+def _every_tee() -> list[_TEE_NAMES]:
+    return ["sgx", "tdx", "snp", "sim"]
+
+
 class DeploymentPolicy(_Strict):
     """The keyserver's own attestation policy, applied to every evidence *before* a token is
     issued, whatever model the token is later used for.  Per-model policies can only narrow
@@ -388,7 +392,7 @@ class DeploymentPolicy(_Strict):
     explicitly trusted), no debug TEEs, ``UpToDate`` DCAP platforms, SNP VMPL 0."""
 
     tees: Annotated[list[_TEE_NAMES], Field(min_length=1), AfterValidator(_dedupe)] = \
-        Field(default_factory=lambda: ["sgx", "tdx", "snp", "sim"])
+        Field(default_factory=_every_tee)
     allow_debug: StrictBool = False
     sgx: SgxFloor = Field(default_factory=SgxFloor)
     tdx: TdxFloor = Field(default_factory=TdxFloor)
