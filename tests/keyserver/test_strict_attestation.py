@@ -135,6 +135,12 @@ def test_a_tee_type_the_deployment_does_not_list_gets_no_token(hardware_only_ser
                   and rec.get("request_id") == problem["request_id"])
     assert record["decision"] == "deny" and record["problem"] == "policy-denied"
     assert record["reasons"] == ["deployment: tee: expected one of [sgx, tdx, snp], got sim"]
+    # an owner (who administers models, not the deployment) does not see that record
+    with srv.admin() as admin:
+        owner_token = admin.create_token("owner", "alice")["token"]
+    with AdminClient(srv.url, srv.ca, owner_token) as owner:
+        seen = owner.audit(limit=10_000)["records"]
+    assert not any(rec.get("request_id") == problem["request_id"] for rec in seen)
 
 
 def test_the_default_deployment_policy_refuses_a_debug_tee(default_server):
