@@ -152,6 +152,8 @@ def test_the_default_deployment_policy_refuses_a_debug_tee(default_server):
     assert record["reasons"] == ["deployment: debug: expected false, got true"]
     with srv.client() as client:  # the same platform without debug gets its token
         assert client.attest().tee == "sim"
+    record = [rec for rec in srv.audit() if rec.get("event") == "attest"][-1]
+    assert record["decision"] == "ok" and "deployment: matched" in record["reasons"]
 
 
 # --------------------------------------------------------------------------- release

@@ -268,12 +268,13 @@ class Keyserver:
             entry["claims"] = claims.to_json()
             entry["insecure"] = claims.insecure
             binding.check(claims.report_data, nonce, public_key)
-            self._check_deployment_policy(claims, entry)
+            deployment = self._check_deployment_policy(claims)
             token, info = self.signer.issue(
                 claims=claims, public_key=public_key, role=req.role,
                 evidence_digest=entry["evidence_digest"], now=now, ttl=self.token_ttl)
             entry.update(decision=OK, token_id=info.token_id,
-                         reasons=["evidence verified and bound to nonce and key"])
+                         reasons=["evidence verified and bound to nonce and key",
+                                  *deployment.reasons])
             with self.store.transaction() as tx:
                 tx.consume_nonce(nonce, tee.value, self.clock())
                 tx.append_audit(entry)
@@ -285,14 +286,14 @@ class Keyserver:
         self._log(entry)
         return IssuedToken(token, info)
 
-    def _check_deployment_policy(self, claims: Claims, entry: dict[str, Any]) -> None:
+    def _check_deployment_policy(self, claims: Claims) -> Decision:
         """Refuse evidence the deployment does not accept at all.  The caller learns only
         that it was refused; the reasons (which name the reference values) go to the audit
         record, which admins and auditors read."""
         decision = self.attestation_policy.decide(
             claims, sim_trusted=bool(self.verifier.sim_platform_keys))
         if decision.allowed:
-            return
+            return decision
         exc = PolicyDenied("the evidence does not satisfy this keyserver's attestation policy "
                            "(the operator can read the reasons in the audit log, request id "
                            "in this answer)")
