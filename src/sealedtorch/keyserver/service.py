@@ -14,6 +14,12 @@ To an owner, another owner's model does not exist: every operation on it answers
 ``404 key-unavailable`` exactly as for an unknown id, and the attempt is audited in a record
 only admins and auditors can read.  Each audit record carries the ``owner`` of the model it
 concerns, which decides which owner may read it.
+
+Attested callers get the same discretion: evidence is checked against the deployment's
+attestation policy (:class:`~sealedtorch.attest.policy.DeploymentPolicy`) before a token is
+issued, and a key request for an unknown model is answered exactly like one the model's
+policy refuses (``403 policy-denied``, same text, no reasons).  The reasons, which name
+reference values, are written to the audit record only.
 """
 
 from __future__ import annotations
