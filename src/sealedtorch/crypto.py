@@ -317,6 +317,28 @@ def cert_signed_by(cert: object, issuer: object) -> bool:
     return True
 
 
+def crl_signed_by(crl: object, issuer: object) -> bool:
+    """True iff X.509 CRL ``crl`` names ``issuer``'s subject as its issuer and its signature
+    verifies under ``issuer``'s public key (RSA-PSS parameters as the CRL declares them).
+    Never raises: anything malformed is False."""
+    from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    if not isinstance(crl, x509.CertificateRevocationList) \
+            or not isinstance(issuer, x509.Certificate):
+        return False
+    try:
+        if crl.issuer != issuer.subject:
+            return False
+        key = issuer.public_key()
+        if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+            return False
+        return bool(crl.is_signature_valid(key))
+    except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
+        return False
+
+
 # --- X.509 for the keyserver's TLS (a private CA and one server certificate) ----------
 
 def generate_tls_ca(common_name: str, *, days: int = 3650) -> tuple[bytes, bytes]:

@@ -19,6 +19,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from sealedtorch.attest import Evidence, Tee, VerifierConfig, dcap
 from sealedtorch.attest import collateral as C
@@ -475,11 +477,15 @@ def test_cache_entry_for_another_key_is_ignored(make_pccs, tmp_path):
     assert C.CollateralCache(tmp_path).get(TDX.collateral_key) is None
 
 
-def test_evidence_collateral_takes_precedence(make_pccs, tmp_path):
+def test_evidence_collateral_takes_precedence_when_the_verifier_preference_is_off(make_pccs,
+                                                                                 tmp_path):
+    # issue 11 §3 made the verifier's own collateral the default: this is now opt-in
     pccs = make_pccs(SGX)
     ev = Evidence(tee=Tee.SGX, data=SGX.quote,
                   collateral=(EVIDENCE / SGX.collateral_file).read_bytes())
-    dcap.verify(ev, at=SGX.mid, config=_config(pccs.url, tmp_path))
+    config = VerifierConfig(pccs_url=pccs.url, cache_dir=tmp_path, http_timeout=5.0,
+                            prefer_verifier_collateral=False)
+    dcap.verify(ev, at=SGX.mid, config=config)
     assert pccs.requests == 0
     assert not (tmp_path / "dcap").exists()
 
@@ -543,3 +549,136 @@ def test_concurrent_writers_never_expose_half_a_file(tmp_path):
         t.join()
     assert failures == []
     assert [p.name for p in (tmp_path / "dcap").iterdir()] == [key.filename]
+
+
+# --- issue 11 §3: whose collateral, how recent, and typed parse failures ----------------------
+
+def test_verifier_collateral_is_preferred_over_what_the_attester_sends(make_pccs, tmp_path):
+    pccs = make_pccs(SGX)
+    # the attester sends collateral for another platform (it could as well be an older TCB
+    # recovery that still carries a valid date): the verifier uses its own PCCS instead
+    ev = Evidence(tee=Tee.SGX, data=SGX.quote,
+                  collateral=(EVIDENCE / TDX.collateral_file).read_bytes())
+    claims = dcap.verify(ev, at=SGX.mid, config=_config(pccs.url, tmp_path))
+    assert claims.fmspc == "00A067110000" and pccs.requests > 0
+    off = VerifierConfig(pccs_url=pccs.url, cache_dir=tmp_path,
+                         prefer_verifier_collateral=False)
+    with pytest.raises(CollateralError, match="collateral in the evidence: collateral mismatch"):
+        dcap.verify(ev, at=SGX.mid, config=off)
+
+
+def test_the_attesters_collateral_is_the_fallback_when_the_verifier_has_none(tmp_path):
+    ev = Evidence(tee=Tee.SGX, data=SGX.quote,
+                  collateral=(EVIDENCE / SGX.collateral_file).read_bytes())
+    down = _config("http://127.0.0.1:9", tmp_path)  # nothing listens on the discard port
+    assert dcap.verify(ev, at=SGX.mid, config=down).fmspc == "00A067110000"
+    bad = Evidence(tee=Tee.SGX, data=SGX.quote,
+                   collateral=(EVIDENCE / TDX.collateral_file).read_bytes())
+    with pytest.raises(CollateralError, match="own collateral was not usable either"):
+        dcap.verify(bad, at=SGX.mid, config=down)
+
+
+@pytest.mark.parametrize("sample", [SGX, TDX], ids=["sgx", "tdx"])
+def test_min_tcb_evaluation_data_number_accepts_the_real_collateral_at_its_number(sample):
+    assert C.parse(json.dumps(sample.collateral)).tcb_evaluation_data_numbers == {
+        "TCB info": 17, "QE identity": 17}
+    ev = Evidence(tee=sample.tee, data=sample.quote,
+                  collateral=(EVIDENCE / sample.collateral_file).read_bytes())
+    assert dcap.verify(ev, at=sample.mid,
+                       config=VerifierConfig(min_tcb_evaluation_data_number=17)).report_data
+
+
+@pytest.mark.parametrize("sample", [SGX, TDX], ids=["sgx", "tdx"])
+def test_collateral_older_than_the_required_tcb_recovery_is_refused(sample, make_pccs,
+                                                                    tmp_path):
+    ev = Evidence(tee=sample.tee, data=sample.quote,
+                  collateral=(EVIDENCE / sample.collateral_file).read_bytes())
+    message = ("tcbEvaluationDataNumber must be >= 18, but TCB info has 17; QE identity "
+               "has 17")
+    with pytest.raises(CollateralError, match=message):
+        dcap.verify(ev, at=sample.mid, config=VerifierConfig(min_tcb_evaluation_data_number=18))
+    pccs = make_pccs(sample)  # the same from the verifier's own source
+    config = VerifierConfig(pccs_url=pccs.url, cache_dir=tmp_path,
+                            min_tcb_evaluation_data_number=18)
+    with pytest.raises(CollateralError, match=message):
+        dcap.verify(Evidence(tee=sample.tee, data=sample.quote), at=sample.mid, config=config)
+
+
+def test_a_non_integer_tcb_evaluation_data_number_is_a_collateral_error():
+    col = SGX.collateral
+    tcb = json.loads(col["tcb_info"])
+    tcb["tcbEvaluationDataNumber"] = "17"
+    with pytest.raises(CollateralError, match="tcbEvaluationDataNumber '17'"):
+        C.parse(json.dumps({**col, "tcb_info": json.dumps(tcb)}))
+
+
+def _mangled(field_name: str) -> dict[str, str]:
+    """The three malformed collateral inputs that used to escape as a raw ValueError (or
+    cryptography's InvalidVersion): cryptography reads these fields lazily."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    col = SGX.collateral
+    if field_name == "pck_crl":  # the CRL issuer's CN string gets an impossible tag
+        der = bytearray(bytes.fromhex(col["pck_crl"]))
+        at = der.find(b"Intel SGX PCK") - 2
+        assert der[at] == 0x0C
+        der[at] = 0x4C
+        return {**col, "pck_crl": der.hex()}
+    if field_name == "root_ca_crl":  # CRL version 46
+        der = bytearray(bytes.fromhex(col["root_ca_crl"]))
+        assert der[7:10] == b"\x02\x01\x01"
+        der[9] = 0x2E
+        return {**col, "root_ca_crl": der.hex()}
+    assert field_name == "tcb_info_issuer_chain"  # the signing certificate's subject CN
+    certs = x509.load_pem_x509_certificates(col[field_name].encode())
+    der = bytearray(certs[0].public_bytes(Encoding.DER))
+    at = der.find(b"Intel SGX TCB Signing") - 2
+    assert der[at] == 0x0C
+    der[at] = 0x4C
+    import base64
+    import textwrap
+    pem = ("-----BEGIN CERTIFICATE-----\n"
+           + "\n".join(textwrap.wrap(base64.b64encode(bytes(der)).decode(), 64))
+           + "\n-----END CERTIFICATE-----\n")
+    rest = "".join(c.public_bytes(Encoding.PEM).decode() for c in certs[1:])
+    return {**col, field_name: pem + rest}
+
+
+@pytest.mark.parametrize("field_name", ["pck_crl", "root_ca_crl", "tcb_info_issuer_chain"])
+def test_malformed_collateral_is_a_typed_collateral_error(field_name):
+    with pytest.raises(CollateralError, match="collateral parse error"):
+        C.parse(json.dumps(_mangled(field_name)))
+
+
+@pytest.mark.parametrize("field_name", ["pck_crl", "root_ca_crl", "tcb_info_issuer_chain"])
+def test_malformed_collateral_in_evidence_is_refused_by_the_front_door_not_crashed(field_name):
+    ev = Evidence(tee=Tee.SGX, data=SGX.quote,
+                  collateral=json.dumps(_mangled(field_name)).encode())
+    with pytest.raises(CollateralError, match="collateral in the evidence"):
+        front_door_verify(ev, at=SGX.mid)
+
+
+_MUTATION = st.tuples(st.sampled_from(C.FIELDS), st.integers(0, 10_000),
+                      st.sampled_from(["flip", "cut", "char"]), st.integers(0, 255))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutation=_MUTATION)
+def test_every_collateral_parse_failure_is_a_collateral_error(mutation):
+    name, position, kind, value = mutation
+    col = SGX.collateral
+    text = col[name]
+    if name in C._HEX_FIELDS and kind == "flip":
+        raw = bytearray(bytes.fromhex(text))
+        raw[position % len(raw)] ^= value or 1
+        text = raw.hex()
+    elif kind == "cut":
+        text = text[:position % len(text)]
+    else:
+        pos = position % len(text)
+        text = text[:pos] + chr(32 + value % 95) + text[pos + 1:]
+    try:
+        C.parse(json.dumps({**col, name: text}))
+    except CollateralError:
+        pass

@@ -24,12 +24,16 @@ from sealedtorch.errors import PolicyDenied, PolicyError
 H32A, H32B, H32C = "a1" * 32, "b2" * 32, "c3" * 32
 H48A, H48B, H48C = "a1" * 48, "b2" * 48, "c3" * 48
 SVN16 = bytes([3, 1, 2, 0] + [0] * 12)
+#: A production TD: SEPT_VE_DISABLE (bit 28) set, not debug; the XFAM of the real TDX quote.
+TD_ATTRIBUTES = (1 << 28).to_bytes(8, "little")
+XFAM = "e702060000000000"
 
 
 def sgx_claims(**kw) -> SgxClaims:
     base = dict(tee=Tee.SGX, report_data=b"\0" * 64, debug=False, tcb_status="UpToDate",
                 mr_enclave=bytes.fromhex(H32A), mr_signer=bytes.fromhex(H32B), isv_prod_id=1,
-                isv_svn=2, attributes=b"\0" * 16)
+                isv_svn=2, attributes=b"\0" * 16, isv_ext_prod_id=b"\0" * 16,
+                isv_family_id=b"\0" * 16, config_id=b"\0" * 64, config_svn=0)
     return SgxClaims(**{**base, **kw})
 
 
@@ -37,8 +41,8 @@ def tdx_claims(**kw) -> TdxClaims:
     base = dict(tee=Tee.TDX, report_data=b"\0" * 64, debug=False, tcb_status="UpToDate",
                 mr_td=bytes.fromhex(H48A), rtmr0=bytes.fromhex(H48A), rtmr1=bytes.fromhex(H48B),
                 rtmr2=b"\0" * 48, rtmr3=b"\0" * 48, mr_config_id=b"\0" * 48, mr_owner=b"\0" * 48,
-                mr_owner_config=b"\0" * 48, mr_seam=bytes.fromhex(H48C), td_attributes=b"\0" * 8,
-                tee_tcb_svn=SVN16)
+                mr_owner_config=b"\0" * 48, mr_seam=bytes.fromhex(H48C),
+                td_attributes=TD_ATTRIBUTES, tee_tcb_svn=SVN16, xfam=bytes.fromhex(XFAM))
     return TdxClaims(**{**base, **kw})
 
 
@@ -47,8 +51,8 @@ def snp_claims(**kw) -> SnpClaims:
     base = dict(tee=Tee.SNP, report_data=b"\0" * 64, debug=False, version=3, guest_svn=2,
                 measurement=bytes.fromhex(H48A), host_data=bytes.fromhex(H32A),
                 id_key_digest=bytes.fromhex(H48B), author_key_digest=bytes.fromhex(H48C),
-                policy=0x30000, reported_tcb=tcb, committed_tcb=tcb, chip_id=b"\1" * 64, vmpl=0,
-                signing_key="vcek")
+                policy=0x20000, reported_tcb=tcb, committed_tcb=tcb, chip_id=b"\1" * 64, vmpl=0,
+                signing_key="vcek", platform_info=0)
     return SnpClaims(**{**base, **kw})
 
 
@@ -67,7 +71,8 @@ def policy(*rules: dict, holders: list[dict] | None = None) -> Policy:
 
 SGX_RULE = {"tee": "sgx", "mr_enclave": H32A, "mr_signer": H32B, "isv_prod_id": 1,
             "min_isv_svn": 2}
-TDX_RULE = {"tee": "tdx", "mr_td": H48A, "rtmr": {0: H48A, 1: H48B}, "mr_seam": H48C,
+TDX_RULE = {"tee": "tdx", "mr_td": H48A, "rtmr": {0: H48A, 1: H48B, 2: "00" * 48, 3: "00" * 48},
+            "xfam": XFAM, "mr_seam": H48C,
             "mr_config_id": "00" * 48, "mr_owner": "00" * 48, "mr_owner_config": "00" * 48,
             "min_tee_tcb_svn": SVN16.hex()}
 SNP_RULE = {"tee": "snp", "measurement": H48A, "host_data": H32A, "id_key_digest": H48B,
@@ -582,18 +587,21 @@ _TCB = st.fixed_dictionaries({k: st.integers(0, 255)
 SGX_CLAIMS = st.builds(SgxClaims, tee=st.just(Tee.SGX), tcb_status=_STATUS, **_COMMON,
                        mr_enclave=_bytes(32), mr_signer=_bytes(32),
                        isv_prod_id=st.integers(0, 0xFFFF), isv_svn=st.integers(0, 0xFFFF),
-                       attributes=_bytes(16))
+                       attributes=_bytes(16), isv_ext_prod_id=_bytes(16),
+                       isv_family_id=_bytes(16), config_id=_bytes(64),
+                       config_svn=st.integers(0, 0xFFFF))
 TDX_CLAIMS = st.builds(TdxClaims, tee=st.just(Tee.TDX), tcb_status=_STATUS, **_COMMON,
                        **{f: _bytes(48) for f in ("mr_td", "rtmr0", "rtmr1", "rtmr2", "rtmr3",
                                                   "mr_config_id", "mr_owner",
                                                   "mr_owner_config", "mr_seam")},
-                       td_attributes=_bytes(8), tee_tcb_svn=_bytes(16))
+                       td_attributes=_bytes(8), tee_tcb_svn=_bytes(16), xfam=_bytes(8))
 SNP_CLAIMS = st.builds(SnpClaims, tee=st.just(Tee.SNP), **_COMMON, version=st.integers(0, 5),
                        guest_svn=st.integers(0, 2**32 - 1), measurement=_bytes(48),
                        host_data=_bytes(32), id_key_digest=_bytes(48),
                        author_key_digest=_bytes(48), policy=st.integers(0, 2**64 - 1),
                        reported_tcb=_TCB, committed_tcb=_TCB, chip_id=_bytes(64),
-                       vmpl=st.integers(0, 3), signing_key=st.sampled_from(["vcek", "vlek"]))
+                       vmpl=st.integers(0, 3), signing_key=st.sampled_from(["vcek", "vlek"]),
+                       platform_info=st.integers(0, 2**64 - 1))
 SIM_CLAIMS = st.builds(SimClaims, tee=st.just(Tee.SIM), insecure=st.just(True),
                        report_data=_bytes(64), debug=st.booleans(), measurement=_bytes(48),
                        svn=st.integers(0, 2**32 - 1), platform_key=_bytes(32))
@@ -608,12 +616,13 @@ JUNK_CLAIMS = st.one_of(*[
               debug=_JUNK, tcb_status=_JUNK, advisory_ids=_JUNK, insecure=_JUNK,
               **{name: _JUNK for name in fields})
     for cls, fields in (
-        (SgxClaims, ("mr_enclave", "mr_signer", "isv_prod_id", "isv_svn", "attributes")),
+        (SgxClaims, ("mr_enclave", "mr_signer", "isv_prod_id", "isv_svn", "attributes",
+                     "isv_ext_prod_id", "isv_family_id", "config_id", "config_svn")),
         (TdxClaims, ("mr_td", "rtmr0", "rtmr1", "rtmr2", "rtmr3", "mr_config_id", "mr_owner",
-                     "mr_owner_config", "mr_seam", "td_attributes", "tee_tcb_svn")),
+                     "mr_owner_config", "mr_seam", "td_attributes", "tee_tcb_svn", "xfam")),
         (SnpClaims, ("version", "guest_svn", "measurement", "host_data", "id_key_digest",
                      "author_key_digest", "policy", "reported_tcb", "committed_tcb",
-                     "chip_id", "vmpl", "signing_key")),
+                     "chip_id", "vmpl", "signing_key", "platform_info")),
         (SimClaims, ("measurement", "svn", "platform_key")),
     )
 ])
@@ -628,18 +637,23 @@ def matching_rule(claims: Claims) -> dict:
     if isinstance(claims, SgxClaims):
         return {**common, "mr_enclave": claims.mr_enclave.hex(),
                 "mr_signer": claims.mr_signer.hex(), "isv_prod_id": claims.isv_prod_id,
-                "min_isv_svn": claims.isv_svn}
+                "min_isv_svn": claims.isv_svn, "isv_ext_prod_id": claims.isv_ext_prod_id.hex(),
+                "isv_family_id": claims.isv_family_id.hex(), "config_id": claims.config_id.hex(),
+                "min_config_svn": claims.config_svn}
     if isinstance(claims, TdxClaims):
         return {**common, "mr_td": claims.mr_td.hex(),
                 "rtmr": {i: getattr(claims, f"rtmr{i}").hex() for i in range(4)},
                 **{f: getattr(claims, f).hex() for f in ("mr_config_id", "mr_owner",
                                                          "mr_owner_config", "mr_seam")},
-                "min_tee_tcb_svn": claims.tee_tcb_svn.hex()}
+                "min_tee_tcb_svn": claims.tee_tcb_svn.hex(), "xfam": claims.xfam.hex(),
+                "waive": [] if claims.td_attributes[3] & 0x10 else ["sept_ve_disable"]}
     if isinstance(claims, SnpClaims):
         return {**common, **{f: getattr(claims, f).hex() for f in (
                     "measurement", "host_data", "id_key_digest", "author_key_digest")},
                 "min_guest_svn": claims.guest_svn, "vmpl": claims.vmpl,
-                "min_tcb": dict(claims.reported_tcb)}
+                "min_tcb": dict(claims.reported_tcb),
+                "waive": ["smt", "migrate_ma"] if claims.policy & 0x50000 or
+                claims.platform_info & 1 else []}
     assert isinstance(claims, SimClaims)
     return {**common, "measurement": claims.measurement.hex(), "min_svn": claims.svn,
             "platform_key": claims.platform_key.hex()}

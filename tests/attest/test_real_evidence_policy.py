@@ -68,7 +68,10 @@ def test_tdx_sample_is_allowed_by_a_policy_pinning_its_mr_td(evidence):
                   collateral=(evidence / "tdx/collateral.json").read_bytes())
     claims = verify(ev, at=1751000000)
     assert claims.tcb_status == "UpToDate"
-    policy = load_policy({"allow": [{"tee": "tdx", "mr_td": claims.mr_td.hex()}]})
+    policy = load_policy({"allow": [{"tee": "tdx", "mr_td": claims.mr_td.hex(),
+                                     "rtmr": {i: getattr(claims, f"rtmr{i}").hex()
+                                              for i in range(4)},
+                                     "xfam": claims.xfam.hex()}]})
     assert policy.decide_use(claims).allowed
 
 
@@ -81,9 +84,11 @@ def test_snp_sample_is_checked_against_measurement_and_min_tcb(evidence):
     tcb = claims.reported_tcb
     ok = load_policy({"allow": [{"tee": "snp", "measurement": claims.measurement.hex(),
                                  "min_tcb": {k: tcb[k] for k in
-                                             ("bootloader", "tee", "snp", "microcode")}}]})
+                                             ("bootloader", "tee", "snp", "microcode")},
+                                 "waive": ["smt"]}]})  # this Milan host runs with SMT
     assert ok.decide_use(claims).allowed
     too_high = load_policy({"allow": [{"tee": "snp", "measurement": claims.measurement.hex(),
-                                       "min_tcb": {"snp": tcb["snp"] + 1}}]})
+                                       "min_tcb": {"snp": tcb["snp"] + 1},
+                                       "waive": ["smt"]}]})
     decision = too_high.decide_use(claims)
     assert not decision.allowed and any("snp" in r for r in decision.reasons)

@@ -68,7 +68,9 @@ def test_holder_and_runtime_roles_use_holders_and_allow(ks, model_id):
         assert client.fetch(model_id).model_key.model_id == model_id
     with ks.client("runtime", cache) as client, pytest.raises(PolicyDenied) as err:
         client.fetch(model_id)
-    assert any("measurement" in r for r in err.value.reasons)
+    # the caller learns nothing about the policy (issue 11 §3); the audit record says why
+    assert err.value.reasons == ()
+    assert any("measurement" in r for r in ks.last_audit()["reasons"])
     with ks.client("holder") as client, pytest.raises(PolicyDenied):
         client.fetch(model_id)  # the runtime's identity is not a holder here
     with ks.client("runtime") as client:

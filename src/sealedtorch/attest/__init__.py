@@ -29,7 +29,14 @@ class VerifierConfig:
       chosen to trust (empty: sim evidence is refused).
     - ``pccs_url``: a PCCS / Intel-PCS-compatible base URL for SGX/TDX collateral when the
       evidence carries none.  ``kds_url``: AMD KDS base URL for VCEKs.
-    - ``cache_dir``: on-disk cache for fetched collateral and VCEKs.
+    - ``cache_dir``: on-disk cache for fetched collateral, VCEKs and AMD CRLs.
+    - ``prefer_verifier_collateral``: for SGX/TDX, use the verifier's own (cached or
+      PCCS-fetched) collateral when it has one, and the attester's only otherwise; False:
+      the attester's collateral is used whenever it sends one.
+    - ``min_tcb_evaluation_data_number``: refuse DCAP collateral from before this TCB
+      recovery (Intel's ``tcbEvaluationDataNumber`` in TCB info and QE identity).
+    - ``fetch_amd_crl``: fetch AMD's CRL from the KDS when none is cached (the keyserver
+      does); otherwise only a cached CRL is checked and the claims say it was unavailable.
     """
 
     sim_platform_keys: tuple[bytes, ...] = ()
@@ -37,6 +44,9 @@ class VerifierConfig:
     kds_url: str | None = None
     cache_dir: Path | None = None
     http_timeout: float = field(default=10.0)
+    prefer_verifier_collateral: bool = True
+    min_tcb_evaluation_data_number: int | None = None
+    fetch_amd_crl: bool = False
 
 
 _MODULES = {Tee.SGX: "dcap", Tee.TDX: "dcap", Tee.SNP: "snp", Tee.SIM: "sim"}

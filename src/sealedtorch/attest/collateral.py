@@ -38,7 +38,7 @@ import tempfile
 import threading
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
@@ -204,6 +204,23 @@ class Collateral:
     qe_identity: Mapping[str, Any]
     items: tuple[ValidityItem, ...]
     pck_crl_issuer_cn: str
+    #: ``tcbEvaluationDataNumber`` of the TCB info and of the QE identity (None: absent).
+    tcb_evaluation_data_numbers: Mapping[str, int | None] = field(
+        default_factory=lambda: MappingProxyType({}))
+
+    def check_tcb_evaluation_data_number(self, minimum: int | None) -> None:
+        """Raise :class:`CollateralError` unless both the TCB info and the QE identity come
+        from TCB recovery ``minimum`` or later (Intel's ``tcbEvaluationDataNumber``)."""
+        if minimum is None:
+            return
+        low = [f"{what} has {'none' if number is None else number}"
+               for what, number in self.tcb_evaluation_data_numbers.items()
+               if number is None or number < minimum]
+        if low or not self.tcb_evaluation_data_numbers:
+            raise CollateralError(
+                f"collateral is older than the TCB recovery this verifier requires: "
+                f"tcbEvaluationDataNumber must be >= {minimum}, but "
+                f"{'; '.join(low) or 'it is absent'}")
 
     @property
     def tcb_info_id(self) -> str:
@@ -292,36 +309,45 @@ def _parse_time(value: Any, what: str) -> int:
     return int(dt.timestamp())
 
 
-def _crl_item(der: bytes, name: str) -> tuple[ValidityItem, x509.CertificateRevocationList]:
+def _crl_item(der: bytes, name: str) -> tuple[ValidityItem, x509.CertificateRevocationList, str]:
+    # cryptography parses a CRL's fields lazily: a malformed issuer or date raises ValueError
+    # only when read, so every field used later is read here, inside the try.
     try:
         crl = x509.load_der_x509_crl(der)
-    except ValueError as exc:
+        this_update, next_update = crl.last_update_utc, crl.next_update_utc
+        cns = crl.issuer.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        issuer_cn = str(cns[0].value) if cns else ""
+    except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is no ValueError
         raise CollateralError(f"collateral parse error: {name} is not a DER CRL ({exc})") \
             from None
-    if crl.next_update_utc is None:
+    if next_update is None:
         raise CollateralError(f"collateral parse error: {name} has no nextUpdate")
-    item = ValidityItem(name, int(crl.last_update_utc.timestamp()),
-                        int(crl.next_update_utc.timestamp()), "thisUpdate", "nextUpdate",
-                        end_inclusive=False)
-    return item, crl
+    item = ValidityItem(name, int(this_update.timestamp()), int(next_update.timestamp()),
+                        "thisUpdate", "nextUpdate", end_inclusive=False)
+    return item, crl, issuer_cn
 
 
 def _chain_items(pem: str, name: str) -> list[ValidityItem]:
     try:
         certs = x509.load_pem_x509_certificates(pem.encode())
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:
         raise CollateralError(f"collateral parse error: {name} is not a PEM certificate "
                               f"chain ({exc})") from None
     if certs[-1].public_bytes(serialization.Encoding.DER) != INTEL_SGX_ROOT_CA_DER:
         raise CollateralError(f"collateral chain error: {name} does not end in the pinned "
                               "Intel SGX Root CA")
     items = []
-    for cert in certs:
-        cns = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-        cn = str(cns[0].value) if cns else cert.subject.rfc4514_string()
-        items.append(ValidityItem(
-            f"{name} certificate {cn!r}", int(cert.not_valid_before_utc.timestamp()),
-            int(cert.not_valid_after_utc.timestamp()), "notBefore", "notAfter"))
+    for index, cert in enumerate(certs, 1):
+        try:  # lazily parsed: a malformed subject or validity raises only when read
+            cns = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+            cn = str(cns[0].value) if cns else cert.subject.rfc4514_string()
+            not_before = int(cert.not_valid_before_utc.timestamp())
+            not_after = int(cert.not_valid_after_utc.timestamp())
+        except ValueError as exc:
+            raise CollateralError(f"collateral parse error: {name} certificate {index} is "
+                                  f"malformed ({exc})") from None
+        items.append(ValidityItem(f"{name} certificate {cn!r}", not_before, not_after,
+                                  "notBefore", "notAfter"))
     return items
 
 
@@ -344,6 +370,17 @@ def _parse_cached(data: bytes | str) -> Collateral:
 
 
 def _parse(data: bytes | str | Mapping[str, Any]) -> Collateral:
+    try:
+        return _parse_fields(data)
+    except CollateralError:
+        raise
+    except Exception as exc:  # fail closed: every parse failure is a CollateralError
+        log.warning("unexpected %s parsing DCAP collateral: %s", type(exc).__name__, exc)
+        raise CollateralError(f"collateral parse error: {type(exc).__name__}: {exc}") \
+            from None
+
+
+def _parse_fields(data: bytes | str | Mapping[str, Any]) -> Collateral:
     if isinstance(data, Mapping):
         obj: Any = dict(data)
     else:
@@ -384,15 +421,22 @@ def _parse(data: bytes | str | Mapping[str, Any]) -> Collateral:
                      _parse_time(qe_identity.get("issueDate"), "QE identity issueDate"),
                      _parse_time(qe_identity.get("nextUpdate"), "QE identity nextUpdate")),
     ]
-    pck_item, pck_crl = _crl_item(raw["pck_crl"], "PCK CRL")
-    root_item, _ = _crl_item(raw["root_ca_crl"], "root CA CRL")
+    pck_item, _, issuer_cn = _crl_item(raw["pck_crl"], "PCK CRL")
+    root_item, _, _ = _crl_item(raw["root_ca_crl"], "root CA CRL")
     items += [pck_item, root_item]
     for k, name in _CHAIN_FIELDS.items():
         items += _chain_items(fields[k], name)
-    cns = pck_crl.issuer.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-    issuer_cn = str(cns[0].value) if cns else ""
+    numbers = {}
+    for what, doc in (("TCB info", tcb_info), ("QE identity", qe_identity)):
+        number = doc.get("tcbEvaluationDataNumber")
+        if number is not None and (not isinstance(number, int) or isinstance(number, bool)
+                                   or number < 0):
+            raise CollateralError(f"collateral parse error: {what} tcbEvaluationDataNumber "
+                                  f"{number!r} is not a non-negative integer")
+        numbers[what] = number
     return Collateral(fields=MappingProxyType(fields), tcb_info=tcb_info, qe_identity=qe_identity,
-                      items=tuple(items), pck_crl_issuer_cn=issuer_cn)
+                      items=tuple(items), pck_crl_issuer_cn=issuer_cn,
+                      tcb_evaluation_data_numbers=MappingProxyType(numbers))
 
 
 def load_file(path: str | os.PathLike[str]) -> Collateral:

@@ -364,6 +364,10 @@ def _sgx_claims(body: bytes, *, status: str, advisories: tuple[str, ...],
         attributes=attributes,
         cpu_svn=body[0:16],
         fmspc=fmspc,
+        isv_ext_prod_id=body[32:48],
+        isv_family_id=body[304:320],
+        config_id=body[192:256],
+        config_svn=int.from_bytes(body[260:262], "little"),
     )
 
 
@@ -389,7 +393,51 @@ def _tdx_claims(body: bytes, *, status: str, advisories: tuple[str, ...],
         td_attributes=td_attributes,
         tee_tcb_svn=body[0:16],
         fmspc=fmspc,
+        xfam=body[128:136],
     )
+
+
+# --- collateral ----------------------------------------------------------------------------
+
+def _usable(col: _collateral.Collateral, key: _collateral.CollateralKey, *, at: int,
+            config: VerifierConfig) -> _collateral.Collateral:
+    col.check_for(key)
+    col.check_valid_at(at)
+    col.check_tcb_evaluation_data_number(config.min_tcb_evaluation_data_number)
+    return col
+
+
+def _choose_collateral(evidence: Evidence, key: _collateral.CollateralKey, *, at: int,
+                       config: VerifierConfig) -> _collateral.Collateral:
+    """The collateral to appraise this quote with.
+
+    With ``config.prefer_verifier_collateral`` (the default) and a collateral source or cache
+    configured, the verifier's own collateral is used when it has a usable one: an attester
+    cannot then choose which (older, still-dated) TCB info it is judged by.  The attester's
+    collateral is the fallback, and the only source when the preference is off.  Whichever
+    is used must be for this platform, valid at ``at`` and from the required TCB recovery
+    (``min_tcb_evaluation_data_number``).  Every failure is a :class:`CollateralError`.
+    """
+    own_error: CollateralError | None = None
+    has_own = bool((config.pccs_url or "").strip()) or config.cache_dir is not None
+    if has_own and (config.prefer_verifier_collateral or evidence.collateral is None):
+        try:
+            return _usable(_collateral.obtain(key, at=at, config=config), key, at=at,
+                           config=config)
+        except CollateralError as exc:
+            if evidence.collateral is None:
+                raise
+            own_error = exc
+    if evidence.collateral is None:
+        return _usable(_collateral.obtain(key, at=at, config=config), key, at=at,
+                       config=config)  # raises: no source is configured
+    try:
+        col = _collateral.parse(evidence.collateral)
+        return _usable(col, key, at=at, config=config)
+    except CollateralError as exc:
+        also = f" (the verifier's own collateral was not usable either: {own_error})" \
+            if own_error is not None else ""
+        raise CollateralError(f"collateral in the evidence: {exc}{also}") from None
 
 
 # --- the verifier ------------------------------------------------------------------------
@@ -427,15 +475,7 @@ def verify(evidence: Evidence, *, at: int,
     except CollateralError as exc:
         raise AttestationError(f"PCK certificate invalid: {exc}") from None
 
-    if evidence.collateral is not None:
-        try:
-            col = _collateral.parse(evidence.collateral)
-        except CollateralError as exc:
-            raise CollateralError(f"collateral in the evidence: {exc}") from None
-    else:
-        col = _collateral.obtain(key, at=at, config=config)
-    col.check_for(key)
-    col.check_valid_at(at)
+    col = _choose_collateral(evidence, key, at=at, config=config)
 
     report = _call(dcap_qvl.verify_with_root_ca, quote, col.to_dcap(),
                    _collateral.INTEL_SGX_ROOT_CA_DER, at)

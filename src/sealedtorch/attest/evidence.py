@@ -94,6 +94,11 @@ class SgxClaims(Claims):
     attributes: bytes
     cpu_svn: bytes = b""
     fmspc: str | None = None
+    #: Key Separation and Sharing (KSS) identity; empty when the verifier did not report it.
+    isv_ext_prod_id: bytes = b""
+    isv_family_id: bytes = b""
+    config_id: bytes = b""
+    config_svn: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,6 +115,8 @@ class TdxClaims(Claims):
     td_attributes: bytes
     tee_tcb_svn: bytes
     fmspc: str | None = None
+    #: XFAM (extended features the TD may use, 8 bytes); empty when not reported.
+    xfam: bytes = b""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,6 +133,11 @@ class SnpClaims(Claims):
     chip_id: bytes
     vmpl: int
     signing_key: str  # "vcek" or "vlek"
+    #: PLATFORM_INFO (bit 0 SMT_EN, 1 TSME_EN, ...); None when not reported.
+    platform_info: int | None = None
+    #: AMD CRL check of the certificate chain: "good" (checked, nothing revoked) or
+    #: "unavailable: <why>" (no CRL could be had; the policy decides whether that is enough).
+    crl_status: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -173,3 +173,81 @@ def _check(product: str, chip_id: bytes) -> None:
         raise CollateralError("the report's chip id is masked (all zeros), so its VCEK cannot "
                               "be fetched from AMD KDS: supply the VCEK with the evidence")
 
+
+
+# --- AMD's certificate revocation lists --------------------------------------------------
+#
+# AMD publishes one CRL per product, signed by that product's ARK, listing revoked ASKs/ASVKs
+# (and, should it ever happen, VCEKs):  GET {kds}/vcek/v1/{product}/crl  (DER).  It is cached
+# beside the VCEKs; the SNP verifier checks its signature and dates before it uses or caches
+# it, exactly as for VCEKs.
+
+#: A CRL listing every revoked AMD key is a few KB; anything far larger is not one.
+MAX_CRL_SIZE = 1024 * 1024
+
+
+def crl_path(product: str) -> str:
+    """The KDS path of ``product``'s CRL, e.g. ``/vcek/v1/Milan/crl``."""
+    if product not in PRODUCTS:
+        raise CollateralError(f"unknown SEV-SNP product {product!r} (KDS knows {PRODUCTS})")
+    return f"/vcek/v1/{product}/crl"
+
+
+def crl_cache_file(cache_dir: Path, product: str) -> Path:
+    """Where ``product``'s CRL is cached under ``cache_dir``."""
+    crl_path(product)  # validates the product
+    return Path(cache_dir) / CACHE_SUBDIR / f"crl-{product}.der"
+
+
+def cached_crl(cache_dir: Path | None, product: str) -> bytes | None:
+    """The cached DER CRL of ``product``, or None (nothing cached, unreadable, malformed)."""
+    if cache_dir is None:
+        return None
+    try:
+        data = crl_cache_file(cache_dir, product).read_bytes()
+    except OSError:
+        return None
+    return data if looks_like_der_certificate(data) else None
+
+
+def store_crl(cache_dir: Path | None, product: str, der: bytes) -> Path | None:
+    """Cache a CRL atomically (the caller verified it); None when it cannot be written."""
+    if cache_dir is None:
+        return None
+    path = crl_cache_file(cache_dir, product)
+    tmp: str | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".crl-", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            f.write(der)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError:
+        return None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+    return path
+
+
+def fetch_crl(product: str, *, base_url: str | None = None, timeout: float = 10.0) -> bytes:
+    """Download ``product``'s DER CRL from the KDS (no cache).  Raises CollateralError."""
+    url = (base_url or DEFAULT_KDS_URL).rstrip("/") + crl_path(product)
+    try:
+        response = httpx.get(url, timeout=timeout, follow_redirects=False,
+                             headers={"Accept": "application/pkix-crl"})
+    except httpx.HTTPError as exc:
+        raise CollateralError(f"AMD KDS unreachable fetching the {product} CRL ({url}): "
+                              f"{type(exc).__name__}: {exc}") from None
+    if response.status_code != 200:
+        raise CollateralError(f"AMD KDS answered HTTP {response.status_code} for the "
+                              f"{product} CRL ({url})")
+    der = response.content
+    if len(der) > MAX_CRL_SIZE or not looks_like_der_certificate(der):
+        raise CollateralError(f"AMD KDS answer for the {product} CRL is not DER "
+                              f"({len(der)} bytes from {url})")
+    return der

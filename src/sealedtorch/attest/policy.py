@@ -39,8 +39,9 @@ from ..errors import PolicyDenied, PolicyError
 from .evidence import Claims
 
 __all__ = [
-    "ADVISORY_STATUSES", "TCB_STATUSES", "Decision", "Policy", "Rule", "SgxRule", "SimRule",
-    "SnpRule", "SnpTcb", "TdxRule", "decide", "load_policy",
+    "ADVISORY_STATUSES", "TCB_STATUSES", "CollateralPolicy", "Decision", "DeploymentPolicy",
+    "Policy", "Rule", "SgxRule", "SimRule", "SnpRule", "SnpTcb", "TdxRule", "decide",
+    "load_deployment_policy", "load_policy",
 ]
 
 #: Every TCB status Intel's DCAP verification can report, best first.
@@ -57,6 +58,12 @@ TCB_STATUSES: tuple[str, ...] = (
 ADVISORY_STATUSES: frozenset[str] = frozenset(TCB_STATUSES) - {"UpToDate"}
 
 _HEX_RE = re.compile(r"[0-9a-f]*")
+
+#: Bit numbers the strict checks read (TDX TDATTRIBUTES; SEV-SNP guest policy/PLATFORM_INFO).
+TD_ATTR_SEPT_VE_DISABLE = 28
+SNP_POLICY_SMT = 16
+SNP_POLICY_MIGRATE_MA = 18
+SNP_PLATFORM_SMT_EN = 0
 _ADVISORY_RE = re.compile(r"INTEL-SA-\d{5}")
 
 
@@ -107,6 +114,9 @@ def _exact_hex(nbytes: int) -> Any:
 
 
 Hex16 = _exact_hex(16)
+AnyOf8 = _any_of_hex(8)
+AnyOf16 = _any_of_hex(16)
+AnyOf64 = _any_of_hex(64)
 AnyOf32 = _any_of_hex(32)
 AnyOf48 = _any_of_hex(48)
 
@@ -188,6 +198,15 @@ class SgxRule(_DcapRule):
     mr_signer: AnyOf32 | None = None
     isv_prod_id: AnyOfU16 | None = None
     min_isv_svn: _uint(16) | None = None
+    #: Key Separation and Sharing identity.  Unpinned fields must be all zero (no KSS
+    #: identity is accepted silently) unless the rule waives ``kss``.
+    isv_ext_prod_id: AnyOf16 | None = None
+    isv_family_id: AnyOf16 | None = None
+    config_id: AnyOf64 | None = None
+    min_config_svn: _uint(16) | None = None
+    #: Strict checks this rule explicitly gives up (see docs/policy.md, "Waivers").
+    waive: Annotated[list[Literal["kss"]], AfterValidator(_dedupe)] = \
+        Field(default_factory=list)
 
     @model_validator(mode="after")
     def _identity(self) -> SgxRule:
@@ -208,11 +227,24 @@ class TdxRule(_DcapRule):
     mr_owner_config: AnyOf48 | None = None
     mr_seam: AnyOf48 | None = None
     min_tee_tcb_svn: Hex16 | None = None
+    #: Allowed XFAM values (8 bytes each); required unless the rule waives ``xfam``.
+    xfam: AnyOf8 | None = None
+    #: Strict checks this rule explicitly gives up: ``rtmr0``..``rtmr3`` (that RTMR is not
+    #: pinned), ``xfam`` (any XFAM), ``sept_ve_disable`` (accept a TD that lets the host
+    #: inject #VE on EPT violations).
+    waive: Annotated[list[Literal["rtmr0", "rtmr1", "rtmr2", "rtmr3", "xfam",
+                                  "sept_ve_disable"]], AfterValidator(_dedupe)] = \
+        Field(default_factory=list)
 
     @model_validator(mode="after")
     def _identity(self) -> TdxRule:
         if self.mr_td is None:
             raise ValueError("a tdx rule must pin mr_td (otherwise any TD firmware would match)")
+        for index in (self.rtmr or {}):
+            if f"rtmr{index}" in self.waive:
+                raise ValueError(f"rtmr {index} is both pinned and waived")
+        if self.xfam is not None and "xfam" in self.waive:
+            raise ValueError("xfam is both pinned and waived")
         return self
 
 
@@ -235,8 +267,16 @@ class SnpRule(_RuleBase):
     id_key_digest: AnyOf48 | None = None
     author_key_digest: AnyOf48 | None = None
     min_guest_svn: _uint(32) | None = None
-    vmpl: Annotated[StrictInt, Field(ge=0, le=3)] | None = None
+    #: The highest (least privileged) VMPL accepted; 0 by default: only the guest's own
+    #: most privileged level, never an SVSM-less lower level that a paravisor controls.
+    vmpl: Annotated[StrictInt, Field(ge=0, le=3)] = 0
+    #: TCB floor; required unless the rule waives ``min_tcb``.
     min_tcb: SnpTcb | None = None
+    #: Strict checks this rule explicitly gives up: ``smt`` (guest policy allows SMT or the
+    #: platform runs with SMT on), ``migrate_ma`` (a migration agent may be associated),
+    #: ``min_tcb`` (no TCB floor in this rule).
+    waive: Annotated[list[Literal["smt", "migrate_ma", "min_tcb"]],
+                     AfterValidator(_dedupe)] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _identity(self) -> SnpRule:
@@ -244,6 +284,8 @@ class SnpRule(_RuleBase):
                 and self.author_key_digest is None:
             raise ValueError("an snp rule must pin measurement, id_key_digest or "
                              "author_key_digest (otherwise any guest would match)")
+        if self.min_tcb is not None and "min_tcb" in self.waive:
+            raise ValueError("min_tcb is both set and waived")
         return self
 
 
@@ -299,6 +341,122 @@ class Policy(_Strict):
 
 
 _POLICY_ADAPTER = TypeAdapter(Policy)
+
+
+# --------------------------------------------------------------------------- deployment
+
+class SgxFloor(_Strict):
+    """What every SGX enclave must show before it gets an attestation token."""
+
+    tcb_status: TcbStatusList = Field(default_factory=lambda: ["UpToDate"])
+
+
+class TdxFloor(_Strict):
+    """What every TDX trust domain must show before it gets an attestation token."""
+
+    tcb_status: TcbStatusList = Field(default_factory=lambda: ["UpToDate"])
+    min_tee_tcb_svn: Hex16 | None = None
+
+
+class SnpFloor(_Strict):
+    """What every SEV-SNP guest must show before it gets an attestation token."""
+
+    min_tcb: SnpTcb | None = None
+    vmpl: Annotated[StrictInt, Field(ge=0, le=3)] = 0
+    #: Refuse a report whose certificate chain could not be checked against AMD's CRL.
+    require_crl: StrictBool = False
+
+
+class CollateralPolicy(_Strict):
+    """Which collateral the verifier trusts (see docs/attestation.md, "Collateral")."""
+
+    #: ``verifier``: the keyserver's own cached or PCCS-fetched DCAP collateral wins over the
+    #: collateral the attester sent (used only when the verifier has none); ``evidence``: the
+    #: attester's collateral is used when it sends one.
+    prefer: Literal["verifier", "evidence"] = "verifier"
+    #: Refuse DCAP collateral (TCB info and QE identity) older than this TCB recovery.
+    min_tcb_evaluation_data_number: _uint(32) | None = None
+
+
+_TEE_NAMES = Literal["sgx", "tdx", "snp", "sim"]
+
+
+def _every_tee() -> list[_TEE_NAMES]:
+    return ["sgx", "tdx", "snp", "sim"]
+
+
+class DeploymentPolicy(_Strict):
+    """The keyserver's own attestation policy, applied to every evidence *before* a token is
+    issued, whatever model the token is later used for.  Per-model policies can only narrow
+    it.  Defaults are strict: hardware TEEs (and ``sim`` only where a sim platform key is
+    explicitly trusted), no debug TEEs, ``UpToDate`` DCAP platforms, SNP VMPL 0."""
+
+    tees: Annotated[list[_TEE_NAMES], Field(min_length=1), AfterValidator(_dedupe)] = \
+        Field(default_factory=_every_tee)
+    allow_debug: StrictBool = False
+    sgx: SgxFloor = Field(default_factory=SgxFloor)
+    tdx: TdxFloor = Field(default_factory=TdxFloor)
+    snp: SnpFloor = Field(default_factory=SnpFloor)
+    collateral: CollateralPolicy = Field(default_factory=CollateralPolicy)
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+    def decide(self, claims: Claims, *, sim_trusted: bool) -> Decision:
+        """May this verified evidence get an attestation token at all?  Never raises."""
+        out: list[str] = []
+        try:
+            self._check(claims, sim_trusted, out)
+        except Exception as exc:  # malformed claims deny, never crash the relying party
+            out.append(f"could not evaluate: {type(exc).__name__}: {exc}")
+        if out:
+            return Decision(False, tuple(f"deployment: {m}" for m in out), None, "deployment")
+        return Decision(True, ("deployment: matched",), 0, "deployment")
+
+    def _check(self, claims: Claims, sim_trusted: bool, out: list[str]) -> None:
+        tee = _claim(claims, "tee")
+        if tee not in self.tees:
+            out.append(f"tee: expected one of [{', '.join(self.tees)}], got {_show(tee)}")
+            return
+        if tee == "sim" and not sim_trusted:
+            out.append("tee: sim evidence is accepted only by a keyserver that explicitly "
+                       "trusts a sim platform key (--trust-sim-root)")
+        debug = _claim(claims, "debug")
+        if debug is not False and not self.allow_debug:
+            out.append(f"debug: expected false, got {_show(debug)}")
+        if tee in ("sgx", "tdx"):
+            floor = self.sgx if tee == "sgx" else self.tdx
+            status = _claim(claims, "tcb_status")
+            if status not in floor.tcb_status:
+                out.append(f"tcb_status: expected {_expected(floor.tcb_status)}, got "
+                           f"{_show(status)}")
+            if isinstance(floor, TdxFloor) and floor.min_tee_tcb_svn is not None:
+                _match_tee_tcb_svn(out, claims, floor.min_tee_tcb_svn)
+        elif tee == "snp":
+            got = _claim(claims, "vmpl")
+            if not (_is_int(got) and 0 <= got <= self.snp.vmpl):
+                out.append(f"vmpl: expected <= {self.snp.vmpl}, got {_show(got)}")
+            if self.snp.min_tcb is not None:
+                _match_snp_tcb(out, claims, self.snp.min_tcb)
+            crl = _claim(claims, "crl_status")
+            if self.snp.require_crl and crl != "good":
+                out.append(f"crl_status: expected good (require_crl), got {_show(crl)}")
+
+
+def load_deployment_policy(source: dict[str, Any] | None) -> DeploymentPolicy:
+    """The ``attestation_policy`` section of keyserver.json (None: the strict defaults).
+
+    Raises :class:`~sealedtorch.errors.PolicyError` naming each bad field."""
+    if source is None:
+        return DeploymentPolicy()
+    if not isinstance(source, dict):
+        raise PolicyError(f"invalid attestation_policy: expected a mapping, got "
+                          f"{type(source).__name__}")
+    try:
+        return DeploymentPolicy.model_validate(source)
+    except ValidationError as exc:
+        problems = "; ".join(_format_error(err) for err in exc.errors())
+        raise PolicyError(f"invalid attestation_policy: {problems}") from None
 
 
 # --------------------------------------------------------------------------- loading
@@ -506,6 +664,12 @@ def _match_hex(out: list[str], name: str, got: Any, allowed: Sequence[str] | Non
         out.append(f"{name}: expected {_expected(allowed)}, got {_show(got)}")
 
 
+def _match_zero(out: list[str], name: str, got: Any, size: int, waiver: str) -> None:
+    if not (isinstance(got, bytes | bytearray) and len(got) == size and not any(got)):
+        out.append(f"{name}: expected all zero (not pinned by the rule), got {_show(got)} "
+                   f"(pin {name} or waive: [{waiver}])")
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -554,42 +718,100 @@ def _check_sgx(rule: SgxRule, claims: Claims, out: list[str]) -> None:
         if not (_is_int(got) and got in rule.isv_prod_id):
             out.append(f"isv_prod_id: expected {_expected(rule.isv_prod_id)}, got {_show(got)}")
     _match_min(out, "isv_svn", _claim(claims, "isv_svn"), rule.min_isv_svn)
+    if "kss" in rule.waive:
+        return
+    for name, size in (("isv_ext_prod_id", 16), ("isv_family_id", 16), ("config_id", 64)):
+        allowed = getattr(rule, name)
+        if allowed is not None:
+            _match_hex(out, name, _claim(claims, name), allowed)
+        else:
+            _match_zero(out, name, _claim(claims, name), size, "kss")
+    got = _claim(claims, "config_svn")
+    if rule.min_config_svn is not None:
+        _match_min(out, "config_svn", got, rule.min_config_svn)
+    elif got != 0:
+        out.append(f"config_svn: expected 0 (no KSS config pinned), got {_show(got)} "
+                   "(pin min_config_svn or waive: [kss])")
 
 
 def _check_tdx(rule: TdxRule, claims: Claims, out: list[str]) -> None:
     _check_tcb(rule, claims, out)
     _match_hex(out, "mr_td", _claim(claims, "mr_td"), rule.mr_td)
-    for index, allowed in (rule.rtmr or {}).items():
-        _match_hex(out, f"rtmr[{index}]", _claim(claims, f"rtmr{index}"), allowed)
+    pinned = rule.rtmr or {}
+    for index in range(4):
+        if index in pinned:
+            _match_hex(out, f"rtmr[{index}]", _claim(claims, f"rtmr{index}"), pinned[index])
+        elif f"rtmr{index}" not in rule.waive:
+            out.append(f"rtmr[{index}]: not pinned by the rule (pin rtmr.{index} or waive: "
+                       f"[rtmr{index}])")
+    attributes = _claim(claims, "td_attributes")
+    if not (isinstance(attributes, bytes | bytearray) and len(attributes) == 8):
+        out.append(f"td_attributes: expected 8 bytes, got {_show(attributes)}")
+    elif "sept_ve_disable" not in rule.waive \
+            and not int.from_bytes(attributes, "little") >> TD_ATTR_SEPT_VE_DISABLE & 1:
+        out.append(f"td_attributes: SEPT_VE_DISABLE (bit 28) is not set in "
+                   f"{bytes(attributes).hex()}: the host can inject #VE on EPT violations "
+                   "(waive: [sept_ve_disable] to accept)")
+    if rule.xfam is not None:
+        _match_hex(out, "xfam", _claim(claims, "xfam"), rule.xfam)
+    elif "xfam" not in rule.waive:
+        out.append(f"xfam: not pinned by the rule, got {_show(_claim(claims, 'xfam'))} "
+                   "(pin xfam or waive: [xfam])")
     for name in ("mr_config_id", "mr_owner", "mr_owner_config", "mr_seam"):
         _match_hex(out, name, _claim(claims, name), getattr(rule, name))
     if rule.min_tee_tcb_svn is not None:
-        minimum = bytes.fromhex(rule.min_tee_tcb_svn)
-        got = _claim(claims, "tee_tcb_svn")
-        expected = f"every byte >= {rule.min_tee_tcb_svn}"
-        if not (isinstance(got, bytes | bytearray) and len(got) == len(minimum)):
-            out.append(f"tee_tcb_svn: expected {expected}, got {_show(got)}")
-        else:
-            low = [f"byte {i}: {g} < {m}" for i, (g, m) in enumerate(zip(got, minimum, strict=True))
-                   if g < m]
-            if low:
-                out.append(f"tee_tcb_svn: expected {expected}, got {_show(got)} "
-                           f"({', '.join(low)})")
+        _match_tee_tcb_svn(out, claims, rule.min_tee_tcb_svn)
+
+
+def _match_tee_tcb_svn(out: list[str], claims: Claims, floor: str) -> None:
+    minimum = bytes.fromhex(floor)
+    got = _claim(claims, "tee_tcb_svn")
+    expected = f"every byte >= {floor}"
+    if not (isinstance(got, bytes | bytearray) and len(got) == len(minimum)):
+        out.append(f"tee_tcb_svn: expected {expected}, got {_show(got)}")
+    else:
+        low = [f"byte {i}: {g} < {m}" for i, (g, m) in enumerate(zip(got, minimum, strict=True))
+               if g < m]
+        if low:
+            out.append(f"tee_tcb_svn: expected {expected}, got {_show(got)} "
+                       f"({', '.join(low)})")
 
 
 def _check_snp(rule: SnpRule, claims: Claims, out: list[str]) -> None:
     for name in ("measurement", "host_data", "id_key_digest", "author_key_digest"):
         _match_hex(out, name, _claim(claims, name), getattr(rule, name))
     _match_min(out, "guest_svn", _claim(claims, "guest_svn"), rule.min_guest_svn)
-    if rule.vmpl is not None:
-        got = _claim(claims, "vmpl")
-        if not (_is_int(got) and 0 <= got <= rule.vmpl):
-            out.append(f"vmpl: expected <= {rule.vmpl}, got {_show(got)}")
+    got = _claim(claims, "vmpl")
+    if not (_is_int(got) and 0 <= got <= rule.vmpl):
+        out.append(f"vmpl: expected <= {rule.vmpl}, got {_show(got)}")
     if rule.min_tcb is not None:
-        tcb = _claim(claims, "reported_tcb")
-        for component, minimum in rule.min_tcb.model_dump(exclude_none=True).items():
-            got = tcb.get(component, _MISSING) if isinstance(tcb, dict) else _MISSING
-            _match_min(out, f"reported_tcb.{component}", got, minimum)
+        _match_snp_tcb(out, claims, rule.min_tcb)
+    elif "min_tcb" not in rule.waive:
+        out.append("reported_tcb: the rule sets no TCB floor (set min_tcb or waive: [min_tcb])")
+    guest_policy = _claim(claims, "policy")
+    if not _is_int(guest_policy):
+        out.append(f"policy: expected the guest policy, got {_show(guest_policy)}")
+        return
+    if guest_policy >> SNP_POLICY_MIGRATE_MA & 1 and "migrate_ma" not in rule.waive:
+        out.append(f"policy: MIGRATE_MA (bit 18) is set in 0x{guest_policy:x}: a migration "
+                   "agent may be associated (waive: [migrate_ma] to accept)")
+    platform_info = _claim(claims, "platform_info")
+    if not _is_int(platform_info):
+        out.append(f"platform_info: expected a value, got {_show(platform_info)}")
+    elif "smt" not in rule.waive:
+        if guest_policy >> SNP_POLICY_SMT & 1:
+            out.append(f"policy: SMT (bit 16) is set in 0x{guest_policy:x}: the guest may run "
+                       "with simultaneous multithreading (waive: [smt] to accept)")
+        if platform_info >> SNP_PLATFORM_SMT_EN & 1:
+            out.append(f"platform_info: SMT_EN (bit 0) is set in 0x{platform_info:x}: the "
+                       "platform runs with SMT enabled (waive: [smt] to accept)")
+
+
+def _match_snp_tcb(out: list[str], claims: Claims, floor: SnpTcb, prefix: str = "") -> None:
+    tcb = _claim(claims, "reported_tcb")
+    for component, minimum in floor.model_dump(exclude_none=True).items():
+        got = tcb.get(component, _MISSING) if isinstance(tcb, dict) else _MISSING
+        _match_min(out, f"{prefix}reported_tcb.{component}", got, minimum)
 
 
 def _check_sim(rule: SimRule, claims: Claims, out: list[str]) -> None:

@@ -14,7 +14,10 @@ Appraisal of one report (``Evidence.data``, 1184 bytes, versions 2 and 3):
 4. bind the certificate to the report: its TCB extensions (blSPL, teeSPL, snpSPL,
    ucodeSPL, and fmcSPL on Turin) must equal ``reported_tcb``, and a VCEK's hwID must equal
    ``chip_id`` (unless the chip id is masked to zeros);
-5. verify the report signature over bytes 0x000–0x29F with the certificate's P-384 key.
+5. verify the report signature over bytes 0x000–0x29F with the certificate's P-384 key;
+6. check the chain against AMD's CRL for the product when one can be had (cache, or the
+   KDS with ``VerifierConfig.fetch_amd_crl``): claim ``crl_status`` is ``good`` or
+   ``unavailable: <why>``; a revoked ASK/ASVK raises.
 
 Every failure raises :class:`~sealedtorch.errors.AttestationError`
 (:class:`~sealedtorch.errors.CollateralError` when the VCEK is missing and cannot be
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
@@ -712,6 +716,7 @@ def _verify(evidence: Evidence, *, at: int, config: VerifierConfig) -> SnpClaims
     if fetched is not None and not fetched.from_cache:
         kds.store_vcek(_cache_dir(config), fetched.product, report.chip_id,
                        fetched.tcb, fetched.der)
+    crl_status = _crl_status(chain, config, at)
 
     return SnpClaims(
         tee=Tee.SNP,
@@ -730,7 +735,74 @@ def _verify(evidence: Evidence, *, at: int, config: VerifierConfig) -> SnpClaims
         chip_id=report.chip_id,
         vmpl=report.vmpl,
         signing_key=kind,
+        platform_info=report.platform_info,
+        crl_status=crl_status,
     )
+
+
+# --- AMD's CRL ----------------------------------------------------------------------------
+
+def check_crl(crl_der: bytes, issuer: x509.Certificate,
+              certs: Sequence[tuple[str, x509.Certificate]], at: int) -> None:
+    """Check a DER CRL against ``certs`` (name, certificate) issued under ``issuer``.
+
+    The CRL must be a CRL, signed by ``issuer`` (AMD's ARK for a real chain), and current at
+    ``at`` (thisUpdate <= at < nextUpdate): otherwise :class:`CollateralError`.  A listed
+    serial number of an intermediate (ASK/ASVK) or leaf issued under this CRL's issuer
+    raises :class:`AttestationError` naming the revoked certificate.
+    """
+    try:
+        crl = x509.load_der_x509_crl(crl_der)
+        this_update = crl.last_update_utc
+        next_update = crl.next_update_utc
+    except ValueError as exc:
+        raise CollateralError(f"AMD CRL is not a DER CRL: {exc}") from None
+    if not crypto.crl_signed_by(crl, issuer):
+        raise CollateralError(f"AMD CRL is not signed by the ARK {_cn(issuer.subject)!r} "
+                              "(forged, damaged or for another product)")
+    if next_update is None:
+        raise CollateralError("AMD CRL has no nextUpdate")
+    if not this_update.timestamp() <= at < next_update.timestamp():
+        when = datetime.fromtimestamp(at, UTC).isoformat()
+        raise CollateralError(f"AMD CRL is not current at {when} (thisUpdate "
+                              f"{this_update.isoformat()}, nextUpdate {next_update.isoformat()})")
+    try:
+        revoked = {entry.serial_number for entry in crl}
+    except ValueError as exc:
+        raise CollateralError(f"AMD CRL has malformed entries: {exc}") from None
+    for name, cert in certs:
+        if cert.issuer == crl.issuer and cert.serial_number in revoked:
+            raise AttestationError(f"{name} certificate {_cn(cert.subject)!r} (serial "
+                                   f"{cert.serial_number:x}) is revoked by AMD's CRL")
+
+
+def _crl_status(chain: _Chain, config: VerifierConfig, at: int) -> str:
+    """Check the chain against AMD's CRL when one can be had (cache, then the KDS when
+    ``config.fetch_amd_crl``); return "good" or "unavailable: <why>".  A revoked certificate
+    raises; a cached CRL that fails its checks is ignored (and refreshed when fetching)."""
+    certs = [("ASK/ASVK", chain.intermediate), ("VCEK/VLEK", chain.leaf)]
+    cache_dir = _cache_dir(config)
+    problems: list[str] = []
+    cached = kds.cached_crl(cache_dir, chain.product)
+    if cached is not None:
+        try:
+            check_crl(cached, chain.ark, certs, at)
+            return "good"
+        except CollateralError as exc:
+            problems.append(f"cached CRL unusable: {exc}")
+    if not config.fetch_amd_crl:
+        problems.append("fetching AMD's CRL is not enabled" if cached is None else
+                        "fetching a fresh one is not enabled")
+        return "unavailable: " + "; ".join(problems)
+    try:
+        der = kds.fetch_crl(chain.product, base_url=config.kds_url,
+                            timeout=float(config.http_timeout))
+        check_crl(der, chain.ark, certs, at)
+    except CollateralError as exc:
+        problems.append(str(exc))
+        return "unavailable: " + "; ".join(problems)
+    kds.store_crl(cache_dir, chain.product, der)
+    return "good"
 
 
 def _cache_dir(config: VerifierConfig) -> Path | None:

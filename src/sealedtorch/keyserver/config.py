@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import crypto, secretfile
-from ..errors import ConfigError
+from ..attest.policy import DeploymentPolicy, load_deployment_policy
+from ..errors import ConfigError, PolicyError
 from . import tls, tokens
 from .kek import FileKek, KekProvider, open_ring
 from .store import AdminTokenRecord, SqliteStore, Store
@@ -57,6 +58,8 @@ class KeyserverConfig:
     extra: dict[str, Any] = field(default_factory=dict)
     #: (rate per second, burst) per client address on the attestation endpoints; None: off
     rate_limit: tuple[float, float] | None = DEFAULT_RATE_LIMIT
+    #: ``attestation_policy``: checked on every evidence before a token is issued.
+    attestation_policy: DeploymentPolicy = field(default_factory=DeploymentPolicy)
 
     def path(self, value: str | Path) -> Path:
         p = Path(value)
@@ -91,7 +94,10 @@ def load_config(data_dir: Path | str) -> KeyserverConfig:
             token_ttl=float(raw.get("token_ttl", 300.0)),
             max_body=int(raw.get("max_body", 1 << 20)),
             pccs_url=raw.get("pccs_url"), kds_url=raw.get("kds_url"), extra=raw,
-            rate_limit=_rate_limit(raw))
+            rate_limit=_rate_limit(raw),
+            attestation_policy=load_deployment_policy(raw.get("attestation_policy")))
+    except PolicyError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"{path}: missing or invalid setting: {exc}") from None
     if not 1 <= cfg.nonce_ttl <= 3600 or not 1 <= cfg.token_ttl <= 86400:

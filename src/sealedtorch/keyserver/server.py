@@ -88,13 +88,17 @@ def build_keyserver(cfg: KeyserverConfig, *, trust_sim_roots: Sequence[Path | st
         log.warning("trusting %d INSECURE sim platform key(s): every release to sim evidence "
                     "is development-only and is audited as insecure", len(roots),
                     extra={"fields": {"sim_platform_keys": [k.hex() for k in roots]}})
+    collateral = cfg.attestation_policy.collateral
     verifier = attest.VerifierConfig(
         sim_platform_keys=roots, pccs_url=cfg.pccs_url, kds_url=cfg.kds_url,
-        cache_dir=cfg.data_dir / "cache")
+        cache_dir=cfg.data_dir / "cache",
+        prefer_verifier_collateral=collateral.prefer == "verifier",
+        min_tcb_evaluation_data_number=collateral.min_tcb_evaluation_data_number,
+        fetch_amd_crl=True)
     service = Keyserver(store=open_store(cfg), kek=open_kek(cfg),
                         signer=TokenSigner.load(cfg.path(cfg.token_signing_key)),
                         verifier=verifier, clock=clock, nonce_ttl=cfg.nonce_ttl,
-                        token_ttl=cfg.token_ttl)
+                        token_ttl=cfg.token_ttl, attestation_policy=cfg.attestation_policy)
     try:
         # rows written before row MACs are sealed once (trust on upgrade); afterwards this
         # data directory requires a sealed store

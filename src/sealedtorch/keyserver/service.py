@@ -14,6 +14,12 @@ To an owner, another owner's model does not exist: every operation on it answers
 ``404 key-unavailable`` exactly as for an unknown id, and the attempt is audited in a record
 only admins and auditors can read.  Each audit record carries the ``owner`` of the model it
 concerns, which decides which owner may read it.
+
+Attested callers get the same discretion: evidence is checked against the deployment's
+attestation policy (:class:`~sealedtorch.attest.policy.DeploymentPolicy`) before a token is
+issued, and a key request for an unknown model is answered exactly like one the model's
+policy refuses (``403 policy-denied``, same text, no reasons).  The reasons, which name
+reference values, are written to the audit record only.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from typing import Any
 from .. import attest, crypto
 from ..attest import binding
 from ..attest.evidence import Claims, Evidence, Tee
-from ..attest.policy import Decision, Policy, load_policy
+from ..attest.policy import Decision, DeploymentPolicy, Policy, load_policy
 from ..errors import (
     AttestationError,
     AuthenticationError,
@@ -199,12 +205,25 @@ def _fail_reasons(exc: SealedTorchError) -> list[str]:
     return [str(exc)]
 
 
+def _not_released(model_id: str, reasons: Any) -> PolicyDenied:
+    """The one answer a caller gets for "unknown model" and for "not allowed": same status,
+    same problem type, same text, no reference values (so an attested caller cannot probe
+    which model ids exist, nor read a policy).  ``reasons`` go to the audit record only."""
+    exc = PolicyDenied("no key of the requested model is released to this attested "
+                       "identity (unknown model, or the model's policy does not allow it)")
+    exc.audit_reasons = [str(r) for r in reasons]  # type: ignore[attr-defined]
+    return exc
+
+
 class Keyserver:
     def __init__(self, *, store: Store, kek: KekProvider, signer: TokenSigner,
                  verifier: attest.VerifierConfig, clock: Clock = time.time,
                  nonce_ttl: float = 60.0, token_ttl: float = 300.0,
-                 metrics: KeyserverMetrics | None = None) -> None:
+                 metrics: KeyserverMetrics | None = None,
+                 attestation_policy: DeploymentPolicy | None = None) -> None:
         self.store = store
+        #: The deployment's own attestation policy, checked before any token is issued.
+        self.attestation_policy = attestation_policy or DeploymentPolicy()
         self.metrics = metrics or KeyserverMetrics()
         self.kek = kek
         self.signer = signer
@@ -393,11 +412,13 @@ class Keyserver:
             entry["claims"] = claims.to_json()
             entry["insecure"] = claims.insecure
             binding.check(claims.report_data, nonce, public_key)
+            deployment = self._check_deployment_policy(claims)
             token, info = self.signer.issue(
                 claims=claims, public_key=public_key, role=req.role,
                 evidence_digest=entry["evidence_digest"], now=now, ttl=self.token_ttl)
             entry.update(decision=OK, token_id=info.token_id,
-                         reasons=["evidence verified and bound to nonce and key"])
+                         reasons=["evidence verified and bound to nonce and key",
+                                  *deployment.reasons])
             with self.store.transaction() as tx:
                 tx.consume_nonce(nonce, tee.value, self.clock())
                 tx.append_audit(entry)
@@ -408,6 +429,20 @@ class Keyserver:
             raise
         self._log(entry)
         return IssuedToken(token, info)
+
+    def _check_deployment_policy(self, claims: Claims) -> Decision:
+        """Refuse evidence the deployment does not accept at all.  The caller learns only
+        that it was refused; the reasons (which name the reference values) go to the audit
+        record, which admins and auditors read."""
+        decision = self.attestation_policy.decide(
+            claims, sim_trusted=bool(self.verifier.sim_platform_keys))
+        if decision.allowed:
+            return decision
+        exc = PolicyDenied("the evidence does not satisfy this keyserver's attestation policy "
+                           "(the operator can read the reasons in the audit log, request id "
+                           "in this answer)")
+        exc.audit_reasons = list(decision.reasons)  # type: ignore[attr-defined]
+        raise exc
 
     def _burn(self, nonce: bytes) -> None:
         """A nonce is spent by any attempt that got as far as verification."""
@@ -524,12 +559,13 @@ class Keyserver:
                    model_id: str, version: int | None) -> _Grant:
         model = tx.get_model(model_id)
         if model is None:
-            raise KeyUnavailable(f"unknown model {model_id!r}")
+            raise _not_released(model_id, [f"unknown model {model_id!r}"])
         entry.update(policy_digest=model.policy_digest, owner=model.owner_id)
         self.rows.check_model(model)
         decision = self._decide(model, tok)
         entry["reasons"] = list(decision.reasons)
-        decision.raise_if_denied()
+        if not decision.allowed:
+            raise _not_released(model_id, decision.reasons)
         keys = tx.key_versions(model_id)
         if version is not None:
             key = next((k for k in keys if k.version == version), None)
