@@ -93,7 +93,7 @@ def test_a_lengthened_lease_does_not_verify(ks, model_id):
 
 def test_a_lease_signed_by_another_key_is_refused_when_a_key_is_pinned(ks, model_id):
     ks.register(model_id)
-    item, holder = _raw_release(ks, model_id)
+    item, _holder = _raw_release(ks, model_id)
     impostor = TokenSigner(crypto.SigningKey.generate())
     lease = verify_lease(item["lease"])
     forged = issue_lease(impostor, model_id=model_id, version=1,

@@ -140,6 +140,15 @@ class Runtime:
     device: torch.device | None = None
     _done: threading.Event = field(default_factory=threading.Event)
     _stopping: bool = False
+    watcher: Any = None  # the key watcher (.watch.KeyWatcher), once started
+
+    def start_watching(self) -> None:
+        """Start re-checking loaded models' keys with the keycache (``key_watch_s``):
+        unload on revocation, swap in a newer version (see :mod:`.watch`)."""
+        from .watch import KeyWatcher
+
+        if self.watcher is None:
+            self.watcher = KeyWatcher(self).start()
 
     def add(self, item: Source | LoadedModel) -> None:
         if item.name in self.slots:
@@ -210,6 +219,8 @@ class Runtime:
     def close(self, timeout: float = 30.0) -> None:
         """Drain the queues, stop the workers, zero the weights."""
         self._stopping = True
+        if self.watcher is not None:
+            self.watcher.stop(timeout)
         for slot in self.slots.values():
             if slot.batcher is not None:
                 slot.batcher.stop(timeout)
@@ -368,8 +379,9 @@ def create_app(runtime: Runtime) -> FastAPI:
         slot = slot_or_error(name, version)
         if isinstance(slot, JSONResponse):
             return slot
-        model, batcher = slot.model, slot.batcher
-        assert model is not None and batcher is not None
+        batcher = slot.batcher
+        assert batcher is not None
+        model = batcher.model  # one read: the key watcher swaps the batcher atomically
         try:
             header, binary = await _read_body(request, cfg.max_request_bytes)
             parsed = await _maybe_in_thread(
@@ -380,7 +392,17 @@ def create_app(runtime: Runtime) -> FastAPI:
                     max_batch_size=cfg.max_batch_size if model.batchable else max(
                         1, model.inputs[0].shape[0]),
                     max_elements=cfg.max_elements))
-            future = batcher.submit(parsed)
+            try:
+                future = batcher.submit(parsed)
+            except ShuttingDown:
+                # the key watcher swapped in a newer version while this body was read:
+                # run it there (rotation without failed requests)
+                current = slot.batcher
+                if current is None or current is batcher or runtime._stopping:
+                    raise
+                batcher = current
+                model = batcher.model
+                future = batcher.submit(parsed)
             try:
                 outputs = await asyncio.wait_for(asyncio.wrap_future(future),
                                                  cfg.request_timeout_s)
@@ -570,6 +592,7 @@ class RuntimeServer:
             time.sleep(0.005)
         loader = threading.Thread(target=runtime.load_all, name="runtime-loader", daemon=True)
         loader.start()
+        runtime.start_watching()
         return cls(runtime, server, thread, loader, _url(host, bound), sock)
 
     @property
@@ -653,6 +676,7 @@ def serve(models: Sequence[Source], *, keys: KeySource | None,
                                        "tls_spki_sha256": runtime.tls.spki_sha256,
                                        "cert_pem": runtime.tls.cert_pem.decode()})
         loader.start()
+        runtime.start_watching()
 
     server.after_startup = started
 
