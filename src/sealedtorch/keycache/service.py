@@ -93,7 +93,6 @@ class Keycache:
         self.next_attempt_at: float | None = None
         self.refreshes = 0
         self.refusals = 0
-        self.lease_expiries = 0
         self.released = 0
         self.refused = 0
 
@@ -171,11 +170,7 @@ class Keycache:
 
     def expire_leases(self) -> None:
         """Wipe keys whose lease ended (the refresher calls this on every wake-up)."""
-        for model_id, version in self.store.expire_leases():
-            self.lease_expiries += 1
-            log.error("keycache: lease on %s version %d ended without renewal; key wiped "
-                      "(served again once a refresh from the keyserver renews it)",
-                      model_id, version)
+        self.store.expire_leases()  # logs and counts each wiped key
 
     def _run(self) -> None:
         while not self._stopping.is_set():
@@ -287,7 +282,7 @@ class Keycache:
                 "next_attempt_in_s": None if next_in is None else round(next_in, 3),
                 "refreshes": self.refreshes,
                 "refusals": self.refusals,
-                "lease_expiries": self.lease_expiries,
+                "lease_expiries": store.lease_expiries,
                 "refused": store.refusal,
             },
             "keyserver_reachable": self.reachable,

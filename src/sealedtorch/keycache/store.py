@@ -32,6 +32,7 @@ TEE's memory encryption, not this zeroing, is what keeps keys from the host.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -49,6 +50,8 @@ if TYPE_CHECKING:
 __all__ = ["Changes", "Entry", "EntryInfo", "KeyStore", "KeysStale"]
 
 Clock = Callable[[], float]
+
+log = logging.getLogger("sealedtorch.keycache")
 
 
 class KeysStale(KeyUnavailable):
@@ -131,6 +134,7 @@ class KeyStore:
         self._wall_last_ok: float | None = None
         self._expired = False
         self._refusal: str | None = None
+        self.lease_expiries = 0  # keys wiped because their lease ended
         #: keys whose lease ended and that no refresh has renewed or withdrawn since
         self._lease_ended: dict[tuple[str, int], float] = {}
 
@@ -212,6 +216,9 @@ class KeyStore:
                 self._lease_ended[ident] = now
         for ident in ended:
             old[ident].wipe()
+            self.lease_expiries += 1
+            log.error("keycache: lease on %s version %d ended without renewal; key wiped "
+                      "(served again once a refresh from the keyserver renews it)", *ident)
         return sorted(ended)
 
     def refuse(self, reason: str) -> int:
