@@ -167,7 +167,7 @@ class KeyserverUpstream:
                   ) -> list[tuple[ModelKey, Policy]]:
         """Every released key with its verified lease; any key without a valid lease for
         itself and this holder fails the whole refresh (:class:`LeaseInvalid`)."""
-        out: list[tuple[ModelKey, Policy]] = []
+        out: list[Any] = []  # Leased triples (a (ModelKey, Policy) pair plus the lease)
         pinned = self.lease_key
         for item, text in items:
             key, policy = item
