@@ -21,6 +21,7 @@ import torch
 from sealedtorch import crypto
 from sealedtorch.attest import VerifierConfig
 from sealedtorch.attest.policy import load_policy
+from sealedtorch.errors import KeyUnavailable
 from sealedtorch.format import seal
 from sealedtorch.keycache import KeycacheClient
 from sealedtorch.keycache.local import EvidenceAppraiser
@@ -166,6 +167,22 @@ def test_an_unloaded_model_is_loaded_again_once_the_keycache_holds_its_key(
     assert srv.runtime.slots["m"].state == "ready" and srv.runtime.ready
     assert _infer(raw_client, srv).status_code == 200
     assert 'model_reloads_total{model="m",outcome="ok"} 1' in srv.runtime.metrics.render()
+
+
+def test_a_model_that_failed_to_load_for_want_of_its_key_loads_once_the_key_is_held(
+        host, start_server, raw_client):
+    key = ModelKey.generate("watched")
+    host.hold()  # the keycache holds nothing yet
+    host.put_file(key)
+    srv = start_server([ModelSource("m", host.path)], keys=host.client, config=CONFIG)
+    with pytest.raises(KeyUnavailable):
+        srv.wait_ready(60)
+    watcher = KeyWatcher(srv.runtime, clock=Clock())
+    watcher.check_once()
+    assert srv.runtime.slots["m"].state == "failed"
+    host.hold(key)
+    watcher.check_once()
+    assert srv.runtime.ready and _infer(raw_client, srv).status_code == 200
 
 
 def test_a_newer_file_that_does_not_load_leaves_the_old_version_serving(

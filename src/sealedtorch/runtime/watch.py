@@ -19,8 +19,9 @@ latest key of each loaded sealed model, with the same attested request a load ma
 - the keycache cannot be reached at all (socket gone, timeouts): the model keeps serving
   until ``key_watch_grace_s`` after the last successful check, then is unloaded.
 
-An unloaded model is loaded again, without a restart, as soon as the keycache holds the key
-its configured file needs.  Every unload and reload is logged and counted
+An unloaded model — or one that failed to load for want of its key, when ``serve
+--stay-unready`` keeps the server up — is loaded again, without a restart, as soon as the
+keycache holds the key its configured file needs.  Every unload and reload is logged and counted
 (``sealedtorch_runtime_model_unloads_total``, ``..._model_reloads_total``).
 
 Bound: a model stops serving at most ``key_watch_s`` (+ one keycache round trip) after the
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ModelUnloaded, SealedTorchError
+from ..errors import KeyUnavailable, ModelUnloaded, SealedTorchError
 
 if TYPE_CHECKING:
     from .loader import LoadedModel
@@ -112,7 +113,8 @@ class KeyWatcher:
                 if slot.state == "ready" and slot.model is not None and \
                         slot.model.model_id is not None:
                     self._check_loaded(slot, slot.model)
-                elif slot.state == "unloaded":
+                elif slot.state == "unloaded" or (slot.state == "failed" and isinstance(
+                        slot.error, KeyUnavailable)):  # (``serve --stay-unready``)
                     self._try_reload(slot, reason="key available again")
 
     def _check_loaded(self, slot: _Slot, model: LoadedModel) -> None:
