@@ -117,10 +117,13 @@ class KeyserverUpstream:
 
     @classmethod
     def connect(cls, url: str, *, ca: str | os.PathLike[str] | None, attester: Attester,
-                timeout: float = 10.0) -> KeyserverUpstream:
+                timeout: float = 10.0, lease_key: bytes | None = None) -> KeyserverUpstream:
+        """``lease_key``: the keyserver's Ed25519 public key (raw 32 bytes) to pin for
+        leases; None learns it from the first verified release."""
         from ..keyserver.client import AttestedKeyClient
 
-        return cls(AttestedKeyClient(url, ca, attester, role="holder", timeout=timeout))
+        return cls(AttestedKeyClient(url, ca, attester, role="holder", timeout=timeout),
+                   lease_key=lease_key)
 
     def __repr__(self) -> str:
         return f"KeyserverUpstream({self._client!r})"
