@@ -380,7 +380,8 @@ def create_app(runtime: Runtime) -> FastAPI:
         if isinstance(slot, JSONResponse):
             return slot
         batcher = slot.batcher
-        assert batcher is not None
+        if batcher is None:  # unloaded by the key watcher since slot_or_error looked
+            return _error(503, f"model {name!r} is not ready ({slot.state}: {slot.error})")
         model = batcher.model  # one read: the key watcher swaps the batcher atomically
         try:
             header, binary = await _read_body(request, cfg.max_request_bytes)
@@ -398,6 +399,9 @@ def create_app(runtime: Runtime) -> FastAPI:
                 # the key watcher swapped in a newer version while this body was read:
                 # run it there (rotation without failed requests)
                 current = slot.batcher
+                if current is None and slot.error is not None and not runtime._stopping:
+                    return _error(503, f"model {name!r} is not ready ({slot.state}: "
+                                       f"{slot.error})")
                 if current is None or current is batcher or runtime._stopping:
                     raise
                 batcher = current
