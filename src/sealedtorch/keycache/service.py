@@ -122,6 +122,13 @@ class Keycache:
                 return False
             self.refreshes += 1
             self.reachable, self.last_error = True, None
+            took = self._clock() - sent_at
+            shortest = min((item[2].seconds for item in released
+                            if len(item) > 2 and item[2] is not None), default=None)
+            if shortest is not None and took > shortest / 3:
+                log.warning("keycache: the refresh took %.1f s, more than a third of the "
+                            "shortest lease (%d s); keys may lapse before the next renewal",
+                            took, shortest)
             self.backoff.reset()
             if changes:
                 for model_id, version in changes.added:

@@ -206,20 +206,28 @@ class KeyStore:
                    for e in self._entries.values()):
             return []
         with self._lock:
-            old = self._entries
-            ended = [ident for ident, e in old.items()
-                     if e.lease_until is not None and now >= e.lease_until]
-            if not ended:
-                return []
-            self._publish({i: e for i, e in old.items() if i not in ended})
-            for ident in ended:
+            ended = self._sweep_locked(now)
+        return self._wipe_ended(ended)
+
+    def _sweep_locked(self, now: float) -> list[Entry]:
+        """Drop (not yet wipe) the entries whose lease ended; the caller holds the lock."""
+        old = self._entries
+        ended = [e for e in old.values() if e.lease_until is not None and now >= e.lease_until]
+        if ended:
+            gone = {(e.model_id, e.version) for e in ended}
+            self._publish({i: e for i, e in old.items() if i not in gone})
+            for ident in gone:
                 self._lease_ended[ident] = now
-        for ident in ended:
-            old[ident].wipe()
+        return ended
+
+    def _wipe_ended(self, ended: list[Entry]) -> list[tuple[str, int]]:
+        for entry in ended:
+            entry.wipe()
             self.lease_expiries += 1
             log.error("keycache: lease on %s version %d ended without renewal; key wiped "
-                      "(served again once a refresh from the keyserver renews it)", *ident)
-        return sorted(ended)
+                      "(served again once a refresh from the keyserver renews it)",
+                      entry.model_id, entry.version)
+        return sorted((e.model_id, e.version) for e in ended)
 
     def refuse(self, reason: str) -> int:
         """The keyserver explicitly refused this keycache: wipe every key now; requests
@@ -301,30 +309,41 @@ class KeyStore:
             raise KeyUnavailable(f"the keycache holds no keys: the keyserver refused it at "
                                  f"its last refresh ({self._refusal}); keys were wiped")
         self.expire_leases()
-        entries, latest = self._entries, self._latest
-        if version is None:
-            if model_id not in latest:
-                self._raise_if_lease_ended(model_id, None)
-                raise KeyUnavailable(f"the keycache holds no key for model {model_id!r} "
-                                     f"(unknown to the keyserver, revoked, or not released "
-                                     f"to this keycache)")
-            version = latest[model_id]
-        entry = entries.get((model_id, version))
-        if entry is not None and entry.lease_until is not None and \
-                self._clock() >= entry.lease_until:  # ended since the sweep above
-            self.expire_leases()
-            entry = None
-        if entry is None:
-            self._raise_if_lease_ended(model_id, version)
-            held = sorted(v for (m, v) in entries if m == model_id)
-            if held:
+        entry = self._lookup(model_id, version)
+        if entry is not None:
+            return entry
+        ended: list[Entry] = []
+        try:
+            with self._lock:  # a miss: decide on one consistent view (no refresh half-seen)
+                ended = self._sweep_locked(self._clock())
+                entry = self._lookup(model_id, version)
+                if entry is not None:
+                    return entry
+                self._raise_if_lease_ended(model_id, version)
+                entries, latest = self._entries, self._latest
+                if version is None or model_id not in latest:
+                    raise KeyUnavailable(f"the keycache holds no key for model {model_id!r} "
+                                         f"(unknown to the keyserver, revoked, or not "
+                                         f"released to this keycache)")
+                held = sorted(v for (m, v) in entries if m == model_id)
                 raise KeyUnavailable(
                     f"the keycache holds no key for model {model_id!r} version {version} "
                     f"(revoked, retired or never released; it holds version(s) "
                     f"{', '.join(map(str, held))})")
-            raise KeyUnavailable(f"the keycache holds no key for model {model_id!r} "
-                                 f"(unknown to the keyserver, revoked, or not released to "
-                                 f"this keycache)")
+        finally:
+            self._wipe_ended(ended)
+
+    def _lookup(self, model_id: str, version: int | None) -> Entry | None:
+        """The held entry whose lease (if any) still runs, or None."""
+        entries, latest = self._entries, self._latest
+        if version is None:
+            version = latest.get(model_id)
+            if version is None:
+                return None
+        entry = entries.get((model_id, version))
+        if entry is None or (entry.lease_until is not None
+                             and self._clock() >= entry.lease_until):
+            return None
         return entry
 
     def _raise_if_lease_ended(self, model_id: str, version: int | None) -> None:
