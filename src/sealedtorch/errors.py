@@ -151,3 +151,28 @@ class RateLimited(ServiceUnavailable):
     """Too many requests from this client; retry after the time the service names."""
 
     problem_type = "rate-limited"
+
+
+class LeaseInvalid(IntegrityError):
+    """A key lease from the keyserver does not verify: bad signature, another signing key
+    than the one this keycache pinned, or a lease for another model, version, policy or
+    holder than the key it came with.  The key is not taken into service."""
+
+    problem_type = "lease-invalid"
+
+
+class LeaseExpired(KeyUnavailable):
+    """The keycache holds no current lease for this key: its keyserver-signed lease ended
+    (measured on the keycache's monotonic clock) before a refresh renewed it.  Transient:
+    the next successful refresh from the keyserver restores service."""
+
+    problem_type = "lease-expired"
+    http_status = 503
+
+
+class ModelUnloaded(KeyUnavailable):
+    """The runtime unloaded a model it was serving because the keycache no longer holds its
+    key (revoked, lease ended, keycache refused or unreachable past the grace period)."""
+
+    problem_type = "model-unloaded"
+    http_status = 503

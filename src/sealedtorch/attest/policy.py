@@ -302,11 +302,29 @@ Rule = Annotated[SgxRule | TdxRule | SnpRule | SimRule, Field(discriminator="tee
 RuleList = Annotated[list[Rule], Field(min_length=1)]
 
 
+#: Lease length (seconds) of a released key when the policy sets no ``lease_seconds``: a
+#: keycache that cannot renew stops serving the key this long after its last release.
+DEFAULT_LEASE_SECONDS = 300
+#: Bounds of ``lease_seconds``: at least 1 s, at most one day (a longer lease would make
+#: revocation meaningless against a host that cuts the keycache's network).
+MIN_LEASE_SECONDS, MAX_LEASE_SECONDS = 1, 86_400
+LeaseSeconds = Annotated[StrictInt, Field(ge=MIN_LEASE_SECONDS, le=MAX_LEASE_SECONDS)]
+
+
 class Policy(_Strict):
     """Reference values for one model: who may use its key, who may hold it."""
 
     allow: RuleList
     holders: RuleList | None = None
+    #: How long each release of this model's key is leased to a keycache (seconds); unset
+    #: means :data:`DEFAULT_LEASE_SECONDS`.  Unset is left out of the canonical form, so
+    #: policies written before leases existed keep their digest.
+    lease_seconds: LeaseSeconds | None = None
+
+    @property
+    def lease_duration(self) -> int:
+        """The lease length the keyserver signs into every release of this model's key."""
+        return self.lease_seconds if self.lease_seconds is not None else DEFAULT_LEASE_SECONDS
 
     @property
     def holder_rules(self) -> list[Rule]:

@@ -10,6 +10,17 @@ fetch never stops the thread: it is logged, the held keys stay in service, and t
 comes after an exponential backoff with jitter (:class:`Backoff`), capped at the refresh
 interval.  Once the last successful refresh is older than ``max_stale`` the store refuses to
 serve and the keys are wiped; the next successful refresh restores service.
+
+Leases (see docs/keycache.md): every key from the keyserver comes with a signed lease of
+``lease_seconds``.  The refresher renews two thirds into the shortest lease (sooner than
+``refresh`` when leases are short), and wakes at each lease end to wipe what was not renewed,
+so a key stops being served at lease end whatever the network does.  The two bounds nest:
+a key is served only while its lease runs *and* the last refresh is younger than max-stale.
+
+Outage or refusal: only :class:`~.upstream.UpstreamUnavailable` (transport failures, 5xx,
+503, garbage) is an outage, in which held keys keep being served to those bounds.  Any other
+typed error is an explicit refusal by the keyserver (attestation, policy, authentication, a
+4xx problem): every key is wiped at once.
 """
 
 from __future__ import annotations
@@ -81,6 +92,7 @@ class Keycache:
         self.reachable: bool | None = None
         self.next_attempt_at: float | None = None
         self.refreshes = 0
+        self.refusals = 0
         self.released = 0
         self.refused = 0
 
@@ -90,15 +102,19 @@ class Keycache:
         """Fetch everything from the keyserver now.  Never raises; True on success."""
         with self._lock:
             self.last_attempt_wall = self._wall()
+            sent_at = self._clock()  # leases run from here: delays only shorten them
             try:
                 released = self.upstream.fetch_all()
-                changes = self.store.replace(released)
+                changes = self.store.replace(released, leased_at=sent_at)
             except UpstreamUnavailable as exc:
                 self._failed(f"keyserver unreachable: {exc}", reachable=False)
                 return False
             except SealedTorchError as exc:
-                self._failed(f"keyserver refused this keycache ({type(exc).__name__}): {exc}",
-                             reachable=True)
+                message = f"keyserver refused this keycache ({type(exc).__name__}): {exc}"
+                wiped = self.store.refuse(f"{type(exc).__name__}: {exc}")
+                self.refusals += 1
+                log.error("keycache: %s; wiped %d key(s) at once", message, wiped)
+                self._failed(message, reachable=True)
                 return False
             except Exception as exc:  # garbage from upstream, a bug: log, keep serving
                 log.exception("keycache refresh failed unexpectedly")
@@ -106,6 +122,13 @@ class Keycache:
                 return False
             self.refreshes += 1
             self.reachable, self.last_error = True, None
+            took = self._clock() - sent_at
+            shortest = min((item[2].seconds for item in released
+                            if len(item) > 2 and item[2] is not None), default=None)
+            if shortest is not None and took > shortest / 3:
+                log.warning("keycache: the refresh took %.1f s, more than a third of the "
+                            "shortest lease (%d s); keys may lapse before the next renewal",
+                            took, shortest)
             self.backoff.reset()
             if changes:
                 for model_id, version in changes.added:
@@ -143,11 +166,23 @@ class Keycache:
         age = self.store.refresh_age()
         if age is not None and len(self.store) and age <= self.store.max_stale:
             delay = min(delay, self.store.max_stale - age + 0.05)  # wipe on time
+        now = self._clock()
+        renew = self.store.next_renewal()
+        if ok and renew is not None:
+            delay = min(delay, max(0.05, renew - now))  # renew leases before they end
+        end = self.store.next_lease_end()
+        if end is not None:
+            delay = min(delay, max(0.0, end - now) + 0.05)  # wipe at lease end
         return max(0.01, delay)
+
+    def expire_leases(self) -> None:
+        """Wipe keys whose lease ended (the refresher calls this on every wake-up)."""
+        self.store.expire_leases()  # logs and counts each wiped key
 
     def _run(self) -> None:
         while not self._stopping.is_set():
             ok = self.refresh_once()
+            self.expire_leases()
             delay = self._delay_after(ok)
             self.next_attempt_at = self._clock() + delay
             self._wake.wait(delay)
@@ -237,7 +272,10 @@ class Keycache:
             except Exception:
                 renew = None
         return {
-            "keys": [protocol.status_key(info) for info in store.list()],
+            "keys": [{**protocol.status_key(info),
+                      "lease_left_s": None if info.lease_left_s is None
+                      else round(info.lease_left_s, 3), "lease_id": info.lease_id}
+                     for info in store.list()],
             "keyserver": {"url": getattr(self.upstream, "url", None),
                           "token_renews_in_s": None if renew is None else round(renew, 1)},
             "refresh": {
@@ -250,9 +288,12 @@ class Keycache:
                 "consecutive_failures": self.backoff.failures,
                 "next_attempt_in_s": None if next_in is None else round(next_in, 3),
                 "refreshes": self.refreshes,
+                "refusals": self.refusals,
+                "lease_expiries": store.lease_expiries,
+                "refused": store.refusal,
             },
             "keyserver_reachable": self.reachable,
-            "serving": not store.is_stale(),
+            "serving": not store.is_stale() and store.refusal is None,
             "stale": store.last_refresh is not None and store.is_stale(),
             "local": {"mode": self.appraiser.mode, "nonce_ttl_s": self.nonces.ttl,
                       "released": self.released, "refused": self.refused},

@@ -5,15 +5,20 @@ The service depends only on :class:`Upstream`::
     fetch_all() -> list[(ModelKey, Policy)]
 
 which attests if needed and returns *every* key the keyserver currently releases to this
-keycache, already opened, each with its model's policy.  Failures are typed:
+keycache, already opened, each with its model's policy and (from the real keyserver) its
+verified lease (:class:`Released`).  Failures are typed:
 
-- :class:`UpstreamUnavailable` — unreachable, timed out, a 5xx, or an answer that is not the
-  protocol (garbage).  Transient: the keycache keeps serving what it holds (up to max-stale)
-  and retries with backoff.
+- :class:`UpstreamUnavailable` — unreachable, timed out, a 5xx (503 included), a 408/429, an
+  answer that is not the protocol (garbage), or a release whose lease does not verify.  An
+  *outage*: the keycache keeps serving what it holds, each key until its lease ends (and
+  never longer than max-stale), and retries with backoff.
 - :class:`~sealedtorch.errors.AttestationError`, :class:`~sealedtorch.errors.PolicyDenied`,
-  :class:`~sealedtorch.errors.AuthenticationError` — the keyserver understood and refused
-  this keycache.  Also retried with backoff (a TCB update or a policy fix can change the
-  answer), but logged as refusals, not outages.
+  :class:`~sealedtorch.errors.AuthenticationError`, :class:`~sealedtorch.errors.RequestError`
+  and any other 4xx problem answer — the keyserver understood and *refused* this keycache.
+  The keycache wipes every key at once (see :mod:`.service`) and keeps retrying with backoff
+  (a TCB update or a policy fix can change the answer).  A :class:`~sealedtorch.errors.
+  NonceError` (the challenge expired in transit) is the one refusal that is not about this
+  keycache: it counts as an outage.
 
 :class:`KeyserverUpstream` adapts the keyserver's attested client
 (:class:`sealedtorch.keyserver.client.AttestedKeyClient`) to this protocol.
@@ -26,23 +31,27 @@ import os
 import time
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
+from .. import crypto
 from ..attest.policy import Policy
 from ..errors import (
     AttestationError,
     AuthenticationError,
     IntegrityError,
     KeyUnavailable,
+    LeaseInvalid,
+    NonceError,
     PolicyDenied,
     PolicyError,
     RequestError,
     SealedTorchError,
 )
 from ..keys import ModelKey
+from ..keyserver.leases import Lease, check_lease, verify_lease
 
 if TYPE_CHECKING:
     from ..attest.attesters import Attester
 
-__all__ = ["KeyserverUpstream", "Released", "Upstream", "UpstreamUnavailable"]
+__all__ = ["KeyserverUpstream", "Leased", "Released", "Upstream", "UpstreamUnavailable"]
 
 log = logging.getLogger("sealedtorch.keycache.upstream")
 
@@ -51,6 +60,13 @@ log = logging.getLogger("sealedtorch.keycache.upstream")
 REFUSALS = (AttestationError, PolicyDenied, AuthenticationError, RequestError)
 
 
+def _explicit_refusal(exc: SealedTorchError) -> bool:
+    """A problem answer in which the keyserver decided against this keycache (4xx other
+    than 408 timeout and 429 rate limit), as opposed to an outage (transport errors, 5xx,
+    503, garbage): the former wipes keys at once, the latter keeps them to lease end."""
+    status = getattr(exc, "http_status", None)
+    return isinstance(status, int) and 400 <= status < 500 and status not in (408, 429) \
+        and getattr(exc, "problem", None) is not None
 class UpstreamUnavailable(KeyUnavailable):
     """The keyserver could not be reached, or answered something that is not the protocol."""
 
@@ -63,6 +79,16 @@ class Released(NamedTuple):
 
     key: ModelKey
     policy: Policy
+
+
+class Leased(NamedTuple):
+    """A :class:`Released` key with the verified keyserver-signed lease that bounds how long
+    it may be served (what :class:`KeyserverUpstream` returns for the real keyserver; a key
+    without a lease is bounded by max-stale only)."""
+
+    key: ModelKey
+    policy: Policy
+    lease: Lease
 
 
 @runtime_checkable
@@ -82,15 +108,22 @@ class KeyserverUpstream:
     "refused" (typed errors passed through), and tells the refresher when the token ends.
     """
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, *, lease_key: bytes | None = None) -> None:
         self._client = client
+        #: The keyserver's lease-signing key: given (pinned by configuration) or learnt from
+        #: the first verified release over the pinned TLS channel, then fixed for the life
+        #: of this process (a lease signed by another key is refused).
+        self.lease_key = lease_key
 
     @classmethod
     def connect(cls, url: str, *, ca: str | os.PathLike[str] | None, attester: Attester,
-                timeout: float = 10.0) -> KeyserverUpstream:
+                timeout: float = 10.0, lease_key: bytes | None = None) -> KeyserverUpstream:
+        """``lease_key``: the keyserver's Ed25519 public key (raw 32 bytes) to pin for
+        leases; None learns it from the first verified release."""
         from ..keyserver.client import AttestedKeyClient
 
-        return cls(AttestedKeyClient(url, ca, attester, role="holder", timeout=timeout))
+        return cls(AttestedKeyClient(url, ca, attester, role="holder", timeout=timeout),
+                   lease_key=lease_key)
 
     def __repr__(self) -> str:
         return f"KeyserverUpstream({self._client!r})"
@@ -101,8 +134,15 @@ class KeyserverUpstream:
 
     def fetch_all(self) -> list[tuple[ModelKey, Policy]]:
         try:
+            leased = getattr(self._client, "fetch_all_leased", None)
+            if callable(leased):
+                return self._verified(*leased())
             released = self._client.fetch_all()
+        except NonceError as exc:  # the challenge expired in transit: not a decision
+            raise UpstreamUnavailable(f"keyserver {self.url}: {exc}") from None
         except REFUSALS:
+            raise
+        except UpstreamUnavailable:
             raise
         except (IntegrityError, PolicyError) as exc:
             # a release that does not open, or a policy that does not parse or match its
@@ -111,6 +151,8 @@ class KeyserverUpstream:
             raise UpstreamUnavailable(f"keyserver {self.url} sent an invalid release: "
                                       f"{exc}") from None
         except SealedTorchError as exc:  # unreachable (KeyUnavailable), 5xx, garbage
+            if _explicit_refusal(exc):
+                raise
             raise UpstreamUnavailable(str(exc)) from None
         except Exception as exc:  # anything else the transport or parser may raise
             raise UpstreamUnavailable(f"keyserver {self.url}: {type(exc).__name__}: "
@@ -122,6 +164,32 @@ class KeyserverUpstream:
                 raise UpstreamUnavailable(f"keyserver client returned {type(item).__name__}, "
                                           f"not (ModelKey, Policy)")
             out.append(Released(key, policy))
+        return out
+
+    def _verified(self, items: list[tuple[Any, str | None]], holder: bytes
+                  ) -> list[tuple[ModelKey, Policy]]:
+        """Every released key with its verified lease; any key without a valid lease for
+        itself and this holder fails the whole refresh (:class:`LeaseInvalid`)."""
+        out: list[Any] = []  # Leased triples (a (ModelKey, Policy) pair plus the lease)
+        pinned = self.lease_key
+        for item, text in items:
+            key, policy = item
+            if not isinstance(key, ModelKey) or not isinstance(policy, Policy):
+                raise UpstreamUnavailable(f"keyserver client returned {type(item).__name__}, "
+                                          f"not (ModelKey, Policy)")
+            if text is None:
+                raise LeaseInvalid(f"the keyserver released {key.model_id!r} version "
+                                   f"{key.version} without a lease (a keyserver older than "
+                                   f"this keycache?); keys are only served under a lease")
+            lease = verify_lease(text, pinned_key=pinned)
+            check_lease(lease, model_id=key.model_id, version=key.version,
+                        policy_digest=policy.digest(), holder_public_key=holder)
+            pinned = lease.signing_key
+            out.append(Leased(key, policy, lease))
+        if pinned is not None and self.lease_key is None:
+            self.lease_key = pinned
+            log.info("keycache: pinned the keyserver's lease key %s (learnt over TLS from "
+                     "%s)", crypto.sha256(pinned)[:8].hex(), self.url)
         return out
 
     def seconds_until_reattest(self) -> float | None:

@@ -197,6 +197,10 @@ class AttestedKeyClient:
             return self._result.token, self._keypair
 
     def _get(self, path: str, params: dict[str, Any] | None = None) -> list[ReleasedKey]:
+        return [released for released, _lease in self._get_leased(path, params)[0]]
+
+    def _get_leased(self, path: str, params: dict[str, Any] | None = None
+                    ) -> tuple[list[tuple[ReleasedKey, str | None]], bytes]:
         token, keypair = self._session()
         try:
             answer = self._http.request("GET", path, token=token, params=params)
@@ -207,9 +211,19 @@ class AttestedKeyClient:
             answer = self._http.request("GET", path, token=token, params=params)
         try:
             items = answer["keys"]
-            return [_open(item, keypair) for item in items]
-        except (KeyError, TypeError, ValueError) as exc:
+            out = []
+            for item in items:
+                lease = item.get("lease")
+                out.append((_open(item, keypair), lease if isinstance(lease, str) else None))
+            return out, keypair.public_bytes
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise SealedTorchError(f"keyserver sent a malformed key release: {exc}") from None
+
+    def fetch_all_leased(self) -> tuple[list[tuple[ReleasedKey, str | None]], bytes]:
+        """Like :meth:`fetch_all`, with each key's lease text (``None``: the keyserver sent
+        none) and the attested public key the keys were sealed to (the leases' holder), so
+        a key cache can verify and enforce the leases (see :mod:`.leases`)."""
+        return self._get_leased("/v1/keys")
 
     def fetch_all(self) -> list[ReleasedKey]:
         """Every active key version this identity may have (attesting first if needed)."""

@@ -165,6 +165,10 @@ class SealedKeyModel(_Body):
     hpke_suite: str = HPKE_SUITE_NAME
     policy: dict[str, Any]
     policy_digest: str
+    lease: str | None = Field(
+        None, description="keyserver-signed lease (compact JWS, EdDSA): model id, version, "
+                          "policy digest, holder key thumbprint and lease_seconds; a keycache "
+                          "serves the key at most that long without renewing (docs/protocol.md)")
 
 
 class KeysResponse(_Body):

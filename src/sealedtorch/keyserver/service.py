@@ -53,6 +53,7 @@ from ..keys import ModelKey, validate_model_id
 from . import audit, protocol
 from .audit import ALLOW, DENY, ERROR, OK
 from .kek import KekProvider
+from .leases import issue_lease
 from .metrics import KeyserverMetrics
 from .problems import with_status
 from .protocol import AdminRole, Role, b64decode
@@ -181,12 +182,16 @@ class SealedKey:
     sealed: bytes
     policy: dict[str, Any]
     policy_digest: str
+    lease: str | None = None  # keyserver-signed lease (see .leases)
 
     def to_json(self) -> dict[str, Any]:
-        return {"model_id": self.model_id, "version": self.version,
-                "sealed_key": protocol.b64encode(self.sealed),
-                "hpke_suite": protocol.HPKE_SUITE_NAME, "policy": self.policy,
-                "policy_digest": self.policy_digest}
+        out = {"model_id": self.model_id, "version": self.version,
+               "sealed_key": protocol.b64encode(self.sealed),
+               "hpke_suite": protocol.HPKE_SUITE_NAME, "policy": self.policy,
+               "policy_digest": self.policy_digest}
+        if self.lease is not None:
+            out["lease"] = self.lease
+        return out
 
 
 @dataclass(frozen=True)
@@ -522,8 +527,14 @@ class Keyserver:
         info = protocol.release_info(grant.model.model_id, grant.key.version,
                                      grant.model.policy_digest)
         sealed = crypto.hpke_seal(tok.public_key, grant.secret, info=info)
+        lease = issue_lease(
+            self.signer, model_id=grant.model.model_id, version=grant.key.version,
+            policy_digest=grant.model.policy_digest,
+            subject=f"{tok.claims.tee.value}:{tok.thumbprint}", role=tok.role.value,
+            holder_thumbprint=tok.thumbprint, token_id=tok.token_id, now=self.clock(),
+            seconds=self._policy(grant.model).lease_duration)
         return SealedKey(grant.model.model_id, grant.key.version, sealed, grant.model.policy,
-                         grant.model.policy_digest)
+                         grant.model.policy_digest, lease)
 
     def _unwrap(self, key: KeyRecord) -> bytes:
         if key.wrapped is None:

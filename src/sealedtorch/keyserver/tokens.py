@@ -66,6 +66,16 @@ class TokenSigner:
     def __repr__(self) -> str:
         return f"TokenSigner(key_id={self.key_id!r})"
 
+    @property
+    def public_key(self) -> bytes:
+        """The raw Ed25519 public key (32 bytes) that verifies tokens and key leases."""
+        return self._public
+
+    def sign(self, message: bytes) -> bytes:
+        """Sign ``message`` with the token key (key leases, see :mod:`.leases`; callers
+        domain-separate by their own header and audience)."""
+        return self._key.sign(message)
+
     @classmethod
     def load(cls, path: Path | str) -> TokenSigner:
         try:

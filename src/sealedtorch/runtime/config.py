@@ -73,6 +73,13 @@ class RuntimeConfig(BaseModel):
     - ``key_retries`` / ``key_retry_delay_s``: attempts to get a key while the keycache is
       unreachable or stale (attempts, first delay; the delay doubles, capped at 5 s).
     - ``torch_threads``: intra-op threads (``None``: torch's default).
+    - ``key_watch_s``: how often the runtime re-checks with the keycache that it still
+      holds the key of every loaded model (0: never; see :mod:`.watch`).  A model whose key
+      the keycache no longer holds is unloaded within this interval; a newer version whose
+      file is at the configured path is loaded and swapped in without a restart.
+    - ``key_watch_grace_s``: how long a loaded model keeps serving while the keycache
+      cannot be reached at all (socket gone, timeouts), counted from the last successful
+      check; then it is unloaded too.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -88,6 +95,8 @@ class RuntimeConfig(BaseModel):
     key_retries: int = Field(5, ge=1, le=100)
     key_retry_delay_s: float = Field(0.5, ge=0, le=60)
     torch_threads: int | None = Field(None, ge=1, le=1024)
+    key_watch_s: float = Field(30.0, ge=0, le=3600)
+    key_watch_grace_s: float = Field(60.0, ge=0, le=86400)
 
     @field_validator("architectures")
     @classmethod

@@ -49,6 +49,17 @@ class RuntimeMetrics:
             p + "model_ready", "1 when the model is loaded and serving.", ("model",)))
         self.attestations = r.add(Counter(
             p + "attestation_requests_total", "Evidence requests by outcome.", ("outcome",)))
+        self.unloads = r.add(Counter(
+            p + "model_unloads_total",
+            "Models unloaded because the keycache no longer holds their key, by reason.",
+            ("model", "reason")))
+        self.reloads = r.add(Counter(
+            p + "model_reloads_total",
+            "Models (re)loaded by the key watcher without a restart (rotation, recovery), "
+            "by outcome.", ("model", "outcome")))
+        self.key_checks = r.add(Counter(
+            p + "key_checks_total", "Key watcher checks with the keycache, by outcome.",
+            ("model", "outcome")))
         self.start_time = r.add(Gauge(
             p + "start_time_seconds", "Unix time the runtime started."))
         self.start_time.set(time.time())

@@ -143,6 +143,15 @@ class Runtime:
     device: torch.device | None = None
     _done: threading.Event = field(default_factory=threading.Event)
     _stopping: bool = False
+    watcher: Any = None  # the key watcher (.watch.KeyWatcher), once started
+
+    def start_watching(self) -> None:
+        """Start re-checking loaded models' keys with the keycache (``key_watch_s``):
+        unload on revocation, swap in a newer version (see :mod:`.watch`)."""
+        from .watch import KeyWatcher
+
+        if self.watcher is None:
+            self.watcher = KeyWatcher(self).start()
 
     def add(self, item: Source | LoadedModel) -> None:
         if item.name in self.slots:
@@ -213,6 +222,8 @@ class Runtime:
     def close(self, timeout: float = 30.0) -> None:
         """Drain the queues, stop the workers, zero the weights."""
         self._stopping = True
+        if self.watcher is not None:
+            self.watcher.stop(timeout)
         for slot in self.slots.values():
             if slot.batcher is not None:
                 slot.batcher.stop(timeout)
@@ -457,8 +468,10 @@ def create_app(runtime: Runtime) -> FastAPI:
         slot = slot_or_error(name, version)
         if isinstance(slot, JSONResponse):
             return slot
-        model, batcher = slot.model, slot.batcher
-        assert model is not None and batcher is not None
+        batcher = slot.batcher
+        if batcher is None:  # unloaded by the key watcher since slot_or_error looked
+            return _error(503, f"model {name!r} is not ready ({slot.state}: {slot.error})")
+        model = batcher.model  # one read: the key watcher swaps the batcher atomically
         try:
             if _content_encoding(request) is not None:
                 header, binary = await _read_encoded_body(request, cfg.max_request_bytes)
@@ -477,7 +490,20 @@ def create_app(runtime: Runtime) -> FastAPI:
                     max_elements=cfg.max_elements, model_name=model.name,
                     model_versions=(model.version,),
                     header_length_given=header_length_given))
-            future = batcher.submit(parsed)
+            try:
+                future = batcher.submit(parsed)
+            except ShuttingDown:
+                # the key watcher swapped in a newer version while this body was read:
+                # run it there (rotation without failed requests)
+                current = slot.batcher
+                if current is None and slot.error is not None and not runtime._stopping:
+                    return _error(503, f"model {name!r} is not ready ({slot.state}: "
+                                       f"{slot.error})")
+                if current is None or current is batcher or runtime._stopping:
+                    raise
+                batcher = current
+                model = batcher.model
+                future = batcher.submit(parsed)
             try:
                 outputs = await asyncio.wait_for(asyncio.wrap_future(future),
                                                  cfg.request_timeout_s)
@@ -686,6 +712,7 @@ class RuntimeServer:
             time.sleep(0.005)
         loader = threading.Thread(target=runtime.load_all, name="runtime-loader", daemon=True)
         loader.start()
+        runtime.start_watching()
         return cls(runtime, server, thread, loader, _url(host, bound), sock)
 
     @property
@@ -776,6 +803,7 @@ def serve(models: Sequence[Source], *, keys: KeySource | None,
                                        "tls_spki_sha256": runtime.tls.spki_sha256,
                                        "cert_pem": runtime.tls.cert_pem.decode()})
         loader.start()
+        runtime.start_watching()
 
     server.after_startup = started
 
