@@ -30,6 +30,15 @@ class FormatError(SealedTorchError):
     problem_type = "format"
 
 
+class UnsafeModelError(FormatError):
+    """A model file would need code to run to be loaded: a pickled entry, a ``torch.export``
+    program (whose loader unpickles weights, constants, custom objects and sample inputs),
+    or any other content that reaches an unpickler, ``eval`` or an importer.  Refused before
+    any of it is read, whoever signed or sealed it."""
+
+    problem_type = "unsafe-model"
+
+
 class IntegrityError(SealedTorchError):
     """Authentication failed: the data was modified, truncated, reordered or the key is wrong.
 
