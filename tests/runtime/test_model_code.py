@@ -7,13 +7,10 @@ from __future__ import annotations
 import ast
 import io
 import json
-import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +18,10 @@ import httpx
 import pytest
 import torch
 
-from sealedtorch import crypto
-from sealedtorch.attest import VerifierConfig
 from sealedtorch.attest.policy import load_policy
 from sealedtorch.errors import ConfigError, UnsafeModelError
 from sealedtorch.format import seal
 from sealedtorch.keycache import KeycacheClient
-from sealedtorch.keycache.local import EvidenceAppraiser
-from sealedtorch.keycache.server import KeycacheServer
-from sealedtorch.keycache.service import Keycache
 from sealedtorch.keys import ModelKey, StaticKeys
 from sealedtorch.runtime.architectures import EXPORT
 from sealedtorch.runtime.config import RuntimeConfig, load_config, runtime_measurement
@@ -108,41 +100,6 @@ def seal_program(archive: bytes, path: Path, key: ModelKey) -> None:
         "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 2]}]})
 
 
-class Upstream:
-    def __init__(self, released: list[tuple[ModelKey, Any]]) -> None:
-        self.released = released
-
-    def fetch_all(self) -> list[tuple[ModelKey, Any]]:
-        return self.released
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="mc-", dir="/tmp"))  # Unix socket paths are short
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-def keycache_sock(short_dir, sim_dir) -> Iterator[Any]:
-    running: list[tuple[Keycache, KeycacheServer]] = []
-
-    def start(released: list[tuple[ModelKey, Any]]) -> Path:
-        pub = crypto.load_ed25519_public((sim_dir / "platform.pub").read_bytes())
-        kc = Keycache(Upstream(released),
-                      EvidenceAppraiser(VerifierConfig(sim_platform_keys=(pub,)), tees=["sim"]),
-                      refresh=3600, max_stale=3600)
-        kc.refresh_once()
-        server = KeycacheServer(kc, short_dir / "kc" / "keycache.sock").start()
-        running.append((kc, server))
-        return short_dir / "kc" / "keycache.sock"
-
-    yield start
-    for kc, server in running:
-        server.stop()
-        kc.stop()
-
-
 def _allow(config: RuntimeConfig) -> Any:
     return load_policy({"allow": [{"tee": "sim",
                                    "measurement": runtime_measurement(config).hex()}]})
@@ -160,14 +117,14 @@ def test_the_attack_payload_is_live_when_torch_export_loads_it(tmp_path):
 
 
 def test_a_sealed_export_program_with_a_pickled_weight_is_refused_and_runs_nothing(
-        keycache_sock, sim_dir, start_server, tmp_path):
+        keycache_socket, sim_dir, start_server, tmp_path):
     sentinel = tmp_path / "sentinel"
     attacker = ModelKey.generate("attacker-model")
     victim = ModelKey.generate("victim-model")
     path = tmp_path / "evil.sealed"
     seal_program(malicious_program(sentinel, victim.model_id), path, attacker)
     config = RuntimeConfig()
-    sock = keycache_sock([(attacker, _allow(config)), (victim, _allow(config))])
+    sock = keycache_socket([(attacker, _allow(config)), (victim, _allow(config))])
     with KeycacheClient(sock, tee="sim", sim_platform=sim_dir,
                         runtime_config=config.canonical_bytes()) as keys:
         srv = start_server([ModelSource("evil", path)], keys=keys, config=config)

@@ -46,6 +46,12 @@ _NUMERIC_SPAN = re.compile(rb"[\s0-9.eE+\-,\[\]]*")
 _LONG_INTEGER = re.compile(rb"\d{19,}")
 _NOT_INTEGER = re.compile(rb"[.eE]")
 _BRACKETS = bytes.maketrans(b"[]", b"  ")
+_FLOAT = rb"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?"
+_INT = rb"-?(?:0|[1-9]\d*)"
+#: numpy stops at the first malformed token, which the element count then catches, except
+#: in a chunk's last token: that one is checked on its own.
+_FLOAT_TOKEN = re.compile(_FLOAT)
+_INT_TOKEN = re.compile(_INT)
 _INTEGER_TYPES = {"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"}
 _FLOAT_TYPES = {"FP16", "BF16", "FP32", "FP64"}
 
@@ -128,11 +134,17 @@ def _parse_numbers(header: bytearray, start: int, end: int, datatype: str, count
             continue
         if integer and (_NOT_INTEGER.search(chunk) or _LONG_INTEGER.search(chunk)):
             raise InvalidRequest(f"{where}: {datatype} data must be integers within range")
+        last = chunk[chunk.rfind(b",") + 1:].strip()
+        if not (_INT_TOKEN if integer else _FLOAT_TOKEN).fullmatch(last):
+            raise InvalidRequest(f"{where}: 'data' is not a regular array of numbers")
         expected = chunk.count(b",") + 1
         if filled + expected > count:
             raise InvalidRequest(f"{where}: 'data' has more than the {count} elements its "
                                  f"shape needs")
-        values = np.fromstring(chunk, dtype=parse_as, sep=",")
+        try:
+            values = np.fromstring(chunk, dtype=parse_as, sep=",")
+        except ValueError:  # a malformed token, where warnings are errors
+            values = np.empty(0)
         if values.size != expected:
             raise InvalidRequest(f"{where}: 'data' is not a regular array of numbers")
         out[filled:filled + expected] = values

@@ -245,6 +245,20 @@ async def _read_body(request: Request, limit: int
             raise PayloadTooLarge(f"request body of {size} bytes is larger than the limit "
                                   f"of {limit} bytes (max_request_bytes)")
     split = request.headers.get(HEADER_LENGTH)
+    if size is not None and split is None:
+        # JSON only, length known: received into one buffer of that size, returned as is
+        # (no growing copies, no second copy of the header).
+        body = bytearray(size)
+        pos = 0
+        async for chunk in request.stream():
+            end = pos + len(chunk)
+            if end > size:
+                raise InvalidRequest("request body is longer than its Content-Length")
+            body[pos:end] = chunk
+            pos = end
+        if pos != size:
+            raise InvalidRequest(f"request body ended after {pos} of {size} bytes")
+        return body, memoryview(b"")
     if size is None or split is None:
         body = bytearray()
         async for chunk in request.stream():
