@@ -24,6 +24,14 @@ class ConfigError(SealedTorchError):
     problem_type = "config"
 
 
+class MeasurementError(ConfigError):
+    """The code that would run is not the code that is measured: a bytecode cache that
+    Python would load instead of its source but that is not that source compiled (planted,
+    or built from other code), or a sourceless ``.pyc`` module in a measured tree."""
+
+    problem_type = "measurement"
+
+
 class FormatError(SealedTorchError):
     """The input is not a sealed file this version understands (magic, version, layout)."""
 

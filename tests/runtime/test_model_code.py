@@ -223,9 +223,17 @@ def forbidden_calls(text: str) -> list[str]:
     return found
 
 
+#: The one reviewed exception: the sim measurement unmarshals the package's own bytecode
+#: caches and compiles their sources to compare the two (never executing either), so that
+#: a planted .pyc cannot run under the measurement (issue 10 §5).
+_REVIEWED = {("attest/measure.py", "marshal.loads"), ("attest/measure.py", "compile")}
+
+
 def test_no_source_file_calls_an_unpickler_eval_exec_or_a_code_loader():
-    hits = [f"{path.relative_to(SRC)}:{hit}" for path in sorted(SRC.rglob("*.py"))
-            for hit in forbidden_calls(path.read_text())]
+    hits = [f"{rel}:{hit}" for path in sorted(SRC.rglob("*.py"))
+            for rel in [path.relative_to(SRC).as_posix()]
+            for hit in forbidden_calls(path.read_text())
+            if (rel, hit.split(": ", 1)[1]) not in _REVIEWED]
     assert hits == []
 
 
