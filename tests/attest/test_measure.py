@@ -266,3 +266,37 @@ def test_attest_measure_and_serve_print_measurement_agree_on_a_non_canonical_yam
     assert len(served) == 96 and served == measured
     raw = _cli("attest", "measure", "--raw-config", str(config))
     assert raw != served  # the raw bytes are the keycache's kind of measurement
+
+
+def test_the_documented_sim_policy_admits_the_runtime_and_the_keycache(tmp_path, capsys):
+    """docs/policy.md "sim: development only": `allow` from `serve --config F
+    --print-measurement`, `holders` from `attest measure`; the reverse is denied."""
+    from sealedtorch.attest import VerifierConfig, verify
+    from sealedtorch.attest.attesters import get_attester
+    from sealedtorch.attest.policy import load_policy
+    from sealedtorch.attest.sim import init_platform, load_platform_keys
+    from sealedtorch.cli import main
+    from sealedtorch.runtime.config import load_config
+
+    sim = tmp_path / "sim"
+    init_platform(sim)
+    config = tmp_path / "runtime.yaml"
+    config.write_text("max_batch_size: 16\n")
+    assert main(["serve", "--config", str(config), "--print-measurement"]) == 0
+    runtime_value = capsys.readouterr().out.strip()
+    assert main(["attest", "measure"]) == 0
+    holder_value = capsys.readouterr().out.strip()
+    policy = load_policy({"allow": [{"tee": "sim", "measurement": runtime_value}],
+                          "holders": [{"tee": "sim", "measurement": holder_value}]})
+    verifier = VerifierConfig(sim_platform_keys=load_platform_keys([sim / "platform.pub"]))
+
+    def claims(runtime_config: bytes):
+        attester = get_attester("sim", sim_platform=sim, runtime_config=runtime_config)
+        return verify(attester.evidence(bytes(64)), config=verifier)
+
+    runtime_claims = claims(load_config(config).canonical_bytes())  # what serve reports
+    keycache_claims = claims(b"")                                    # keycache, no config
+    assert policy.decide_use(runtime_claims).allowed
+    assert policy.decide_hold(keycache_claims).allowed
+    swapped = load_policy({"allow": [{"tee": "sim", "measurement": holder_value}]})
+    assert not swapped.decide_use(runtime_claims).allowed

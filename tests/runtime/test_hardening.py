@@ -326,3 +326,22 @@ def test_a_host_cannot_present_a_file_tls_key_as_ephemeral(start_server, tiny, t
                         policy=load_policy(policy_for()),
                         verifier=VerifierConfig(sim_platform_keys=load_platform_keys(
                             [sim_dir / "platform.pub"])))
+
+
+def test_cli_client_infer_refuses_a_file_tls_key_unless_allowed(
+        start_server, tiny, tiny_source, sim_dir, tls_files, policy_for, tmp_path, capsys):
+    import numpy as np
+
+    from sealedtorch.cli import main
+
+    cert, key = tls_files
+    srv = start_server([tiny_source], keys=tiny.keys, tls_cert=cert, tls_key=key)
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps(policy_for()))
+    np.save(tmp_path / "x.npy", np.zeros((2, 4), dtype=np.float32))
+    args = ["client", "infer", "--url", srv.url, "--policy", str(policy), "--model", "tiny",
+            "--input", str(tmp_path / "x.npy"), "--sim-root", str(sim_dir / "platform.pub")]
+    assert main(args) == 1
+    assert "TLS key was loaded from a file" in capsys.readouterr().err
+    assert main([*args, "--allow-file-tls-key"]) == 0
+    assert json.loads(capsys.readouterr().out)["outputs"]["output"]["shape"] == [2, 3]

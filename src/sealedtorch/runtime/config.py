@@ -8,8 +8,10 @@ changes behaviour therefore lives here, and command-line overrides (``--device``
 folded into the configuration *before* it is measured.
 
 A configuration file is YAML or JSON with the fields of :class:`RuntimeConfig`; unknown
-fields are errors.  ``sealedtorch serve --print-config`` writes the canonical form, which
-``sealedtorch attest measure --config`` measures to the same value as the running server.
+fields are errors.  ``sealedtorch serve --print-config`` writes the canonical form;
+``sealedtorch attest measure --config FILE`` and ``serve --config FILE --print-measurement``
+both measure the canonical form of FILE (whatever its layout), the value the running server
+reports.
 """
 
 from __future__ import annotations
