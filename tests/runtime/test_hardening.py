@@ -345,3 +345,42 @@ def test_cli_client_infer_refuses_a_file_tls_key_unless_allowed(
     assert "TLS key was loaded from a file" in capsys.readouterr().err
     assert main([*args, "--allow-file-tls-key"]) == 0
     assert json.loads(capsys.readouterr().out)["outputs"]["output"]["shape"] == [2, 3]
+
+
+def _slow_upload(url: str, path: str, length: int) -> Any:
+    """A TLS connection that sends the headers and the first bytes of a ``length``-byte
+    body, then stalls (the caller closes it)."""
+    import socket
+    import ssl
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    conn = ctx.wrap_socket(socket.create_connection((parts.hostname, parts.port), timeout=30))
+    conn.sendall(f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: "
+                 f"application/json\r\nContent-Length: {length}\r\n\r\n".encode() + b"{")
+    return conn
+
+
+def test_large_bodies_in_flight_are_bounded_and_small_requests_still_pass(
+        start_server, recorder, raw_client, body):
+    limit = 2 << 20
+    config = RuntimeConfig(max_request_bytes=limit, request_timeout_s=1.0)
+    srv = start_server([recorder()], config=config)
+    stalled = [_slow_upload(srv.url, "/v2/models/rec/infer", limit) for _ in range(2)]
+    try:
+        http = raw_client(srv.url)
+        deadline = time.monotonic() + 60
+        while True:  # until both stalled uploads hold their reservations (2 x the limit)
+            third = http.post("/v2/models/rec/infer", content=b"{" + b" " * (limit - 1))
+            if third.status_code == 503 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert third.status_code == 503 and third.headers["retry-after"] == "1"
+        assert "bytes of request bodies are in flight" in third.json()["error"]
+        small = http.post("/v2/models/rec/infer", json=body([[1.0, 2.0]]))
+        assert small.status_code == 200
+    finally:
+        for conn in stalled:
+            conn.close()

@@ -4,11 +4,12 @@ Python's ``json`` turns every number of a tensor's ``data`` into an object (abou
 for 2-4 bytes of text), so a 64 MiB JSON body used to cost ~900 MiB before anything was
 validated, and four at once 3.6 GiB.  Two measures keep that bounded:
 
-- :class:`ByteBudget`: the bytes of request bodies in flight (read, parsed, queued) are
-  capped; a request reserves its declared Content-Length (or ``max_request_bytes`` when
-  it is streamed without one) before its body is read and releases it when it has been
-  answered.  A request that cannot get its reservation within the request timeout gets
-  503 with ``Retry-After``.
+- :class:`ByteBudget`: the bytes of large request bodies in flight (read, parsed, queued)
+  are capped; a request reserves its declared Content-Length (or ``max_request_bytes``
+  when it is streamed without one) before its body is read and releases it when it has
+  been answered.  A request that cannot get its reservation within the request timeout
+  gets 503 with ``Retry-After``.  Bodies declared at most :data:`SMALL_BODY_BYTES` skip the
+  budget, so ordinary requests never queue behind large ones.
 - :func:`prevalidate_json`: a JSON-only body over :data:`LARGE_JSON_BYTES` is not handed to
   ``json.loads`` whole.  Each input's numeric ``data`` array is cut out of the text first;
   the small remainder (names, datatypes, shapes, parameters) is parsed and checked against
@@ -35,10 +36,13 @@ import torch
 
 from .kserve import InvalidRequest, PayloadTooLarge, TensorSpec
 
-__all__ = ["LARGE_JSON_BYTES", "BudgetTimeout", "ByteBudget", "prevalidate_json"]
+__all__ = ["LARGE_JSON_BYTES", "SMALL_BODY_BYTES", "BudgetTimeout", "ByteBudget",
+           "prevalidate_json"]
 
 #: JSON-only bodies above this size take the pre-validating path.
 LARGE_JSON_BYTES = 1 << 20
+#: Bodies declared (Content-Length) at most this large do not reserve from the budget.
+SMALL_BODY_BYTES = 1 << 20
 #: Text parsed per step (each step holds one copy of at most this much).
 _CHUNK_BYTES = 4 << 20
 _DATA_KEY = re.compile(rb'"data"\s*:\s*\[')

@@ -54,7 +54,13 @@ from ..hardening import harden_process
 from ..keys import KeySource
 from .attestation import RateLimiter, attestation_domain, evidence_document, parse_nonce
 from .batching import Batcher, InferenceFailed, QueueFull, ShuttingDown
-from .bodies import LARGE_JSON_BYTES, BudgetTimeout, ByteBudget, prevalidate_json
+from .bodies import (
+    LARGE_JSON_BYTES,
+    SMALL_BODY_BYTES,
+    BudgetTimeout,
+    ByteBudget,
+    prevalidate_json,
+)
 from .config import RuntimeConfig, load_config
 from .kserve import (
     HEADER_LENGTH,
@@ -392,6 +398,8 @@ def create_app(runtime: Runtime) -> FastAPI:
         declared = request.headers.get("content-length", "")
         want = min(int(declared), cfg.max_request_bytes) if declared.isdigit() \
             else cfg.max_request_bytes
+        if want <= SMALL_BODY_BYTES:  # small declared bodies never wait behind large ones
+            return await _infer_body(name, model, batcher, request)
         try:
             reserved = await body_budget.acquire(want, cfg.request_timeout_s)
         except BudgetTimeout as exc:
