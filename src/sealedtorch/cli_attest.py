@@ -34,9 +34,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=_verify)
 
-    p = asub.add_parser("measure", help="print the sim measurement of this installation")
+    p = asub.add_parser(
+        "measure", help="print the sim measurement of this installation",
+        description="With --config: the runtime's measurement for that runtime "
+                    "configuration, the same value as 'sealedtorch serve --config FILE "
+                    "--print-measurement' (what a policy's 'allow' rules pin).  Without "
+                    "options (or with --raw-config FILE): the keycache's measurement when it "
+                    "runs without (or with that) --runtime-config (what 'holders' rules pin).")
     p.add_argument("--config", type=Path,
-                   help="runtime configuration file that is part of the measurement")
+                   help="runtime configuration file (YAML/JSON), measured in its canonical "
+                        "form exactly as 'serve --config' measures it")
+    p.add_argument("--raw-config", type=Path, metavar="FILE",
+                   help="measure FILE's bytes as they are (what 'keycache --runtime-config' "
+                        "does)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_measure)
 
@@ -103,7 +113,14 @@ def _verify(args: argparse.Namespace) -> int:
 def _measure(args: argparse.Namespace) -> int:
     from .attest.measure import measurement
 
-    value = measurement(_read(args.config) or b"").hex()
+    if args.config is not None and args.raw_config is not None:
+        raise ConfigError("give --config (a runtime configuration) or --raw-config, not both")
+    if args.config is not None:
+        from .runtime.config import load_config, runtime_measurement
+
+        value = runtime_measurement(load_config(args.config)).hex()
+    else:
+        value = measurement(_read(args.raw_config) or b"").hex()
     if args.json:
         print(json.dumps({"tee": "sim", "measurement": value}))
     else:

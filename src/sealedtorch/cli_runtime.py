@@ -74,6 +74,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json-wire", action="store_true",
                    help="send tensors as JSON instead of the binary extension")
     p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--allow-file-tls-key", action="store_true",
+                   help="accept a runtime whose TLS key was loaded from a file (serve "
+                        "--tls-key): the host may hold that key; refused by default")
     p.set_defaults(handler=_client_infer)
 
     p = csub.add_parser(
@@ -202,7 +205,8 @@ def _client_infer(args: argparse.Namespace) -> int:
 
     inputs = read_input_file(args.input)
     with AttestedClient(args.url, policy=args.policy, sim_roots=args.sim_root,
-                        timeout=args.timeout) as client:
+                        timeout=args.timeout,
+                        allow_file_tls_key=args.allow_file_tls_key) as client:
         result = client.attest()
         print(f"attested: {result.claims.tee} runtime at {args.url}; "
               f"{result.decision.reasons[0]}; TLS key pinned "

@@ -24,10 +24,27 @@ class ConfigError(SealedTorchError):
     problem_type = "config"
 
 
+class MeasurementError(ConfigError):
+    """The code that would run is not the code that is measured: a bytecode cache that
+    Python would load instead of its source but that is not that source compiled (planted,
+    or built from other code), or a sourceless ``.pyc`` module in a measured tree."""
+
+    problem_type = "measurement"
+
+
 class FormatError(SealedTorchError):
     """The input is not a sealed file this version understands (magic, version, layout)."""
 
     problem_type = "format"
+
+
+class UnsafeModelError(FormatError):
+    """A model file would need code to run to be loaded: a pickled entry, a ``torch.export``
+    program (whose loader unpickles weights, constants, custom objects and sample inputs),
+    or any other content that reaches an unpickler, ``eval`` or an importer.  Refused before
+    any of it is read, whoever signed or sealed it."""
+
+    problem_type = "unsafe-model"
 
 
 class IntegrityError(SealedTorchError):

@@ -151,3 +151,49 @@ def tiny_source(tiny) -> ModelSource:
 
 def dump(obj: Any) -> str:
     return json.dumps(obj)
+
+
+class FixedUpstream:
+    """The keycache's upstream protocol, answering with fixed (key, policy) pairs."""
+
+    def __init__(self, released: list[tuple[ModelKey, Any]]) -> None:
+        self.released = released
+
+    def fetch_all(self) -> list[tuple[ModelKey, Any]]:
+        return self.released
+
+
+@pytest.fixture
+def keycache_socket(sim_dir) -> Iterator[Callable[[list[tuple[ModelKey, Any]]], Path]]:
+    """Start real keycaches (sim appraiser, Unix socket under a short /tmp path) holding the
+    given (key, policy) pairs; returns the socket path.  All are stopped at the end."""
+    import shutil
+    import tempfile
+
+    from sealedtorch import crypto
+    from sealedtorch.attest import VerifierConfig
+    from sealedtorch.keycache.local import EvidenceAppraiser
+    from sealedtorch.keycache.server import KeycacheServer
+    from sealedtorch.keycache.service import Keycache
+
+    running: list[tuple[Any, Any]] = []
+    dirs: list[Path] = []
+
+    def start(released: list[tuple[ModelKey, Any]]) -> Path:
+        d = Path(tempfile.mkdtemp(prefix="kc-", dir="/tmp"))  # Unix socket paths are short
+        dirs.append(d)
+        pub = crypto.load_ed25519_public((sim_dir / "platform.pub").read_bytes())
+        kc = Keycache(FixedUpstream(released),
+                      EvidenceAppraiser(VerifierConfig(sim_platform_keys=(pub,)), tees=["sim"]),
+                      refresh=3600, max_stale=3600)
+        kc.refresh_once()
+        server = KeycacheServer(kc, d / "kc" / "keycache.sock").start()
+        running.append((kc, server))
+        return d / "kc" / "keycache.sock"
+
+    yield start
+    for kc, server in running:
+        server.stop()
+        kc.stop()
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)

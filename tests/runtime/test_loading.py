@@ -6,7 +6,13 @@ import pytest
 import torch
 import torchvision
 
-from sealedtorch.errors import ConfigError, FormatError, IntegrityError, KeyUnavailable
+from sealedtorch.errors import (
+    ConfigError,
+    FormatError,
+    IntegrityError,
+    KeyUnavailable,
+    UnsafeModelError,
+)
 from sealedtorch.format import seal
 from sealedtorch.keys import ModelKey, StaticKeys
 from sealedtorch.runtime.architectures import exported_program_state
@@ -142,7 +148,9 @@ def test_bad_signature_metadata_is_a_format_error(tmp_path):
         load_sealed(ModelSource("sig", path), StaticKeys(key))
 
 
-def test_torch_export_program_sealed_whole(tmp_path):
+def test_torch_export_program_sealed_whole_is_refused(tmp_path):
+    """Issue 10 §1: torch.export.load unpickles archive entries, so the runtime refuses
+    every torch.export program (tests/runtime/test_model_code.py has the attack)."""
     class Net(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -157,17 +165,13 @@ def test_torch_export_program_sealed_whole(tmp_path):
     program = torch.export.export(net, (torch.randn(2, 4), torch.randn(2, 1)),
                                   dynamic_shapes=({0: batch}, {0: batch}))
     state, metadata = exported_program_state(program)
+    assert metadata["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 4]},
+                                  {"name": "scale", "datatype": "FP32", "shape": [-1, 1]}]
     key = ModelKey.generate("exported")
     path = tmp_path / "exported.sealed"
     seal(state, path, key=key, metadata=metadata)
-    loaded = load_sealed(ModelSource("exp", path), StaticKeys(key))
-    assert [s.to_json() for s in loaded.inputs] == [
-        {"name": "x", "datatype": "FP32", "shape": [-1, 4]},
-        {"name": "scale", "datatype": "FP32", "shape": [-1, 1]}]
-    assert loaded.batchable
-    x, s = torch.randn(5, 4), torch.randn(5, 1)
-    with torch.inference_mode():
-        assert torch.equal(loaded.module(x, s), net(x, s))
+    with pytest.raises(UnsafeModelError, match="refuses every torch"):
+        load_sealed(ModelSource("exp", path), StaticKeys(key))
 
 
 def test_configuration_is_measured(tmp_path):

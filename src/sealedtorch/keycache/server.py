@@ -41,6 +41,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from .. import crypto
 from ..attest import Evidence, Tee, binding
 from ..errors import ConfigError, RequestError, SealedTorchError
+from ..hardening import harden_process as _harden
 from ..keys import validate_model_id
 from ..keyserver import problems
 from . import protocol
@@ -200,29 +201,9 @@ def create_app(keycache: Keycache) -> FastAPI:
 # --- the process ------------------------------------------------------------------------
 
 def harden_process() -> list[str]:
-    """Best effort: no core dumps, and not dumpable (so processes of the same uid cannot
-    ptrace it or read its /proc/PID/mem).  Returns what could not be done."""
-    problems_found = []
-    try:
-        import resource
-
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    except (ImportError, OSError, ValueError) as exc:
-        problems_found.append(f"core dumps not disabled: {exc}")
-    try:
-        import ctypes
-        import ctypes.util
-
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        pr_set_dumpable = 4
-        if libc.prctl(pr_set_dumpable, 0, 0, 0, 0) != 0:
-            problems_found.append(f"prctl(PR_SET_DUMPABLE, 0) failed: errno "
-                                  f"{ctypes.get_errno()}")
-    except (OSError, AttributeError) as exc:
-        problems_found.append(f"prctl unavailable: {exc}")
-    for problem in problems_found:
-        log.warning("keycache: %s", problem)
-    return problems_found
+    """No core dumps, not dumpable (see :mod:`sealedtorch.hardening`, shared with the
+    runtime).  Returns what could not be done."""
+    return _harden("keycache")
 
 
 # --- the socket -------------------------------------------------------------------------

@@ -6,9 +6,15 @@ A sealed file's encrypted metadata names the architecture that its weights fit::
      "inputs":  [{"name": "input",  "datatype": "FP32", "shape": [-1, 3, 224, 224]}],
      "outputs": [{"name": "output", "datatype": "FP32", "shape": [-1, 1000]}]}
 
-``arch`` is ``module:callable`` (a factory returning an ``nn.Module``) or ``torch.export``
-(a whole exported program sealed as one byte tensor).  Nothing is imported unless the
-name is on the runtime configuration's allow-list, which is part of the measurement.
+``arch`` is ``module:callable`` (a factory returning an ``nn.Module``).  Nothing is
+imported unless the name is on the runtime configuration's allow-list, which is part of the
+measurement.  ``torch.export`` (a whole exported program sealed as one byte tensor) is
+refused with :class:`~sealedtorch.errors.UnsafeModelError` whatever the allow-list says:
+``torch.export.load`` unpickles archive entries (weights or constants marked
+``use_pickle``, custom and opaque objects, sample inputs with a ``weights_only=False``
+fallback), so the file's author would run code inside the attested runtime.  Nothing from a
+sealed file reaches an unpickler, ``eval``/``exec`` or an importer: weights are raw tensors
+from the sealed format and the factory is imported only by its allow-listed name.
 ``inputs``/``outputs`` (KServe datatypes, ``-1`` for any size, first dimension the batch)
 are optional for the built-in architectures, whose signatures are known; other factories
 need them.  ``arch_kwargs`` must be JSON; ``weights``-style arguments that would download
@@ -35,7 +41,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError, FormatError
+from ..errors import ConfigError, FormatError, UnsafeModelError
 from .config import RuntimeConfig
 from .kserve import TensorSpec, datatype_of
 
@@ -111,12 +117,16 @@ def _specs(value: Any) -> tuple[TensorSpec, ...] | None:
 def build(spec: ArchSpec, state: dict[str, torch.Tensor], config: RuntimeConfig, *,
           device: torch.device, source: str = "model") -> Built:
     """Build ``spec`` around the decrypted ``state``; refuse anything not allow-listed."""
+    if spec.name == EXPORT:
+        raise UnsafeModelError(
+            f"{source}: the sealed model is a torch.export program; its loader unpickles "
+            f"archive entries (code would run inside the runtime), so this runtime refuses "
+            f"every torch.export program; seal a state_dict with a 'module:callable' "
+            f"architecture instead")
     if not config.allows(spec.name):
         raise ConfigError(
             f"{source}: architecture {spec.name!r} is not on this runtime's allow-list "
             f"(runtime configuration 'architectures'); refusing to import it")
-    if spec.name == EXPORT:
-        return _build_export(spec, state, device, source)
     if spec.name.startswith(HF_PREFIX):
         return _build_transformers(spec, state, device, source)
     factory = _resolve(spec.name, source)
@@ -219,7 +229,9 @@ def exported_program_state(program: torch.export.ExportedProgram
 
     The program (graph and weights, ``torch.export.save`` format) becomes one uint8 tensor
     named ``program``; the metadata names the ``torch.export`` architecture and the
-    signature derived from the program.
+    signature derived from the program.  **The runtime refuses such files**
+    (:class:`~sealedtorch.errors.UnsafeModelError`) until sealedtorch has a strict pt2
+    parser of its own; kept so that files sealed earlier can be recognised and refused.
     """
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
@@ -253,24 +265,6 @@ def _fake_spec(name: str, value: Any) -> TensorSpec:
                           f"user inputs and outputs are tensors can be served")
     dims = tuple(d if isinstance(d, int) else -1 for d in value.shape)
     return TensorSpec(name, datatype_of(value.dtype), dims or (1,))
-
-
-def _build_export(spec: ArchSpec, state: dict[str, torch.Tensor], device: torch.device,
-                  source: str) -> Built:
-    if set(state) != {EXPORT_TENSOR} or state[EXPORT_TENSOR].dtype != torch.uint8:
-        raise ConfigError(f"{source}: a torch.export model holds exactly one uint8 tensor "
-                          f"named {EXPORT_TENSOR!r}")
-    blob = state[EXPORT_TENSOR]
-    try:
-        program = torch.export.load(io.BytesIO(blob.cpu().numpy().tobytes()))
-    except Exception as exc:  # an authentic but unreadable program
-        raise FormatError(f"{source}: the sealed torch.export program does not load: "
-                          f"{type(exc).__name__}: {exc}") from None
-    finally:
-        blob.zero_()  # the archive's copy of the weights is not needed any more
-    inputs, outputs = _export_signature(program)
-    module = program.module().to(device)
-    return Built(module, spec.inputs or inputs, spec.outputs or outputs)
 
 
 # --- Hugging Face transformers ---------------------------------------------------------

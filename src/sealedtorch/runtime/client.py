@@ -61,7 +61,8 @@ class AttestedClient:
 
     def __init__(self, url: str, *, policy: Policy | str | os.PathLike[str] | dict[str, Any],
                  sim_roots: Sequence[str | os.PathLike[str]] = (),
-                 verifier: VerifierConfig | None = None, timeout: float = 120.0) -> None:
+                 verifier: VerifierConfig | None = None, timeout: float = 120.0,
+                 allow_file_tls_key: bool = False) -> None:
         if not url.startswith("https://"):
             raise ConfigError(f"the runtime URL must be https:// (got {url!r}): attestation "
                               f"binds the server's TLS key")
@@ -74,6 +75,9 @@ class AttestedClient:
             raise ConfigError("give either verifier= or sim_roots=, not both")
         self.verifier = verifier
         self.timeout = timeout
+        #: Accept a runtime whose TLS key came from a file (see attestation.py); off by
+        #: default because the host may hold such a key and terminate TLS itself.
+        self.allow_file_tls_key = allow_file_tls_key
         self.result: AttestationResult | None = None
         #: DER certificate of the connection whose key the evidence bound
         self.certificate_der: bytes | None = None
@@ -104,7 +108,8 @@ class AttestedClient:
             except ValueError:
                 raise AttestationError("the attestation answer is not JSON") from None
         result = verify_document(doc, nonce=nonce, connection_spki=connection_spki,
-                                 policy=self.policy, verifier=self.verifier)
+                                 policy=self.policy, verifier=self.verifier,
+                                 allow_file_tls_key=self.allow_file_tls_key)
         self.result = result
         self.certificate_der = connection_cert
         self.reconnect()

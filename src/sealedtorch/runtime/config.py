@@ -8,8 +8,10 @@ changes behaviour therefore lives here, and command-line overrides (``--device``
 folded into the configuration *before* it is measured.
 
 A configuration file is YAML or JSON with the fields of :class:`RuntimeConfig`; unknown
-fields are errors.  ``sealedtorch serve --print-config`` writes the canonical form, which
-``sealedtorch attest measure --config`` measures to the same value as the running server.
+fields are errors.  ``sealedtorch serve --print-config`` writes the canonical form;
+``sealedtorch attest measure --config FILE`` and ``serve --config FILE --print-measurement``
+both measure the canonical form of FILE (whatever its layout), the value the running server
+reports.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..errors import ConfigError
 
-__all__ = ["DEFAULT_ARCHITECTURES", "RuntimeConfig", "load_config", "runtime_measurement"]
+__all__ = ["DEFAULT_ARCHITECTURES", "REFUSED_ARCHITECTURES", "RuntimeConfig", "load_config",
+           "runtime_measurement"]
 
 _TORCHVISION = (
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2",
@@ -42,25 +45,31 @@ _TRANSFORMERS = (
     "DistilBertForSequenceClassification", "XLMRobertaModel",
 )
 
-#: The default allow-list: torchvision classifiers, common transformers classes, the
-#: built-in sentence-embedding BERT, MLP and EfficientNet-Lite0, and whole
-#: ``torch.export`` programs.
+#: The default allow-list: torchvision classifiers, common transformers classes, and the
+#: built-in sentence-embedding BERT, MLP and EfficientNet-Lite0.  ``torch.export``
+#: programs are not on it and cannot be put on it: torch's loader unpickles archive entries
+#: (weights or constants marked ``use_pickle``, custom and opaque objects, sample inputs),
+#: so a sealed program would run its owner's code inside the attested runtime.  They stay
+#: refused until sealedtorch has a strict pt2 parser of its own.
 DEFAULT_ARCHITECTURES: tuple[str, ...] = (
     *(f"torchvision.models:{name}" for name in _TORCHVISION),
     *(f"transformers:{name}" for name in _TRANSFORMERS),
     "sealedtorch.runtime.architectures:sentence_bert",
     "sealedtorch.runtime.architectures:mlp",
     "sealedtorch.runtime.architectures:efficientnet_lite0",
-    "torch.export",
 )
+
+#: Architecture names refused even when a configuration lists them (see above).
+REFUSED_ARCHITECTURES: frozenset[str] = frozenset({"torch.export"})
 
 
 class RuntimeConfig(BaseModel):
     """Everything that decides what the runtime will build and accept.
 
     - ``architectures``: the allow-list.  Entries are ``module:callable`` (an importable
-      factory returning an ``nn.Module``) or ``torch.export``.  A sealed model whose
-      architecture is not listed is refused before anything is imported.
+      factory returning an ``nn.Module``).  A sealed model whose architecture is not listed
+      is refused before anything is imported.  ``torch.export`` is refused here (a
+      configuration naming it is invalid), because its loader can unpickle file content.
     - ``device``: ``cpu``, ``cuda`` (fails if CUDA is unavailable) or ``auto``.
     - ``max_batch_size``: the most rows (first dimension) a request may carry and the most
       rows the dynamic batcher puts into one forward pass.
@@ -102,13 +111,15 @@ class RuntimeConfig(BaseModel):
     @classmethod
     def _check_architectures(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for entry in value:
-            if entry == "torch.export":
-                continue
+            if entry in REFUSED_ARCHITECTURES:
+                raise ValueError(
+                    f"architecture {entry!r} is refused: torch.export.load unpickles archive "
+                    f"entries, so a sealed program could run code inside the runtime; seal "
+                    f"a state_dict with a 'module:callable' architecture instead")
             module, sep, attr = entry.partition(":")
             if not sep or not module or not attr or not all(
                     part.isidentifier() for part in (*module.split("."), *attr.split("."))):
-                raise ValueError(f"architecture {entry!r} is not 'module:callable' or "
-                                 f"'torch.export'")
+                raise ValueError(f"architecture {entry!r} is not 'module:callable'")
         return tuple(dict.fromkeys(value))
 
     def canonical_bytes(self) -> bytes:
@@ -123,7 +134,9 @@ class RuntimeConfig(BaseModel):
         return _validate(data, "overrides")
 
     def allows(self, architecture: str) -> bool:
-        return architecture in self.architectures
+        """Whether ``architecture`` may be built (never one of the refused names, even in a
+        configuration made without validation)."""
+        return architecture not in REFUSED_ARCHITECTURES and architecture in self.architectures
 
 
 def _validate(data: Any, label: str) -> RuntimeConfig:

@@ -52,9 +52,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..attest import binding
 from ..errors import ConfigError, SealedTorchError
+from ..hardening import harden_process
 from ..keys import KeySource
-from .attestation import evidence_document, parse_nonce
+from .attestation import RateLimiter, attestation_domain, evidence_document, parse_nonce
 from .batching import Batcher, InferenceFailed, QueueFull, ShuttingDown
+from .bodies import (
+    LARGE_JSON_BYTES,
+    SMALL_BODY_BYTES,
+    BudgetTimeout,
+    ByteBudget,
+    prevalidate_json,
+)
 from .config import RuntimeConfig, load_config
 from .kserve import (
     HEADER_LENGTH,
@@ -257,6 +265,20 @@ async def _read_body(request: Request, limit: int
             raise PayloadTooLarge(f"request body of {size} bytes is larger than the limit "
                                   f"of {limit} bytes (max_request_bytes)")
     split = request.headers.get(HEADER_LENGTH)
+    if size is not None and split is None:
+        # JSON only, length known: received into one buffer of that size, returned as is
+        # (no growing copies, no second copy of the header).
+        body = bytearray(size)
+        pos = 0
+        async for chunk in request.stream():
+            end = pos + len(chunk)
+            if end > size:
+                raise InvalidRequest("request body is longer than its Content-Length")
+            body[pos:end] = chunk
+            pos = end
+        if pos != size:
+            raise InvalidRequest(f"request body ended after {pos} of {size} bytes")
+        return body, memoryview(b"")
     if size is None or split is None:
         body = bytearray()
         async for chunk in request.stream():
@@ -369,6 +391,9 @@ def create_app(runtime: Runtime) -> FastAPI:
                   redoc_url=None, openapi_url=None)
     cfg = runtime.config
     metrics = runtime.metrics
+    #: Bytes of request bodies in flight: at most two bodies of the largest allowed size.
+    body_budget = ByteBudget(2 * cfg.max_request_bytes)
+    attestation_limit = RateLimiter()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -472,7 +497,26 @@ def create_app(runtime: Runtime) -> FastAPI:
         if batcher is None:  # unloaded by the key watcher since slot_or_error looked
             return _error(503, f"model {name!r} is not ready ({slot.state}: {slot.error})")
         model = batcher.model  # one read: the key watcher swaps the batcher atomically
+        declared = request.headers.get("content-length", "")
+        want = min(int(declared), cfg.max_request_bytes) if declared.isdigit() \
+            else cfg.max_request_bytes
+        if want <= SMALL_BODY_BYTES:  # small declared bodies never wait behind large ones
+            return await _infer_body(name, slot, model, batcher, request)
         try:
+            reserved = await body_budget.acquire(want, cfg.request_timeout_s)
+        except BudgetTimeout as exc:
+            metrics.rejected.inc(model=name, reason="BudgetTimeout")
+            return _error(503, str(exc), {"retry-after": "1"})
+        try:
+            return await _infer_body(name, slot, model, batcher, request)
+        finally:
+            await body_budget.release(reserved)
+
+    async def _infer_body(name: str, slot: _Slot, model: LoadedModel, batcher: Any,
+                          request: Request) -> Response:
+        try:
+            # compressed bodies are decompressed within max_request_bytes, under the same
+            # byte budget as any other body (reserved by the caller)
             if _content_encoding(request) is not None:
                 header, binary = await _read_encoded_body(request, cfg.max_request_bytes)
             else:
@@ -480,6 +524,13 @@ def create_app(runtime: Runtime) -> FastAPI:
             header_length_given = request.headers.get(HEADER_LENGTH) is not None
             if model.text is not None:  # transformers: text in and out, tokenized here
                 return await _infer_text(model, header, binary)
+            if len(header) > LARGE_JSON_BYTES and len(binary) == 0:
+                header, binary = await anyio.to_thread.run_sync(
+                    lambda: prevalidate_json(
+                        header, inputs=model.inputs,
+                        max_batch_size=cfg.max_batch_size if model.batchable else max(
+                            1, model.inputs[0].shape[0]),
+                        max_elements=cfg.max_elements))
             parsed = await _maybe_in_thread(
                 len(header) > _INLINE_BYTES,
                 lambda: parse_infer_parts(
@@ -547,7 +598,12 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(openai_router(runtime))  # /v1/completions, /v1/chat/completions
 
     @app.get("/v1/attestation")
-    async def attestation(nonce: str | None = None) -> JSONResponse:
+    async def attestation(request: Request, nonce: str | None = None) -> JSONResponse:
+        wait = attestation_limit.take(request.client.host if request.client else "?")
+        if wait > 0:
+            metrics.attestations.inc(outcome="rate_limited")
+            return _error(429, f"too many attestation requests from this address; retry "
+                               f"after {wait:.1f} s", {"retry-after": str(max(1, round(wait)))})
         if runtime.attester is None:
             metrics.attestations.inc(outcome="unavailable")
             return _error(503, "this runtime has no attester (no TEE configured)")
@@ -557,9 +613,11 @@ def create_app(runtime: Runtime) -> FastAPI:
             metrics.attestations.inc(outcome="bad_request")
             return _error(400, str(exc))
         spki = runtime.tls.spki
+        origin = "ephemeral" if runtime.tls.generated else "file"
         try:
             evidence = await anyio.to_thread.run_sync(
-                runtime.attester.evidence, binding.report_data(raw_nonce, spki))
+                runtime.attester.evidence,
+                binding.report_data(raw_nonce, spki, domain=attestation_domain(origin)))
         except SealedTorchError as exc:
             metrics.attestations.inc(outcome="error")
             log.error("attestation failed: %s", exc)
@@ -567,7 +625,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         metrics.attestations.inc(outcome="ok")
         return JSONResponse(evidence_document(
             evidence, nonce=raw_nonce, spki=spki, models=runtime.attested_models(),
-            config=cfg))
+            config=cfg, tls_key_origin=origin))
 
     @app.get("/metrics")
     async def prometheus() -> PlainTextResponse:
@@ -761,6 +819,7 @@ def serve(models: Sequence[Source], *, keys: KeySource | None,
     model fails to load (exit status 2 with the reason) unless ``exit_on_load_failure`` is
     false, in which case the server stays up, live but unready."""
     configure_logging(log_format)
+    hardening_problems = harden_process("runtime")
     host, port = parse_listen(listen)
     runtime = build_runtime(models, keys=keys, config=config, tls_cert=tls_cert,
                             tls_key=tls_key, hosts=(host,), tee=tee, sim_platform=sim_platform)
@@ -796,7 +855,7 @@ def serve(models: Sequence[Source], *, keys: KeySource | None,
         log.info("runtime listening on %s", url, extra={"fields": {
             "url": url, "tls_spki_sha256": runtime.tls.spki_sha256,
             "tls_generated": runtime.tls.generated, "models": list(runtime.slots),
-            "device": str(runtime.device),
+            "device": str(runtime.device), "hardened": not hardening_problems,
             "config_sha256": _sha256(runtime.config.canonical_bytes())}})
         if announce is not None:
             _announce(Path(announce), {"url": url, "pid": os.getpid(),
