@@ -33,8 +33,10 @@ package (or single-file module) of every ``module:callable`` entry outside seale
 measured too: ``module_digest`` is :func:`package_digest` of the package directory (or the
 same encoding over the one file), located on ``sys.path`` without importing anything, or
 ``SHA-384("sealedtorch/sim-absent/v1")`` when it is not installed.  Editing a module the
-configuration allows therefore changes the measurement.  torch and Python themselves are not
-covered: on real TEEs the image measurement covers them.
+configuration allows therefore changes the measurement.  The installed libraries in
+:data:`PLATFORM_LIBRARIES` (torchvision, transformers) are measured by their sources only,
+without the bytecode-cache check; torch and Python themselves are not covered: on real TEEs
+the image measurement covers them.
 
 This is what a sim platform reports; it is a convenience for development, not a security
 boundary (see ``docs/tee-sim.md``).
@@ -149,9 +151,18 @@ def check_bytecode(root: Path | str) -> None:
             _check_source_caches(base / rel)
 
 
+#: Installed libraries that architecture entries name (``torchvision.models:resnet50``,
+#: ``transformers:LlamaForCausalLM``): their sources are measured, but their bytecode caches
+#: are not compared with the sources (``compile()`` of all of transformers takes seconds at
+#: every start).  Like torch itself they are platform code, which on real TEEs the image
+#: measurement covers; sealedtorch and every custom architecture module get the full check.
+PLATFORM_LIBRARIES = frozenset({"torch", "torchvision", "transformers"})
+
+
 @functools.lru_cache(maxsize=8)
-def _digest(root: str) -> bytes:
-    check_bytecode(root)
+def _digest(root: str, check: bool = True) -> bytes:
+    if check:
+        check_bytecode(root)
     h = hashlib.sha384(PACKAGE_DOMAIN)
     for rel in package_files(root):
         path = rel.encode("utf-8", "surrogateescape")
@@ -198,7 +209,8 @@ def module_digest(name: str) -> bytes:
     if spec is None:
         return crypto.sha384(ABSENT_DOMAIN)
     if spec.submodule_search_locations:
-        return package_digest(next(iter(spec.submodule_search_locations)))
+        root = Path(next(iter(spec.submodule_search_locations))).resolve()
+        return _digest(str(root), name not in PLATFORM_LIBRARIES)
     origin = Path(spec.origin or "")
     if not origin.is_file():
         return crypto.sha384(ABSENT_DOMAIN)
