@@ -110,12 +110,14 @@ def build(args: argparse.Namespace) -> Any:
     from .attest import Tee, VerifierConfig
     from .attest.attesters import get_attester
     from .attest.sim import load_platform_keys
+    from .cli import check_https_url
     from .keycache.local import EvidenceAppraiser, PeerAppraiser, self_claims
     from .keycache.service import Keycache
     from .keycache.upstream import KeyserverUpstream
 
     if not args.keyserver:
         raise ConfigError("--keyserver URL is required (or set SEALEDTORCH_KEYSERVER)")
+    check_https_url(args.keyserver, "--keyserver")
     if args.keyserver.startswith("https://") and args.ca is None:
         raise ConfigError("--ca FILE is required: the keyserver's TLS CA certificate")
     attester = get_attester(args.tee, sim_platform=args.sim_platform,
@@ -148,7 +150,7 @@ def build(args: argparse.Namespace) -> Any:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .keycache.server import KeycacheServer, harden_process
+    from .keycache.server import KeycacheServer, bind_unix_socket, harden_process
     from .keyserver.server import configure_logging
 
     configure_logging(args.log_format)
@@ -160,8 +162,16 @@ def _run(args: argparse.Namespace) -> int:
                 grp.getgrnam(args.socket_group).gr_gid
         except KeyError:
             raise ConfigError(f"--socket-group: no group {args.socket_group!r}") from None
-    keycache = build(args)
-    server = KeycacheServer(keycache, args.socket, group=group)
+    # the socket first: one in use must fail before we attest and fetch (and the
+    # keyserver audits) a single key
+    sock = bind_unix_socket(args.socket, group=group)
+    try:
+        keycache = build(args)
+    except BaseException:
+        sock.close()
+        Path(args.socket).unlink(missing_ok=True)
+        raise
+    server = KeycacheServer(keycache, args.socket, group=group, sock=sock)
     keycache.start()
     try:
         server.serve()

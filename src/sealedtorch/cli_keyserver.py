@@ -381,9 +381,11 @@ def _need(args: argparse.Namespace, *names: str) -> None:
 
 
 def _admin(args: argparse.Namespace) -> Any:
+    from .cli import check_https_url
     from .keyserver.client import AdminClient
 
     _need(args, "keyserver", "token_file")
+    check_https_url(args.keyserver, "--keyserver")
     return AdminClient.from_token_file(args.keyserver, args.ca, args.token_file)
 
 
@@ -475,10 +477,12 @@ def add_fetch_key_parser(attest_subparsers: argparse._SubParsersAction) -> None:
 
 def _fetch_key(args: argparse.Namespace) -> int:
     from .attest.attesters import get_attester
+    from .cli import check_https_url
     from .keys import write_key_file
     from .keyserver.client import AttestedKeyClient
 
     _need(args, "keyserver")
+    check_https_url(args.keyserver, "--keyserver")
     if args.output.exists():
         raise KeyFileError(f"{args.output}: already exists; refusing to overwrite a key file")
     config = b""

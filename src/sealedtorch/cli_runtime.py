@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+
+#: ``serve``'s default address: not the keyserver's 8443, so both run on one host as-is.
+DEFAULT_LISTEN = "127.0.0.1:9443"
+
+
+def _default_socket() -> str:
+    from .cli_keycache import ENV_SOCKET
+    from .keycache.protocol import DEFAULT_SOCKET
+
+    return os.environ.get(ENV_SOCKET) or DEFAULT_SOCKET
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,10 +34,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--arch", action="append", default=[], metavar="[NAME=]ARCH",
                    help="architecture for model NAME (or for every model) instead of the one "
                         "in the sealed metadata; must be on the allow-list")
-    p.add_argument("--keycache", metavar="SOCKET",
-                   help="the keycache's Unix socket (where the keys come from)")
-    p.add_argument("--listen", default="127.0.0.1:8443", metavar="HOST:PORT",
-                   help="address to serve on (port 0: any free port; default %(default)s)")
+    p.add_argument("--keycache", metavar="SOCKET", default=_default_socket(),
+                   help="the keycache's Unix socket, where the keys come from "
+                        "($SEALEDTORCH_KEYCACHE_SOCKET; default %(default)s)")
+    p.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
+                   help="address to serve on (port 0: any free port; default %(default)s; "
+                        "the keyserver's default is 8443)")
     p.add_argument("--tls-cert", type=Path, help="server certificate (PEM); default: a fresh "
                    "self-signed certificate whose key never leaves memory")
     p.add_argument("--tls-key", type=Path, help="private key of --tls-cert (PEM)")
@@ -172,8 +185,10 @@ def _write_outputs(path: Path, outputs: dict[str, Any]) -> None:
 
 
 def _client_infer(args: argparse.Namespace) -> int:
+    from .cli import check_https_url
     from .runtime.client import AttestedClient
 
+    check_https_url(args.url, "--url")
     inputs = read_input_file(args.input)
     with AttestedClient(args.url, policy=args.policy, sim_roots=args.sim_root,
                         timeout=args.timeout) as client:

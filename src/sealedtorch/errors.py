@@ -137,3 +137,11 @@ class RateLimited(ServiceUnavailable):
     """Too many requests from this client; retry after the time the service names."""
 
     problem_type = "rate-limited"
+
+
+class TlsVerificationError(KeyUnavailable):
+    """The service's TLS certificate did not verify against the CA we were given (or the
+    system store, when none was): usually a missing or wrong ``--ca`` file, possibly someone
+    in between.  Nothing was sent."""
+
+    problem_type = "tls-verification"

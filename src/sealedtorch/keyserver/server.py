@@ -115,8 +115,13 @@ def run(data_dir: Path | str, listen: str, *, trust_sim_roots: Sequence[Path | s
     configure_logging(log_format)
     cfg = with_database(load_config(data_dir), database)
     host, port = parse_listen(listen)
-    service = build_keyserver(cfg, trust_sim_roots=trust_sim_roots)
-    server = _QuietServer(uvicorn_config(cfg, service, host, port))
+    sock = bind_listen_socket(host, port)  # before anything is opened or logged
+    try:
+        service = build_keyserver(cfg, trust_sim_roots=trust_sim_roots)
+        server = _QuietServer(uvicorn_config(cfg, service, host, port))
+    except BaseException:
+        sock.close()
+        raise
 
     def stop(signum: int, _frame: object) -> None:
         log.info("signal %d: draining requests in flight, then stopping", signum)
@@ -129,12 +134,30 @@ def run(data_dir: Path | str, listen: str, *, trust_sim_roots: Sequence[Path | s
                                "kek": service.kek.kek_id,
                                "token_key": service.signer.key_id}})
     try:
-        asyncio.run(server.serve())
+        asyncio.run(server.serve(sockets=[sock]))
     finally:
+        sock.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         service.store.close()
         log.info("keyserver stopped")
+
+
+def bind_listen_socket(host: str, port: int) -> socket.socket:
+    """Bind (and listen on) ``host:port`` now, so that an address in use is one clear
+    :class:`ConfigError` ("cannot listen on ...: Address already in use", exit 2) before
+    the store is opened or "listening" is logged."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 class _QuietServer(uvicorn.Server):
