@@ -37,7 +37,7 @@ EXIT_CODES: dict[int, str] = {
 }
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+class HelpFormatter(argparse.HelpFormatter):
     """Shows each option's default in ``--help`` unless the text already names it (and
     never "(default: None)" or "(default: False)", which say nothing)."""
 
@@ -96,6 +96,50 @@ _GROUPS.append(lambda sub: __import__("sealedtorch.cli_keycache").cli_keycache.r
 _GROUPS.append(lambda sub: __import__("sealedtorch.cli_runtime").cli_runtime.register(sub))
 
 
+#: Help for options many commands share, filled in where a command gave none (so every
+#: option has help text without repeating it in each module).
+COMMON_HELP: dict[str, str] = {
+    "--data": "the keyserver's data directory (made by `keyserver init`)",
+    "--json": "print the result as JSON on stdout (for scripts)",
+    "--quiet": "print less",
+    "--keyserver": "keyserver base URL, https://HOST:PORT",
+    "--ca": "the keyserver's CA certificate (tls/ca.pem in its data directory)",
+    "--token-file": "admin/owner token file",
+    "--model-id": "the model id",
+    "--version": "the key version",
+    "--output": "the file to write",
+    "--input": "the file to read",
+    "--tee": "which TEE: sgx, tdx, snp or sim (the insecure software TEE); auto: detect",
+    "--policy": "policy file (YAML or JSON)",
+    "--log-format": "log lines on stderr: one JSON object each, or text",
+    "--socket": "the keycache's Unix socket ($SEALEDTORCH_KEYCACHE_SOCKET)",
+    "--role": "which role",
+}
+
+
+def _fill_help(parser: argparse.ArgumentParser) -> None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action.choices.values():
+                _fill_help(choice)
+        elif action.help is None:
+            for flag in action.option_strings:
+                if flag in COMMON_HELP:
+                    action.help = COMMON_HELP[flag]
+                    break
+
+
+def iter_parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+                 ) -> list[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    """Every (sub)command parser with its command path, e.g. ``("keys", "rotate")``."""
+    found = [(path, parser)]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, choice in action.choices.items():
+                found += iter_parsers(choice, (*path, name))
+    return found
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="sealedtorch",
@@ -106,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in _GROUPS:
         add(sub)
+    _fill_help(parser)
     return parser
 
 

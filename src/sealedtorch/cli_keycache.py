@@ -111,15 +111,17 @@ def build(args: argparse.Namespace) -> Any:
     from .attest.attesters import get_attester
     from .attest.sim import load_platform_keys
     from .cli import check_https_url
+    from .cli_keyserver import ENV_CA, ENV_URL
     from .keycache.local import EvidenceAppraiser, PeerAppraiser, self_claims
     from .keycache.service import Keycache
     from .keycache.upstream import KeyserverUpstream
 
     if not args.keyserver:
-        raise ConfigError("--keyserver URL is required (or set SEALEDTORCH_KEYSERVER)")
+        raise ConfigError(f"--keyserver URL is required (or set ${ENV_URL})")
     check_https_url(args.keyserver, "--keyserver")
     if args.keyserver.startswith("https://") and args.ca is None:
-        raise ConfigError("--ca FILE is required: the keyserver's TLS CA certificate")
+        raise ConfigError(f"--ca FILE is required (or set ${ENV_CA}): the keyserver's TLS CA "
+                          "certificate, tls/ca.pem in its data directory")
     attester = get_attester(args.tee, sim_platform=args.sim_platform,
                             runtime_config=_read(args.runtime_config))
     tee = Tee(attester.tee)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .cli import hidden_alias
 from .errors import ConfigError
 
 #: ``serve``'s default address: not the keyserver's 8443, so both run on one host as-is.
@@ -77,12 +78,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input", type=Path, required=True,
                    help=".npy (one input), .npz (named inputs), .pt (tensor or dict) or "
                         ".json ({name: nested list} or a KServe request body)")
-    p.add_argument("--sim-root", type=Path, action="append", default=[],
-                   help="trust this sim platform key (platform.pub); repeatable")
+    p.add_argument("--trust-sim-root", dest="sim_root", type=Path, action="append",
+                   default=[], metavar="FILE",
+                   help="sim: trust this sim platform's platform.pub (INSECURE, development "
+                        "only; repeatable)")
+    hidden_alias(p, "--sim-root", dest="sim_root", type=Path, action="append")
     p.add_argument("--output", type=Path, help="write outputs to .npz/.npy/.json")
     p.add_argument("--json-wire", action="store_true",
                    help="send tensors as JSON instead of the binary extension")
-    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="per-request timeout in seconds")
     p.set_defaults(handler=_client_infer)
 
 

@@ -190,7 +190,7 @@ def seal_state_dict(state_dict: Mapping[str, Any], path: str | os.PathLike[str],
                           f"[{MIN_CHUNK_SIZE}, {MAX_CHUNK_SIZE}], got {chunk_size}")
     target = Path(path)
     if target.exists() and not overwrite:
-        raise ConfigError(f"{target}: already exists (pass overwrite=True / --force to replace)")
+        raise ConfigError(f"{target}: already exists (use --force to replace it)")
     entries, sources, data_length = _plan(state_dict)
     header = Header(tuple(entries), dict(metadata or {}))
     try:
