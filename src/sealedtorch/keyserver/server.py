@@ -160,13 +160,32 @@ def bind_listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _busy(connection: Any) -> bool:
+    """A connection with a request in flight (its response not yet complete)."""
+    cycle = getattr(connection, "cycle", None)
+    return cycle is not None and not getattr(cycle, "response_complete", True)
+
+
 class _QuietServer(uvicorn.Server):
     """uvicorn's server without its own signal capture (which re-raises the signal after
-    draining and so would skip closing the store); :func:`run` installs handlers instead."""
+    draining and so would skip closing the store); :func:`run` installs handlers instead.
+
+    Shutdown drains the requests in flight but does not wait for idle keep-alive
+    connections to finish closing: uvicorn closes them with a TLS close_notify and asyncio
+    then waits for the peer's answer, which a client that is not reading (a keycache
+    between refreshes) never sends, so shutdown took the whole graceful timeout (7-10 s).
+    Those connections end with the process."""
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+    async def _wait_tasks_to_complete(self) -> None:
+        state = self.server_state
+        while not self.force_exit and any(_busy(c) for c in list(state.connections)):
+            await asyncio.sleep(0.05)
+        while not self.force_exit and state.tasks:
+            await asyncio.sleep(0.05)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -195,8 +214,8 @@ class BackgroundServer:
         service = service or build_keyserver(cfg, trust_sim_roots=trust_sim_roots,
                                              clock=clock)
         port = free_port()
-        server = uvicorn.Server(uvicorn_config(cfg, service, "127.0.0.1", port,
-                                               graceful_timeout=2))
+        server = _QuietServer(uvicorn_config(cfg, service, "127.0.0.1", port,
+                                             graceful_timeout=2))
         thread = threading.Thread(target=lambda: asyncio.run(server.serve()),
                                   name=f"keyserver-{port}", daemon=True)
         thread.start()
