@@ -149,8 +149,6 @@ def _seal(args: argparse.Namespace) -> int:
     check_output_dir(args.output, "--output")
     if args.key_out is not None:
         check_output_dir(args.key_out, "--key-out")
-    for path, size in remove_stale_temp_files(args.output):
-        say(f"removed {path} ({size} bytes), a temporary file left by an interrupted seal")
     if args.output.exists() and not args.force:
         raise ConfigError(f"{args.output}: already exists (use --force to replace)")
     if args.key_out is not None and args.key_out.exists():
@@ -158,6 +156,8 @@ def _seal(args: argparse.Namespace) -> int:
             f"{args.key_out}: already exists; refusing to overwrite a key file. If an "
             f"earlier seal was interrupted, seal again with --key {args.key_out} to reuse "
             "that key (or remove the file)")
+    for path, size in remove_stale_temp_files(args.output):
+        say(f"removed {path} ({size} bytes), a temporary file left by an interrupted seal")
     state, file_meta = load_plain(args.input)
     created_key: Path | None = None
     if args.key:

@@ -79,7 +79,7 @@ def remove_stale_temp_files(target: str | os.PathLike[str]) -> list[tuple[Path, 
             except OSError:
                 continue
             removed.append((path, st.st_size))
-            log.warning("removed stale temporary file %s (%d bytes) left by an interrupted "
+            log.info("removed stale temporary file %s (%d bytes) left by an interrupted "
                         "write", path, st.st_size)
         finally:
             os.close(fd)
