@@ -172,6 +172,27 @@ def test_keycache_with_an_http_keyserver_url_says_it_must_be_https(ks, tmp_path)
     assert "Traceback" not in proc.stderr
 
 
+def test_keycache_with_the_wrong_ca_reports_tls_verification_not_an_outage(ks, tmp_path,
+                                                                           sock_dir, capsys):
+    assert main(["keyserver", "init", "--data", str(tmp_path / "other")]) == 0
+    other_ca = tmp_path / "other" / "tls" / "ca.pem"
+    sock = sock_dir / "k.sock"
+    with (tmp_path / "kc.log").open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sealedtorch.cli", "keycache", "run", "--keyserver",
+             ks.url, "--ca", str(other_ca), "--socket", str(sock), "--tee", "sim",
+             "--sim-platform", str(ks.sim_dir)], stdout=log, stderr=log, text=True)
+        try:
+            error = _wait(lambda: _status_json(sock, capsys)["refresh"]["last_error"], 60,
+                          "a failed refresh")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    assert error.startswith("TLS verification of keyserver")
+    assert f"the --ca file {other_ca} does not verify it" in error and "tls/ca.pem" in error
+    assert "unreachable" not in error
+
+
 # --- addresses in use ---------------------------------------------------------------------
 
 def test_keyserver_on_a_port_in_use_fails_before_logging_listening(ks):

@@ -114,7 +114,9 @@ class Keycache:
                 released = self.upstream.fetch_all()
                 changes = self.store.replace(released)
             except UpstreamUnavailable as exc:
-                self._failed(f"keyserver unreachable: {exc}", reachable=False)
+                text = str(exc)  # a TLS verification failure is not an outage: say which
+                self._failed(text if text.startswith("TLS verification") else
+                             f"keyserver unreachable: {text}", reachable=False)
                 return False
             except SealedTorchError as exc:
                 self._failed(f"keyserver refused this keycache ({type(exc).__name__}): {exc}",
