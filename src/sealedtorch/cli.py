@@ -22,6 +22,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from . import __version__
 from .errors import ConfigError, PolicyDenied, SealedTorchError
@@ -71,10 +72,10 @@ def check_https_url(url: str, flag: str) -> str:
 
 
 def hidden_alias(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *flags: str,
-                 dest: str, **kwargs: object) -> None:
+                 dest: str, **kwargs: Any) -> None:
     """An old spelling of an option, still accepted (so scripts keep working) but not
     shown in ``--help``: one spelling per concept is what users see."""
-    parser.add_argument(*flags, dest=dest, help=argparse.SUPPRESS,  # type: ignore[arg-type]
+    parser.add_argument(*flags, dest=dest, help=argparse.SUPPRESS,
                         default=argparse.SUPPRESS, **kwargs)
 
 
