@@ -231,6 +231,14 @@ def test_inspect_without_a_key_refuses_a_truncated_file(tmp_path, sealed, capsys
     assert "truncated" in line and f"{len(data) - 10} bytes" in line
 
 
+def test_unseal_to_a_missing_directory_names_the_directory(tmp_path, sealed, capsys):
+    capsys.readouterr()
+    assert main(["unseal", str(sealed), "--key", str(tmp_path / "m.key"), "-o",
+                 str(tmp_path / "nodir" / "out.safetensors"), "-q"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"the directory {tmp_path / 'nodir'} does not exist" in line
+
+
 def test_inspect_piped_into_head_exits_quietly(tmp_path, weights):
     # many tensors: more output than a pipe holds
     torch.save({f"layer{i}.weight": torch.zeros(1) for i in range(3000)}, weights)
