@@ -12,6 +12,7 @@ threads, each into its own buffer, and written with ``pwrite``.
 from __future__ import annotations
 
 import fcntl
+import glob
 import logging
 import os
 import tempfile
@@ -58,7 +59,7 @@ def remove_stale_temp_files(target: str | os.PathLike[str]) -> list[tuple[Path, 
     target = Path(target)
     removed: list[tuple[Path, int]] = []
     try:
-        candidates = sorted(target.parent.glob(f"{_temp_prefix(target)}*.tmp"))
+        candidates = sorted(target.parent.glob(f"{glob.escape(_temp_prefix(target))}*.tmp"))
     except OSError:
         return removed
     for path in candidates:
@@ -80,7 +81,7 @@ def remove_stale_temp_files(target: str | os.PathLike[str]) -> list[tuple[Path, 
                 continue
             removed.append((path, st.st_size))
             log.info("removed stale temporary file %s (%d bytes) left by an interrupted "
-                        "write", path, st.st_size)
+                     "write", path, st.st_size)
         finally:
             os.close(fd)
     return removed
