@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from .cli import hidden_alias
 from .errors import ConfigError
 
 
@@ -27,9 +28,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chain", type=Path, help="SNP: ASK+ARK PEM chain (default: shipped roots)")
     p.add_argument("--kds-url", help="SNP: fetch the VCEK from this AMD KDS when not given")
     p.add_argument("--cache-dir", type=Path, help="cache for fetched collateral / VCEKs")
-    p.add_argument("--sim-root", type=Path, action="append", default=[],
-                   help="sim: a trusted sim platform public key (platform.pub); repeatable")
-    p.add_argument("--at", type=float, help="verify as of this Unix time (default: now)")
+    p.add_argument("--trust-sim-root", dest="sim_root", type=Path, action="append",
+                   default=[], metavar="FILE",
+                   help="sim: trust this sim platform's platform.pub (INSECURE, development "
+                        "only; repeatable)")
+    hidden_alias(p, "--sim-root", dest="sim_root", type=Path, action="append")
+    p.add_argument("--at", type=float, metavar="UNIX_TIME",
+                   help="verify as of this Unix time in seconds (default: now)")
     p.add_argument("--policy", type=Path, help="also decide against this policy's allow rules")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=_verify)
@@ -62,7 +67,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = ssub.add_parser("init", help="create a sim platform key pair",
                         description="Create a sim platform (Ed25519 key pair). Relying "
                                     "parties must explicitly trust its platform.pub.")
-    p.add_argument("--out", type=Path, required=True, help="directory to create")
+    p.add_argument("-o", "--output", dest="out", type=Path, metavar="DIR",
+                   help="directory to create (required)")
+    hidden_alias(p, "--out", dest="out", type=Path)
     p.set_defaults(handler=_sim_init)
 
 
@@ -131,9 +138,11 @@ def _measure(args: argparse.Namespace) -> int:
 def _sim_init(args: argparse.Namespace) -> int:
     from .attest.sim import init_platform
 
+    if args.out is None:  # not required= in argparse: the hidden old --out satisfies it too
+        raise ConfigError("sim init needs --output DIR (the directory to create)")
     platform = init_platform(args.out)
     print(f"sim platform created in {args.out}: platform.key (0600, keep private), "
-          f"platform.pub (give to relying parties: --trust-sim-root / --sim-root)")
+          f"platform.pub (give to relying parties: --trust-sim-root FILE)")
     print(f"public key: {platform.public_key.hex()}")
     print("WARNING: the sim TEE is a software stand-in; it proves nothing about hardware.")
     return 0

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, KeyFileError, SealedTorchError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,32 +22,48 @@ def register(sub: argparse._SubParsersAction) -> None:
     keyg.add_argument("--key", type=Path, help="existing key file to seal with")
     keyg.add_argument("--key-out", type=Path,
                       help="generate a fresh 256-bit key and write it here (mode 0600)")
+    p.add_argument("--key-version", type=int, default=1, metavar="N",
+                   help="with --key-out: the new key's version (for `keys rotate --key`, "
+                        "one above the keyserver's latest)")
     p.add_argument("--metadata", action="append", default=[], metavar="K=V",
                    help="string metadata stored in the encrypted header (repeatable)")
     p.add_argument("--metadata-json", action="append", default=[], metavar="K=JSON",
                    help="JSON-valued metadata, e.g. arch_kwargs='{\"num_classes\": 10}'")
-    p.add_argument("--chunk-size", type=int, default=1 << 20, help="bytes per chunk (1 MiB)")
+    p.add_argument("--chunk-size", type=int, default=1 << 20, metavar="BYTES",
+                   help="bytes per chunk, a multiple of 64")
     p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true",
+                   help="print the result as one JSON object on stdout (implies --quiet)")
     reg = p.add_argument_group("register the key with a keyserver in the same step")
     reg.add_argument("--register", metavar="URL", help="keyserver URL (https://host:port)")
-    reg.add_argument("--ca", type=Path, help="the keyserver's CA certificate")
-    reg.add_argument("--token-file", type=Path, help="admin/owner token file")
-    reg.add_argument("--policy", type=Path, help="policy file for this model's key")
+    reg.add_argument("--ca", type=Path, metavar="FILE",
+                     help="the keyserver's CA certificate (its DATA/tls/ca.pem)")
+    reg.add_argument("--token-file", type=Path, metavar="FILE",
+                     help="admin/owner token file")
+    reg.add_argument("--policy", type=Path, metavar="FILE",
+                     help="policy file for this model's key (needs --register)")
     p.set_defaults(handler=_seal)
 
-    p = sub.add_parser("unseal", help="decrypt a .sealed file to .safetensors (owner only)")
-    p.add_argument("input", type=Path)
+    p = sub.add_parser("unseal", help="decrypt a .sealed file to .safetensors (owner only)",
+                       description="Decrypt a .sealed file with its key file and write the "
+                                   "tensors and metadata to a .safetensors file (written "
+                                   "atomically; nothing is written if any check fails).")
+    p.add_argument("input", type=Path, help="the .sealed file")
     p.add_argument("--key", type=Path, required=True, help="key file")
     p.add_argument("-o", "--output", type=Path, required=True, help=".safetensors to write")
     p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_unseal)
 
-    p = sub.add_parser("inspect", help="show a sealed file's preamble (and tensors with a key)")
-    p.add_argument("input", type=Path)
+    p = sub.add_parser("inspect", help="show a sealed file's preamble (and tensors with a key)",
+                       description="Print the public preamble of a .sealed file (model id, "
+                                   "key version, sizes) after checking the file's length; "
+                                   "with --key also decrypt the header and list the tensors. "
+                                   "Exit 2 if the file is truncated or not a sealed file.")
+    p.add_argument("input", type=Path, help="the .sealed file")
     p.add_argument("--key", type=Path, help="key file: also decrypt and list the tensor table")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(handler=_inspect)
 
     p = sub.add_parser(
@@ -62,7 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pretrained", action="store_true",
                    help="torchvision's pretrained weights (needs a download) instead of "
                         "seeded random weights")
-    p.add_argument("--rounds", type=int, default=10, help="timing rounds (default 10)")
+    p.add_argument("--rounds", type=int, default=10, help="timing rounds")
     p.set_defaults(handler=_demo)
 
 
@@ -84,22 +100,65 @@ def _parse_metadata(pairs: list[str], json_pairs: list[str]) -> dict[str, Any]:
     return meta
 
 
+def check_model_id(model_id: str, flag: str = "--model-id") -> str:
+    """A model id as the CLI user typed it: a clear error naming the flag, not a
+    ValueError from deep inside."""
+    from .keys import validate_model_id
+
+    try:
+        return validate_model_id(model_id)
+    except ValueError as exc:
+        raise ConfigError(f"{flag}: {exc}") from None
+
+
+def check_output_dir(path: Path, flag: str) -> None:
+    """Fail before any work (and before a key file is written) when the output's
+    directory does not exist."""
+    parent = path.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{flag} {path}: the directory {parent} does not exist "
+                          f"(create it first: mkdir -p {parent})")
+
+
 def _seal(args: argparse.Namespace) -> int:
     from .format import load_plain, seal
+    from .format.writer import remove_stale_temp_files
     from .keys import ModelKey, read_key_file, write_key_file
 
+    check_model_id(args.model_id)
     metadata = _parse_metadata(args.metadata, args.metadata_json)
+    quiet = args.quiet or args.json
+    say = (lambda text: print(text, file=sys.stderr)) if args.json else print
     policy = None
+    if args.policy is not None and not args.register:
+        raise ConfigError("--policy is only used with --register URL (the policy goes to the "
+                          "keyserver with the key); add --register, or register later with "
+                          "`sealedtorch keys register`")
     if args.register:
         from .attest.policy import load_policy
+        from .cli import check_https_url
 
         if not (args.token_file and args.policy):
             raise ConfigError("--register needs --token-file and --policy (and --ca for a "
                               "private CA)")
+        check_https_url(args.register, "--register")
         policy = load_policy(args.policy)  # validate before any work is done
-    state, file_meta = load_plain(args.input)
+    if args.key is not None and args.key_version != 1:
+        raise ConfigError("--key-version is for a new key (--key-out); a --key file already "
+                          "has its version")
+    check_output_dir(args.output, "--output")
+    if args.key_out is not None:
+        check_output_dir(args.key_out, "--key-out")
     if args.output.exists() and not args.force:
         raise ConfigError(f"{args.output}: already exists (use --force to replace)")
+    if args.key_out is not None and args.key_out.exists():
+        raise KeyFileError(
+            f"{args.key_out}: already exists; refusing to overwrite a key file. If an "
+            f"earlier seal was interrupted, seal again with --key {args.key_out} to reuse "
+            "that key (or remove the file)")
+    for path, size in remove_stale_temp_files(args.output):
+        say(f"removed {path} ({size} bytes), a temporary file left by an interrupted seal")
+    state, file_meta = load_plain(args.input)
     created_key: Path | None = None
     if args.key:
         key = read_key_file(args.key)
@@ -107,29 +166,53 @@ def _seal(args: argparse.Namespace) -> int:
             raise ConfigError(f"{args.key} is a key for model {key.model_id!r}, "
                               f"not {args.model_id!r}")
     else:
-        key = ModelKey.generate(args.model_id)
+        try:
+            key = ModelKey.generate(args.model_id, args.key_version)
+        except ValueError as exc:
+            raise ConfigError(f"--key-version: {exc}") from None
         created_key = write_key_file(args.key_out, key)
     try:
         sealed = seal(state, args.output, key=key, metadata={**file_meta, **metadata},
                       chunk_size=args.chunk_size, overwrite=args.force,
-                      progress=False if args.quiet else None)
+                      progress=False if quiet else None)
     except BaseException:
         if created_key is not None:  # the key protects nothing that exists
             created_key.unlink(missing_ok=True)
         raise
     r = sealed.result
-    print(f"sealed {r.tensor_count} tensors ({r.data_length / 1e6:.1f} MB) of model "
-          f"{r.model_id!r} key version {r.key_version} -> {r.path} ({r.file_size} bytes)")
-    if created_key is not None:
-        print(f"new model key written to {created_key} (mode 0600): keep it secret and do "
-              "not lose it")
+    result: dict[str, Any] = {
+        "output": str(r.path), "model_id": r.model_id, "key_version": r.key_version,
+        "tensor_count": r.tensor_count, "data_length": r.data_length,
+        "file_size": r.file_size, "key_file": str(created_key or args.key),
+        "key_created": created_key is not None, "registered": None}
+    if not args.json:
+        print(f"sealed {r.tensor_count} tensors ({r.data_length / 1e6:.1f} MB) of model "
+              f"{r.model_id!r} key version {r.key_version} -> {r.path} ({r.file_size} bytes)")
+        if created_key is not None:
+            print(f"new model key written to {created_key} (mode 0600): keep it secret and "
+                  "do not lose it")
     if args.register:
         from .keyserver.client import register_key
 
         assert policy is not None
-        register_key(args.register, args.ca, args.token_file, key, policy)
-        print(f"registered model {key.model_id!r} version {key.version} with {args.register} "
-              f"(policy {policy.digest()[:16]})")
+        try:
+            register_key(args.register, args.ca, args.token_file, key, policy)
+        except SealedTorchError as exc:
+            later = (f"sealedtorch keys register --keyserver {args.register} --model-id "
+                     f"{key.model_id} --key {created_key or args.key} --policy {args.policy}"
+                     + (f" --ca {args.ca}" if args.ca else "")
+                     + f" --token-file {args.token_file}")
+            # same error class (same exit status), one line that also says what exists
+            exc.args = (f"{exc}. The sealed file {r.path} and the key file "
+                        f"{created_key or args.key} were written, but the key is NOT "
+                        f"registered; register it later with: {later}",)
+            raise
+        result["registered"] = {"keyserver": args.register, "policy_digest": policy.digest()}
+        if not args.json:
+            print(f"registered model {key.model_id!r} version {key.version} with "
+                  f"{args.register} (policy {policy.digest()[:16]})")
+    if args.json:
+        print(json.dumps(result))
     return 0
 
 

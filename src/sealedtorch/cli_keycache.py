@@ -89,8 +89,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = ksub.add_parser("status", help="what a running keycache holds (never key bytes)",
                         description="Print the keys held (model ids, versions, age), the "
-                                    "last refresh and whether the keyserver is reachable. "
-                                    "Exit 0 if serving, 1 if it holds nothing it may serve.")
+                                    "last refresh, whether the keyserver is reachable, and "
+                                    "which runtime (pid, uid, measurement) got which key "
+                                    "and when.  Exit 0 if serving, 1 if it holds nothing it "
+                                    "may serve.")
     p.add_argument("--socket", default=_default_socket(), metavar="PATH")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=_status)
@@ -110,14 +112,18 @@ def build(args: argparse.Namespace) -> Any:
     from .attest import Tee, VerifierConfig
     from .attest.attesters import get_attester
     from .attest.sim import load_platform_keys
+    from .cli import check_https_url
+    from .cli_keyserver import ENV_CA, ENV_URL
     from .keycache.local import EvidenceAppraiser, PeerAppraiser, self_claims
     from .keycache.service import Keycache
     from .keycache.upstream import KeyserverUpstream
 
     if not args.keyserver:
-        raise ConfigError("--keyserver URL is required (or set SEALEDTORCH_KEYSERVER)")
+        raise ConfigError(f"--keyserver URL is required (or set ${ENV_URL})")
+    check_https_url(args.keyserver, "--keyserver")
     if args.keyserver.startswith("https://") and args.ca is None:
-        raise ConfigError("--ca FILE is required: the keyserver's TLS CA certificate")
+        raise ConfigError(f"--ca FILE is required (or set ${ENV_CA}): the keyserver's TLS CA "
+                          "certificate, tls/ca.pem in its data directory")
     attester = get_attester(args.tee, sim_platform=args.sim_platform,
                             runtime_config=_read(args.runtime_config))
     tee = Tee(attester.tee)
@@ -148,7 +154,7 @@ def build(args: argparse.Namespace) -> Any:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .keycache.server import KeycacheServer, harden_process
+    from .keycache.server import KeycacheServer, bind_unix_socket, harden_process
     from .keyserver.server import configure_logging
 
     configure_logging(args.log_format)
@@ -160,8 +166,16 @@ def _run(args: argparse.Namespace) -> int:
                 grp.getgrnam(args.socket_group).gr_gid
         except KeyError:
             raise ConfigError(f"--socket-group: no group {args.socket_group!r}") from None
-    keycache = build(args)
-    server = KeycacheServer(keycache, args.socket, group=group)
+    # the socket first: one in use must fail before we attest and fetch (and the
+    # keyserver audits) a single key
+    sock = bind_unix_socket(args.socket, group=group)
+    try:
+        keycache = build(args)
+    except BaseException:
+        sock.close()
+        Path(args.socket).unlink(missing_ok=True)
+        raise
+    server = KeycacheServer(keycache, args.socket, group=group, sock=sock)
     keycache.start()
     try:
         server.serve()
@@ -214,7 +228,35 @@ def format_status(socket_path: str, st: dict[str, Any]) -> str:
     local = st.get("local", {})
     lines.append(f"local: proof by {local.get('mode')}, {local.get('released', 0)} released, "
                  f"{local.get('refused', 0)} refused")
+    releases = st.get("releases") or []
+    if releases:
+        lines.append("released to:")
+        lines += format_releases(releases)
     return "\n".join(lines)
+
+
+def _iso(t: float | None) -> str:
+    import datetime
+
+    if t is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(float(t), datetime.UTC).strftime(
+        "%Y-%m-%dT%H:%M:%SZ")
+
+
+def format_releases(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per (model version, runtime): who (pid, uid, measurement) got it, when."""
+    width = max(len("MODEL"), *(len(f"{r['model_id']} v{r['version']}") for r in rows))
+    out = [f"  {'MODEL':<{width}}  {'PID':>7}  {'UID':>6}  TEE  {'MEASUREMENT':<16}  "
+           f"{'LAST':<20}  COUNT"]
+    for r in rows:
+        what = f"{r['model_id']} v{r['version']}"
+        meas = (r.get("measurement") or "-")[:16]
+        pid = "-" if r.get("pid") is None else str(r["pid"])
+        uid = "-" if r.get("uid") is None else str(r["uid"])
+        out.append(f"  {what:<{width}}  {pid:>7}  {uid:>6}  {r.get('tee') or '-':<3}  "
+                   f"{meas:<16}  {_iso(r.get('last_at')):<20}  {r.get('count', 0)}")
+    return out
 
 
 def _status(args: argparse.Namespace) -> int:

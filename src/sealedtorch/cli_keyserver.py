@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .cli import hidden_alias
 from .errors import ConfigError, KeyFileError
 
 ENV_URL = "SEALEDTORCH_KEYSERVER"
@@ -24,6 +25,15 @@ def _database_arg(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--database", default=os.environ.get(ENV_DATABASE) or None, metavar="URL",
                    help=f"PostgreSQL URL ({what}; ${ENV_DATABASE}); put the password in "
                         f"PGPASSWORD or ~/.pgpass, not in the URL")
+
+
+def _json_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true",
+                   help="print the result as JSON on stdout (for scripts)")
+
+
+def _print_json(doc: Any) -> None:
+    print(json.dumps(doc, indent=2, sort_keys=True))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,22 +51,30 @@ def _add_keyserver(sub: argparse._SubParsersAction) -> None:
                         description="Create the store (SQLite), KEK file, TLS CA and server "
                                     "certificate, token-signing key and a first admin token "
                                     "(written once to DIR/admin-token).")
-    p.add_argument("--data", type=Path, required=True, metavar="DIR")
+    p.add_argument("--data", type=Path, required=True, metavar="DIR",
+                   help="the data directory to create (must not hold a keyserver yet)")
     p.add_argument("--hostname", action="append", default=[],
                    help="extra DNS name or IP for the server certificate (repeatable; "
                         "127.0.0.1 and localhost are always included)")
     p.add_argument("--tls-cert", type=Path, help="use this server certificate (PEM) instead")
     p.add_argument("--tls-key", type=Path, help="... and its private key (PEM)")
     _database_arg(p, "the store for one or several replicas, instead of SQLite in DIR")
+    _json_arg(p)
     p.set_defaults(handler=_init)
 
-    p = ksub.add_parser("run", help="serve the keyserver API over TLS")
-    p.add_argument("--data", type=Path, required=True, metavar="DIR")
-    p.add_argument("--listen", default="127.0.0.1:8443", metavar="HOST:PORT")
+    p = ksub.add_parser("run", help="serve the keyserver API over TLS",
+                        description="Serve the keyserver API over TLS until SIGTERM/SIGINT. "
+                                    "Exits 2 at once (before opening the store) if the "
+                                    "address is in use.")
+    p.add_argument("--data", type=Path, required=True, metavar="DIR",
+                   help="the data directory made by `keyserver init`")
+    p.add_argument("--listen", default="127.0.0.1:8443", metavar="HOST:PORT",
+                   help="address to serve on")
     p.add_argument("--trust-sim-root", type=Path, action="append", default=[], metavar="FILE",
                    help="trust this sim platform's platform.pub (INSECURE, development "
                         "only; repeatable)")
-    p.add_argument("--log-format", choices=["json", "text"], default="json")
+    p.add_argument("--log-format", choices=["json", "text"], default="json",
+                   help="log lines on stderr: one JSON object each, or text")
     _database_arg(p, "replaces the store named in DIR/keyserver.json")
     p.set_defaults(handler=_run)
 
@@ -69,7 +87,9 @@ def _add_keyserver(sub: argparse._SubParsersAction) -> None:
     p = asub.add_parser("list", help="print audit records")
     p.add_argument("--data", type=Path, required=True, metavar="DIR")
     _database_arg(p, "replaces the store named in DIR/keyserver.json")
-    p.add_argument("--model", metavar="ID", help="only records about this model")
+    p.add_argument("--model-id", dest="model", metavar="ID",
+                   help="only records about this model")
+    hidden_alias(p, "--model", dest="model")
     p.add_argument("--since", metavar="T", help="ISO 8601 time (UTC if no zone) or Unix time")
     p.add_argument("--limit", type=int, help="at most this many records")
     p.add_argument("--json", action="store_true", help="one JSON record per line")
@@ -83,6 +103,12 @@ def _init(args: argparse.Namespace) -> int:
 
     result = init_data_dir(args.data, hostnames=tuple(args.hostname), tls_cert=args.tls_cert,
                            tls_key=args.tls_key, now=time.time(), database=args.database)
+    if args.json:
+        _print_json({"data_dir": str(result.config.data_dir),
+                     "ca_file": str(result.ca_file) if result.ca_file else None,
+                     "admin_token_file": str(result.admin_token_file),
+                     "listen": "127.0.0.1:8443"})
+        return 0
     print(f"keyserver data directory: {result.config.data_dir}")
     if result.ca_file:
         print(f"CA certificate for clients (--ca): {result.ca_file}")
@@ -266,12 +292,14 @@ def _add_token_commands(ksub: argparse._SubParsersAction) -> None:
                                     "revoked or expired is a new owner); auditor: reads the "
                                     "audit log.  Tokens expire (default 90 days).")
     _connection_args(p)
-    p.add_argument("--role", required=True, choices=["admin", "owner", "auditor"])
+    p.add_argument("--role", required=True, choices=["admin", "owner", "auditor"],
+                   help="what the token may do (see above)")
     p.add_argument("--name", required=True, help="who holds it (for owners: the owner)")
     p.add_argument("--expires", type=_duration, metavar="DURATION", default=None,
                    help="lifetime: 90d (default), 12h, 30m, 3600s, ...")
     p.add_argument("-o", "--output", type=Path, metavar="FILE",
                    help="write the token to this new file (mode 0600) instead of stdout")
+    _json_arg(p)
     p.set_defaults(handler=_tokens_create)
     p = tsub.add_parser("rotate", help="replace a token by a new one (same identity, name "
                                        "and role); the old one is revoked at once")
@@ -327,6 +355,15 @@ def _print_new_token(args: argparse.Namespace, created: dict[str, Any]) -> None:
 
     what = (f"{created['role']} token {created['token_id']} for {created['name']!r}, "
             f"expires {created.get('expires_at')}")
+    if getattr(args, "json", False):
+        doc = {k: v for k, v in created.items() if k != "token"}
+        if args.output is not None:
+            write_new(args.output, (created["token"] + "\n").encode())
+            doc["token_file"] = str(args.output)
+        else:
+            doc["token"] = created["token"]  # asked for on stdout: shown once
+        _print_json(doc)
+        return
     if args.output is not None:
         write_new(args.output, (created["token"] + "\n").encode())
         print(f"{what}, written to {args.output}")
@@ -379,36 +416,64 @@ def _add_keys(sub: argparse._SubParsersAction) -> None:
 
     p = ksub.add_parser("register", help="register a model key and its policy")
     _connection_args(p)
-    p.add_argument("--model-id", required=True)
+    p.add_argument("--model-id", required=True, help="the model id (as sealed)")
     p.add_argument("--key", type=Path, required=True, help="key file (from `sealedtorch seal`)")
     p.add_argument("--policy", type=Path, required=True, help="policy file (YAML/JSON)")
+    _json_arg(p)
     p.set_defaults(handler=_register)
 
-    pol = ksub.add_parser("policy", help="a model's policy")
+    pol = ksub.add_parser("policy", help="a model's policy: show or replace it")
     psub = pol.add_subparsers(dest="policy_command", metavar="COMMAND", required=True)
     p = psub.add_parser("set", help="replace a model's policy")
     _connection_args(p)
-    p.add_argument("--model-id", required=True)
-    p.add_argument("--policy", type=Path, required=True)
+    p.add_argument("--model-id", required=True, help="the model id")
+    p.add_argument("--policy", type=Path, required=True, help="policy file (YAML/JSON)")
+    _json_arg(p)
     p.set_defaults(handler=_policy_set)
-
-    p = ksub.add_parser("rotate", help="add a new key version (older ones stay until retired)")
+    p = psub.add_parser("show", help="print a model's current policy and its digest",
+                        description="Print the policy the keyserver enforces for a model "
+                                    "(JSON, usable as a policy file), with its digest on "
+                                    "stderr; --json prints both as one object.")
     _connection_args(p)
-    p.add_argument("--model-id", required=True)
+    p.add_argument("--model-id", required=True, help="the model id")
+    _json_arg(p)
+    p.set_defaults(handler=_policy_show)
+
+    p = ksub.add_parser("rotate", help="add a new key version (older ones stay until retired)",
+                        description="Add a new key version: upload a key file whose version "
+                                    "is above the latest (make one with `sealedtorch keys "
+                                    "new --model-id ID --version N -o FILE`, or `seal "
+                                    "--key-version N`), or let the keyserver generate it.")
+    _connection_args(p)
+    p.add_argument("--model-id", required=True, help="the model id")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--key", type=Path, help="upload this key file as the new version")
     src.add_argument("--key-out", type=Path,
                      help="let the keyserver generate the key; write it here (mode 0600)")
+    _json_arg(p)
     p.set_defaults(handler=_rotate)
+
+    p = ksub.add_parser("new", help="generate a model key file locally (no keyserver)",
+                        description="Write a fresh 256-bit key for MODEL_ID at key version N "
+                                    "to a new file (mode 0600): seal with it (`seal --key`), "
+                                    "then upload it with `keys rotate --key` (N above the "
+                                    "keyserver's latest version) or `keys register`.")
+    p.add_argument("--model-id", required=True, help="the model id")
+    p.add_argument("--version", type=int, default=1, metavar="N", help="the key version")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="FILE",
+                   help="the key file to create (never overwritten)")
+    _json_arg(p)
+    p.set_defaults(handler=_keys_new)
 
     for name, helptext in (("revoke", "stop releasing a model (or one version) now"),
                            ("retire", "retire a model (or one version): no releases, key "
                                       "erased")):
         p = ksub.add_parser(name, help=helptext)
         _connection_args(p)
-        p.add_argument("--model-id", required=True)
+        p.add_argument("--model-id", required=True, help="the model id")
         p.add_argument("--version", type=int, help="one version (default: all)")
         p.add_argument("--reason", default="", help="recorded in the audit log")
+        _json_arg(p)
         p.set_defaults(handler=_revoke if name == "revoke" else _retire)
 
     p = ksub.add_parser("list", help="list models, key versions and states")
@@ -417,17 +482,26 @@ def _add_keys(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_list)
 
 
+_ENV_OF = {"keyserver": ENV_URL, "ca": ENV_CA, "token_file": ENV_TOKEN}
+
+
 def _need(args: argparse.Namespace, *names: str) -> None:
     for name in names:
         if getattr(args, name, None) in (None, ""):
             flag = "--" + name.replace("_", "-")
-            raise ConfigError(f"{flag} is required (or set its environment variable)")
+            env = f" (or set ${_ENV_OF[name]})" if name in _ENV_OF else ""
+            raise ConfigError(f"{flag} is required{env}")
 
 
 def _admin(args: argparse.Namespace) -> Any:
+    from .cli import check_https_url
+    from .cli_format import check_model_id
     from .keyserver.client import AdminClient
 
+    if getattr(args, "model_id", None) is not None:
+        check_model_id(args.model_id)
     _need(args, "keyserver", "token_file")
+    check_https_url(args.keyserver, "--keyserver")
     return AdminClient.from_token_file(args.keyserver, args.ca, args.token_file)
 
 
@@ -440,15 +514,64 @@ def _register(args: argparse.Namespace) -> int:
                            f"{args.model_id!r}")
     with _admin(args) as admin:
         info = admin.register(key, args.policy)
+    if args.json:
+        _print_json(info)
+        return 0
     print(f"registered {info['model_id']} version {key.version} "
           f"(policy {info['policy_digest'][:16]}…)")
     return 0
 
 
 def _policy_set(args: argparse.Namespace) -> int:
+    from .cli_format import check_model_id
+
+    check_model_id(args.model_id)
     with _admin(args) as admin:
         info = admin.set_policy(args.model_id, args.policy)
+    if args.json:
+        _print_json(info)
+        return 0
     print(f"policy of {info['model_id']} is now {info['policy_digest']}")
+    return 0
+
+
+def _policy_show(args: argparse.Namespace) -> int:
+    from .cli_format import check_model_id
+
+    check_model_id(args.model_id)
+    with _admin(args) as admin:
+        info = admin.get_model(args.model_id)
+    if args.json:
+        _print_json({"model_id": info["model_id"], "policy": info["policy"],
+                     "policy_digest": info["policy_digest"],
+                     "updated_at": info.get("updated_at")})
+        return 0
+    print(json.dumps(info["policy"], indent=2, sort_keys=True))
+    print(f"policy of {info['model_id']}: digest {info['policy_digest']} (updated "
+          f"{info.get('updated_at')})", file=sys.stderr)
+    return 0
+
+
+def _keys_new(args: argparse.Namespace) -> int:
+    from .cli_format import check_model_id, check_output_dir
+    from .keys import ModelKey, write_key_file
+
+    check_model_id(args.model_id)
+    check_output_dir(args.output, "--output")
+    if args.output.exists():
+        raise KeyFileError(f"{args.output}: already exists; refusing to overwrite a key file")
+    try:
+        key = ModelKey.generate(args.model_id, args.version)
+    except ValueError as exc:
+        raise ConfigError(f"--version: {exc}") from None
+    path = write_key_file(args.output, key)
+    if args.json:
+        _print_json({"model_id": key.model_id, "key_version": key.version,
+                     "key_file": str(path)})
+        return 0
+    print(f"new key for {key.model_id!r} version {key.version} written to {path} (mode "
+          f"0600); seal with --key {path}, then upload it with `sealedtorch keys rotate "
+          f"--model-id {key.model_id} --key {path}`")
     return 0
 
 
@@ -463,6 +586,11 @@ def _rotate(args: argparse.Namespace) -> int:
         else:
             version, key = admin.rotate(args.model_id)
             write_key_file(args.key_out, key)
+    if args.json:
+        _print_json({"model_id": args.model_id, "key_version": version,
+                     "key_file": str(args.key_out or args.key),
+                     "generated_by_keyserver": args.key_out is not None})
+        return 0
     print(f"{args.model_id}: new key version {version}"
           + (f", key written to {args.key_out}" if args.key_out else ""))
     return 0
@@ -471,6 +599,9 @@ def _rotate(args: argparse.Namespace) -> int:
 def _state_change(args: argparse.Namespace, action: str) -> int:
     with _admin(args) as admin:
         result = getattr(admin, action)(args.model_id, args.version, args.reason)
+    if args.json:
+        _print_json(result)
+        return 0
     versions = ", ".join(str(v) for v in result["changed"])
     print(f"{result['model_id']}: version(s) {versions} {result['state']}")
     return 0
@@ -510,7 +641,9 @@ def add_fetch_key_parser(attest_subparsers: argparse._SubParsersAction) -> None:
                    help="sim platform directory (or $SEALEDTORCH_SIM_PLATFORM)")
     p.add_argument("--runtime-config", type=Path,
                    help="sim: configuration file included in the measurement")
-    p.add_argument("--role", choices=["runtime", "holder"], default="runtime")
+    p.add_argument("--role", choices=["runtime", "holder"], default="runtime",
+                   help="runtime: uses keys itself; holder: holds them for local runtimes "
+                        "(the keycache)")
     p.add_argument("--model-id", required=True)
     p.add_argument("--version", type=int, help="key version (default: latest active)")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="KEYFILE")
@@ -519,10 +652,14 @@ def add_fetch_key_parser(attest_subparsers: argparse._SubParsersAction) -> None:
 
 def _fetch_key(args: argparse.Namespace) -> int:
     from .attest.attesters import get_attester
+    from .cli import check_https_url
+    from .cli_format import check_model_id
     from .keys import write_key_file
     from .keyserver.client import AttestedKeyClient
 
+    check_model_id(args.model_id)
     _need(args, "keyserver")
+    check_https_url(args.keyserver, "--keyserver")
     if args.output.exists():
         raise KeyFileError(f"{args.output}: already exists; refusing to overwrite a key file")
     config = b""

@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from .cli import hidden_alias
 from .errors import ConfigError
+
+#: ``serve``'s default address: not the keyserver's 8443, so both run on one host as-is.
+DEFAULT_LISTEN = "127.0.0.1:9443"
+
+
+def _default_socket() -> str:
+    from .cli_keycache import ENV_SOCKET
+    from .keycache.protocol import DEFAULT_SOCKET
+
+    return os.environ.get(ENV_SOCKET) or DEFAULT_SOCKET
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,10 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--arch", action="append", default=[], metavar="[NAME=]ARCH",
                    help="architecture for model NAME (or for every model) instead of the one "
                         "in the sealed metadata; must be on the allow-list")
-    p.add_argument("--keycache", metavar="SOCKET",
-                   help="the keycache's Unix socket (where the keys come from)")
-    p.add_argument("--listen", default="127.0.0.1:8443", metavar="HOST:PORT",
-                   help="address to serve on (port 0: any free port; default %(default)s)")
+    p.add_argument("--keycache", metavar="SOCKET", default=_default_socket(),
+                   help="the keycache's Unix socket, where the keys come from "
+                        "($SEALEDTORCH_KEYCACHE_SOCKET; default %(default)s)")
+    p.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
+                   help="address to serve on (port 0: any free port; default %(default)s; "
+                        "the keyserver's default is 8443)")
     p.add_argument("--tls-cert", type=Path, help="server certificate (PEM); default: a fresh "
                    "self-signed certificate whose key never leaves memory")
     p.add_argument("--tls-key", type=Path, help="private key of --tls-cert (PEM)")
@@ -68,12 +82,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input", type=Path, required=True,
                    help=".npy (one input), .npz (named inputs), .pt (tensor or dict) or "
                         ".json ({name: nested list} or a KServe request body)")
-    p.add_argument("--sim-root", type=Path, action="append", default=[],
-                   help="trust this sim platform key (platform.pub); repeatable")
+    p.add_argument("--trust-sim-root", dest="sim_root", type=Path, action="append",
+                   default=[], metavar="FILE",
+                   help="sim: trust this sim platform's platform.pub (INSECURE, development "
+                        "only; repeatable)")
+    hidden_alias(p, "--sim-root", dest="sim_root", type=Path, action="append")
     p.add_argument("--output", type=Path, help="write outputs to .npz/.npy/.json")
     p.add_argument("--json-wire", action="store_true",
                    help="send tensors as JSON instead of the binary extension")
-    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="per-request timeout in seconds")
     p.add_argument("--allow-file-tls-key", action="store_true",
                    help="accept a runtime whose TLS key was loaded from a file (serve "
                         "--tls-key): the host may hold that key; refused by default")
@@ -201,8 +219,10 @@ def _write_outputs(path: Path, outputs: dict[str, Any]) -> None:
 
 
 def _client_infer(args: argparse.Namespace) -> int:
+    from .cli import check_https_url
     from .runtime.client import AttestedClient
 
+    check_https_url(args.url, "--url")
     inputs = read_input_file(args.input)
     with AttestedClient(args.url, policy=args.policy, sim_roots=args.sim_root,
                         timeout=args.timeout,

@@ -187,7 +187,7 @@ def _run(args: argparse.Namespace, work: Path, procs: _Processes) -> None:
 
     # 2. The sim platform and the measurements the policy pins -----------------------------
     sim_dir = work / "sim"
-    _cli("sim", "init", "--out", str(sim_dir))
+    _cli("sim", "init", "--output", str(sim_dir))
     runtime_meas = _cli("serve", "--print-measurement", "--device", "cpu").strip()
     holder_meas = json.loads(_cli("attest", "measure", "--json"))["measurement"]
     policy = {"allow": [{"tee": "sim", "measurement": runtime_meas}],
@@ -269,7 +269,7 @@ def _run(args: argparse.Namespace, work: Path, procs: _Processes) -> None:
     x = _image_tensor()
     np.save(work / "image.npy", x)
     _cli("client", "infer", "--url", server.url, "--policy", str(work / "runtime-policy.json"),
-         "--model", "resnet50", "--input", str(work / "image.npy"), "--sim-root",
+         "--model", "resnet50", "--input", str(work / "image.npy"), "--trust-sim-root",
          str(sim_dir / "platform.pub"), "--output", str(work / "logits.npz"))
     served = np.load(work / "logits.npz")
     served_logits = torch.from_numpy(served[served.files[0]])

@@ -193,3 +193,11 @@ class ModelUnloaded(KeyUnavailable):
 
     problem_type = "model-unloaded"
     http_status = 503
+
+
+class TlsVerificationError(KeyUnavailable):
+    """The service's TLS certificate did not verify against the CA we were given (or the
+    system store, when none was): usually a missing or wrong ``--ca`` file, possibly someone
+    in between.  Nothing was sent."""
+
+    problem_type = "tls-verification"

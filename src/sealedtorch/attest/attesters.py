@@ -339,8 +339,9 @@ def detect(*, sim_platform: Path | str | None = None,
             f"no configfs-tsm provider at {tsm_root}"
         raise ConfigError(
             f"no TEE found: no Gramine SGX quote at {sgx_root / 'quote'}, {found}, and no "
-            f"sim platform configured (pass one or set SEALEDTORCH_SIM_PLATFORM to use the "
-            f"insecure software TEE for development)") from None
+            f"sim platform configured (pass --sim-platform DIR or set "
+            f"$SEALEDTORCH_SIM_PLATFORM to use the insecure software TEE for "
+            f"development)") from None
     return _sim_attester(sim_dir, runtime_config, sim_debug, sim_svn)
 
 

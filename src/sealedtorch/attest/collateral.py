@@ -749,7 +749,8 @@ def _fetch(url: str, key: CollateralKey, config: VerifierConfig) -> Collateral:
     if url.startswith("file:"):
         return _from_file_source(url, key)
     if not url.startswith(("http://", "https://")):
-        raise CollateralError(f"pccs_url must be an http(s):// or file: URL, got {url!r}")
+        raise CollateralError(f"the PCCS URL (--pccs-url, pccs_url) must be an http(s):// or "
+                              f"file: URL, got {url!r}")
     return PccsClient(url, timeout=config.http_timeout).fetch(key)
 
 
@@ -771,7 +772,8 @@ def obtain(key: CollateralKey, *, at: int, config: VerifierConfig,
     if cache is None and url is None:
         raise CollateralError(
             f"no collateral for {key}: the evidence carries none and no collateral source "
-            "is configured (set VerifierConfig.pccs_url and/or cache_dir)")
+            "is configured (pass --pccs-url URL and/or --cache-dir DIR; on the keyserver: "
+            "pccs_url in keyserver.json)")
     with _lock_for(key):
         entry = cache.get(key) if cache is not None else None
         if entry is not None and entry.fresh(at, refresh_interval):

@@ -173,8 +173,8 @@ def platform_dir(directory: Path | str | None = None) -> Path:
     if env:
         return Path(env)
     raise ConfigError(
-        f"no sim platform configured: pass the platform directory explicitly or set "
-        f"{ENV_PLATFORM} (create one with `sealedtorch sim init DIR`)")
+        f"no sim platform configured: pass --sim-platform DIR or set ${ENV_PLATFORM} "
+        f"(create one with `sealedtorch sim init --output DIR`)")
 
 
 # --- the verifier ----------------------------------------------------------------------
@@ -220,8 +220,8 @@ def verify(evidence: Evidence, *, at: int, config: VerifierConfig) -> SimClaims:
     refused = "sim evidence is refused unless the relying party trusts that sim platform key"
     if not config.sim_platform_keys:
         raise AttestationError(
-            f"{refused}, and this relying party trusts no sim platform key "
-            f"(VerifierConfig.sim_platform_keys is empty); the evidence names platform key "
+            f"{refused}, and this relying party trusts no sim platform key: give it the "
+            f"platform's platform.pub with --trust-sim-root FILE; the evidence names key "
             f"{st.platform_key.hex()}")
     if st.platform_key not in config.sim_platform_keys:
         raise AttestationError(

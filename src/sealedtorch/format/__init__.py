@@ -131,6 +131,7 @@ def load_model(path: str | os.PathLike[str], module: torch.nn.Module, *, key: Ke
 def inspect_file(path: str | os.PathLike[str], key: KeyArg | None = None) -> dict[str, Any]:
     """Describe a sealed file: the preamble, and with a key the tensor table and metadata."""
     f = SealedFile(path)
+    f.check_size()  # even without a key: a truncated copy must not look fine
     info: dict[str, Any] = {"path": str(f.path), "preamble": f.preamble.to_json()}
     if key is not None:
         opened = f.open(_key_for(f, key))

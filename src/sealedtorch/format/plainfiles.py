@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import tempfile
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -32,13 +32,16 @@ def load_plain(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], d
         if is_hf_directory(p):
             found = read_hf_directory(p)
             return found.state_dict, found.metadata
-        raise FormatError(f"{p}: a directory, but not a Hugging Face model directory (no "
-                          "config.json); seal a .pt, .pth or .safetensors file or a "
+        raise FormatError(f"{p}: is a directory, but not a Hugging Face model directory "
+                          "(no config.json); expected a .pt, .pth or .safetensors file or a "
                           "transformers model directory")
     if not p.is_file():
         raise FormatError(f"{p}: no such file")
     if p.suffix == ".safetensors":
         return _load_safetensors(p)
+    if not _looks_like_torch_save(p):
+        raise FormatError(f"{p}: not a torch.save file (neither a zip archive nor a pickle); "
+                          "expected a state_dict saved with torch.save, or .safetensors")
     try:
         try:
             obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
@@ -47,11 +50,14 @@ def load_plain(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], d
                 raise
             obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise FormatError(
-            f"{p}: refusing to load: the file contains objects other than tensors and plain "
-            f"containers, and sealedtorch never unpickles arbitrary code ({exc})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
-        raise FormatError(f"{p}: not a readable torch.save file ({exc})") from None
+        if _GLOBAL.search(str(exc)) is None:  # garbage, not a refused object
+            raise FormatError(f"{p}: not a readable torch.save file "
+                              f"({_first_line(exc)})") from None
+        raise FormatError(_refusal(p, exc)) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, IndexError, KeyError,
+            OverflowError, MemoryError) as exc:
+        raise FormatError(f"{p}: not a readable torch.save file "
+                          f"({_first_line(exc)})") from None
     if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
         raise FormatError(f"{p}: expected a state_dict (a dict of name -> tensor), got "
                           f"{type(obj).__name__}")
@@ -60,6 +66,36 @@ def load_plain(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], d
         raise UnsupportedTensorError(
             f"{p}: entries {bad[:5]} are not tensors; save model.state_dict() only")
     return dict(obj), {}
+
+
+def _looks_like_torch_save(p: Path) -> bool:
+    """torch.save writes a zip archive (since 1.6) or, legacy, a pickle (opcode 0x80)."""
+    try:
+        with p.open("rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise FormatError(f"{p}: cannot read: {exc.strerror}") from None
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
+_GLOBAL = re.compile(r"(?:GLOBAL|global) ([\w.]+)")
+
+
+def _first_line(exc: BaseException) -> str:
+    """torch's own messages run to paragraphs with ANSI codes: keep their first line."""
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(exc)).strip()
+    inner = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    if inner:  # the unpickler's own reason, without torch's weights_only essay
+        return inner.group(1).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _refusal(p: Path, exc: BaseException) -> str:
+    found = _GLOBAL.search(str(exc))
+    what = f" (it holds a pickled {found.group(1)})" if found else ""
+    return (f"{p}: refusing to load: the file contains objects other than tensors and plain "
+            f"containers{what}, and sealedtorch never unpickles arbitrary code; save "
+            "model.state_dict() instead of the model")
 
 
 def _load_safetensors(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -93,8 +129,10 @@ def save_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, Any],
         raise FormatError(f"{target}: already exists (use --force to replace)")
     own = {k: v.clone() for k, v in tensors.items() if k not in aliases}
     meta = {META_KEY: json.dumps(metadata), ALIAS_KEY: json.dumps(aliases)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    from .writer import create_locked_temp, remove_stale_temp_files
+
+    remove_stale_temp_files(target)
+    fd, tmp = create_locked_temp(target)  # locked until the rename: not stale meanwhile
     try:
         try:
             save_file(own, tmp, metadata=meta)
@@ -105,6 +143,7 @@ def save_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, Any],
         Path(tmp).unlink(missing_ok=True)
         raise
     finally:
+        os.close(fd)
         for t in own.values():
             t.zero_()
     return target

@@ -2,12 +2,18 @@
 
 The output appears atomically: it is written to a temporary file beside the target and
 renamed only after every chunk is encrypted and flushed, so a failure never leaves a partial
-file under the target name.  Chunks are independent (counter nonces, per-chunk AAD), so they
-are encrypted by several threads, each into its own buffer, and written with ``pwrite``.
+file under the target name.  The writer holds an exclusive ``flock`` on its temporary file;
+a process killed mid-write (SIGKILL, power loss) leaves the file but not the lock, so the
+next write to the same target finds it (:func:`remove_stale_temp_files`) and removes it.
+Chunks are independent (counter nonces, per-chunk AAD), so they are encrypted by several
+threads, each into its own buffer, and written with ``pwrite``.
 """
 
 from __future__ import annotations
 
+import fcntl
+import glob
+import logging
 import os
 import tempfile
 from collections.abc import Mapping
@@ -36,6 +42,72 @@ from .spec import (
     file_digest,
     header_aad,
 )
+
+log = logging.getLogger(__name__)
+
+
+def _temp_prefix(target: Path) -> str:
+    return f".{target.name}."
+
+
+def remove_stale_temp_files(target: str | os.PathLike[str]) -> list[tuple[Path, int]]:
+    """Remove the temporary files an interrupted write to ``target`` left behind.
+
+    A temporary file is stale when no process holds its lock (its writer is gone); one
+    being written right now is left alone.  Returns (path, size in bytes) of each removed
+    file, so the caller can say what it cleaned up."""
+    target = Path(target)
+    removed: list[tuple[Path, int]] = []
+    try:
+        candidates = sorted(target.parent.glob(f"{glob.escape(_temp_prefix(target))}*.tmp"))
+    except OSError:
+        return removed
+    for path in candidates:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a live writer holds it
+            st = os.fstat(fd)
+            try:
+                if os.stat(path, follow_symlinks=False).st_ino != st.st_ino:
+                    continue
+                path.unlink()
+            except OSError:
+                continue
+            removed.append((path, st.st_size))
+            log.info("removed stale temporary file %s (%d bytes) left by an interrupted "
+                     "write", path, st.st_size)
+        finally:
+            os.close(fd)
+    return removed
+
+
+def create_locked_temp(target: str | os.PathLike[str]) -> tuple[int, str]:
+    """A new temporary file beside ``target`` (mode 0600 until the caller changes it),
+    exclusively locked for as long as the returned descriptor is open."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        raise ConfigError(f"{target}: the directory {target.parent} does not exist")
+    for _ in range(5):
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(target), suffix=".tmp",
+                                       dir=target.parent)
+        except OSError as exc:
+            raise ConfigError(f"cannot create a file in {target.parent}: "
+                              f"{exc.strerror}") from None
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:  # a cleaner may have removed it between mkstemp and flock: start again
+            if os.stat(tmp).st_ino == os.fstat(fd).st_ino:
+                return fd, tmp
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    raise ConfigError(f"cannot create a temporary file beside {target}")  # pragma: no cover
 
 
 @dataclass(frozen=True)
@@ -119,7 +191,7 @@ def seal_state_dict(state_dict: Mapping[str, Any], path: str | os.PathLike[str],
                           f"[{MIN_CHUNK_SIZE}, {MAX_CHUNK_SIZE}], got {chunk_size}")
     target = Path(path)
     if target.exists() and not overwrite:
-        raise ConfigError(f"{target}: already exists (pass overwrite=True / --force to replace)")
+        raise ConfigError(f"{target}: already exists (use --force to replace it)")
     entries, sources, data_length = _plan(state_dict)
     header = Header(tuple(entries), dict(metadata or {}))
     try:
@@ -146,7 +218,8 @@ def seal_state_dict(state_dict: Mapping[str, Any], path: str | os.PathLike[str],
     header_ct = keys.header.encrypt(crypto.counter_nonce(0), header_plain, header_aad(pre))
     digest = file_digest(pre, header_ct)
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    remove_stale_temp_files(target)
+    fd, tmp = create_locked_temp(target)
     try:
         os.fchmod(fd, 0o644 & ~_umask())  # ciphertext is meant to be copied around
         os.write(fd, pre + header_ct)

@@ -243,7 +243,8 @@ def _clear_stale(path: Path) -> None:
         return
     finally:
         probe.close()
-    raise ConfigError(f"another process is already serving on {path}")
+    raise ConfigError(f"cannot listen on {path}: Address already in use (another process "
+                      f"is already serving on it)")
 
 
 def bind_unix_socket(path: str | os.PathLike[str], *, mode: int = 0o660,
@@ -289,18 +290,23 @@ class KeycacheServer:
     """Serve a :class:`Keycache` on a Unix socket (blocking :meth:`serve`, or a thread)."""
 
     def __init__(self, keycache: Keycache, socket_path: str | os.PathLike[str], *,
-                 mode: int = 0o660, dir_mode: int = 0o750, group: int | None = None) -> None:
+                 mode: int = 0o660, dir_mode: int = 0o750, group: int | None = None,
+                 sock: socket.socket | None = None) -> None:
+        """``sock``: a socket already made by :func:`bind_unix_socket` for ``socket_path``
+        (``keycache run`` binds first, so that a socket in use fails before any key is
+        fetched)."""
         self.keycache = keycache
         self.socket_path = Path(socket_path).absolute()
         self._mode, self._dir_mode, self._group = mode, dir_mode, group
         self._server: Server | None = None
         self._thread: threading.Thread | None = None
-        self._sock: socket.socket | None = None
+        self._sock: socket.socket | None = sock
         self._inode: tuple[int, int] | None = None
 
     def _prepare(self) -> Server:
-        self._sock = bind_unix_socket(self.socket_path, mode=self._mode,
-                                      dir_mode=self._dir_mode, group=self._group)
+        if self._sock is None:
+            self._sock = bind_unix_socket(self.socket_path, mode=self._mode,
+                                          dir_mode=self._dir_mode, group=self._group)
         st = self.socket_path.stat()
         self._inode = (st.st_dev, st.st_ino)
         config = Config(create_app(self.keycache), http=PeerCredProtocol, lifespan="off",

@@ -25,6 +25,7 @@ typed error is an explicit refusal by the keyserver (attestation, policy, authen
 
 from __future__ import annotations
 
+import collections
 import logging
 import random
 import threading
@@ -65,6 +66,20 @@ class Backoff:
         self.failures = 0
 
 
+#: How many (model version, runtime) rows ``keycache status`` keeps.
+RELEASE_LOG_SIZE = 256
+
+
+def runtime_measurement(claims: Any) -> str | None:
+    """The code identity of a runtime, hex: the sim/SNP measurement, TDX MRTD or SGX
+    MRENCLAVE (whichever the claims carry)."""
+    for name in ("measurement", "mr_td", "mr_enclave"):
+        value = getattr(claims, name, None)
+        if isinstance(value, bytes | bytearray) and value:
+            return bytes(value).hex()
+    return None
+
+
 class Keycache:
     """Keys from the keyserver, held in memory, released to attested local runtimes."""
 
@@ -95,6 +110,11 @@ class Keycache:
         self.refusals = 0
         self.released = 0
         self.refused = 0
+        # who got which key and when (for `keycache status`): one row per model version
+        # and runtime (pid, uid, measurement), at most RELEASE_LOG_SIZE rows, oldest dropped
+        self._release_log: collections.OrderedDict[tuple[Any, ...], dict[str, Any]] = \
+            collections.OrderedDict()
+        self._release_log_lock = threading.Lock()
 
     # --- refreshing ---------------------------------------------------------------------
 
@@ -107,7 +127,9 @@ class Keycache:
                 released = self.upstream.fetch_all()
                 changes = self.store.replace(released, leased_at=sent_at)
             except UpstreamUnavailable as exc:
-                self._failed(f"keyserver unreachable: {exc}", reachable=False)
+                text = str(exc)  # a TLS verification failure is not an outage: say which
+                self._failed(text if text.startswith("TLS verification") else
+                             f"keyserver unreachable: {text}", reachable=False)
                 return False
             except SealedTorchError as exc:
                 message = f"keyserver refused this keycache ({type(exc).__name__}): {exc}"
@@ -251,6 +273,7 @@ class Keycache:
                         type(exc).__name__, exc)
             raise
         self.released += 1
+        self._record_release(entry.model_id, entry.version, peer, claims)
         log.info("keycache released %s version %d to %s (%s%s; %s)", entry.model_id,
                  entry.version, peer or "unknown peer", claims.tee,
                  ", INSECURE" if claims.insecure else "", decision.reasons[0])
@@ -258,6 +281,32 @@ class Keycache:
                 "policy_digest": entry.policy.digest()}
 
     # --- status -------------------------------------------------------------------------
+
+    def _record_release(self, model_id: str, version: int, peer: PeerCred | None,
+                        claims: Any) -> None:
+        measurement = runtime_measurement(claims)
+        pid, uid, gid = (peer.pid, peer.uid, peer.gid) if peer else (None, None, None)
+        row_key = (model_id, version, pid, uid, measurement)
+        now = self._wall()
+        with self._release_log_lock:
+            row = self._release_log.pop(row_key, None)
+            if row is None:
+                row = {"model_id": model_id, "version": version, "pid": pid, "uid": uid,
+                       "gid": gid, "tee": str(getattr(claims, "tee", "")),
+                       "measurement": measurement,
+                       "insecure": bool(getattr(claims, "insecure", False)),
+                       "first_at": now, "count": 0}
+            row["last_at"] = now
+            row["count"] += 1
+            self._release_log[row_key] = row
+            while len(self._release_log) > RELEASE_LOG_SIZE:
+                self._release_log.popitem(last=False)
+
+    def releases(self) -> list[dict[str, Any]]:
+        """Which runtime (pid, uid, measurement) got which key version, and when (first and
+        last time, how often), most recent last.  Never key bytes."""
+        with self._release_log_lock:
+            return [dict(row) for row in self._release_log.values()]
 
     def status(self) -> dict[str, Any]:
         store = self.store
@@ -298,4 +347,5 @@ class Keycache:
             "local": {"mode": self.appraiser.mode, "nonce_ttl_s": self.nonces.ttl,
                       "released": self.released, "refused": self.refused},
             "started_at": self._started_wall,
+            "releases": self.releases(),
         }

@@ -34,6 +34,7 @@ from ..errors import (
     IntegrityError,
     KeyUnavailable,
     SealedTorchError,
+    TlsVerificationError,
 )
 from ..keys import ModelKey, read_key_file
 from . import protocol
@@ -82,15 +83,42 @@ def _parse_time(text: str) -> float:
     return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
+def _is_tls_verification_failure(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return "CERTIFICATE_VERIFY_FAILED" in str(exc)
+
+
+def tls_failure_text(url: str, ca: Path | str | ssl.SSLContext | None,
+                     exc: BaseException) -> str:
+    """Say that TLS verification failed (not "unreachable"), which CA was used and how to
+    pass the right one: the flag, its variable and the file ``keyserver init`` wrote."""
+    reason = str(exc).split("(_ssl.c")[0].strip().rstrip(":") or type(exc).__name__
+    if ca is None:
+        used = "no --ca file was given, so the system trust store was used"
+    elif isinstance(ca, ssl.SSLContext):
+        used = "the given TLS context does not trust it"
+    else:
+        used = f"the --ca file {ca} does not verify it"
+    return (f"TLS verification of keyserver {url} failed ({reason}): {used}; pass the "
+            "keyserver's CA certificate with --ca FILE (or $SEALEDTORCH_KEYSERVER_CA): "
+            "tls/ca.pem in the keyserver's data directory")
+
+
 class _Http:
     """httpx with the pinned CA, problem+json → typed errors, transport errors →
     :class:`KeyUnavailable`."""
 
     def __init__(self, url: str, ca: Path | str | ssl.SSLContext | None, timeout: float,
                  transport: httpx.BaseTransport | None = None) -> None:
-        if not url.startswith(("https://", "http://")):
+        if not url.startswith("https://") and not (transport is not None
+                                                   and url.startswith("http://")):
             raise ConfigError(f"keyserver URL must start with https:// (got {url!r})")
         self.url = url.rstrip("/")
+        self._ca = ca
         verify: ssl.SSLContext | bool = client_context(ca) if url.startswith("https://") \
             else False
         self._client = httpx.Client(base_url=self.url, verify=verify, timeout=timeout,
@@ -103,6 +131,11 @@ class _Http:
         try:
             response = self._client.request(method, path, json=json, params=params,
                                             headers=headers)
+        except httpx.ConnectError as exc:
+            if _is_tls_verification_failure(exc):
+                raise TlsVerificationError(tls_failure_text(self.url, self._ca, exc)) from None
+            raise KeyUnavailable(f"keyserver {self.url} unreachable: "
+                                 f"{type(exc).__name__}: {exc}") from None
         except httpx.HTTPError as exc:
             raise KeyUnavailable(f"keyserver {self.url} unreachable: "
                                  f"{type(exc).__name__}: {exc}") from None

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,12 +136,38 @@ def with_database(cfg: KeyserverConfig, url: str | None) -> KeyserverConfig:
                                               if k == "max_connections"}})
 
 
+#: The SQLite store and the files SQLite keeps beside it (same permissions as the store).
+SQLITE_SUFFIXES = ("", "-wal", "-shm", "-journal")
+
+
+def private_sqlite_files(path: Path) -> None:
+    """Make the store and its -wal/-shm files 0600 (they hold wrapped keys, policies and
+    the audit log: nobody else on the host has to read them).  SQLite creates -wal and -shm
+    with the store file's mode, so creating the store 0600 first covers them; files an
+    older version left 0644 are tightened."""
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+    except OSError as exc:
+        raise ConfigError(f"cannot open store {path}: {exc.strerror}") from None
+    for suffix in SQLITE_SUFFIXES:
+        p = Path(f"{path}{suffix}")
+        try:
+            st = p.lstat()
+            if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077 and st.st_uid == os.geteuid():
+                os.chmod(p, 0o600)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise ConfigError(f"cannot restrict {p} to mode 0600: {exc.strerror}") from None
+
+
 def open_store_settings(settings: dict[str, Any], data_dir: Path) -> Store:
     kind = settings.get("type")
     if kind == "sqlite":
         p = Path(settings["path"])
-        return SqliteStore(p if p.is_absolute() else data_dir / p,
-                           synchronous=str(settings.get("synchronous", "FULL")))
+        path = p if p.is_absolute() else data_dir / p
+        private_sqlite_files(path)
+        return SqliteStore(path, synchronous=str(settings.get("synchronous", "FULL")))
     if kind == "postgresql":
         from .store_pg import PostgresStore
 

@@ -138,8 +138,13 @@ def run(data_dir: Path | str, listen: str, *, trust_sim_roots: Sequence[Path | s
     configure_logging(log_format)
     cfg = with_database(load_config(data_dir), database)
     host, port = parse_listen(listen)
-    service = build_keyserver(cfg, trust_sim_roots=trust_sim_roots)
-    server = _QuietServer(uvicorn_config(cfg, service, host, port))
+    sock = bind_listen_socket(host, port)  # before anything is opened or logged
+    try:
+        service = build_keyserver(cfg, trust_sim_roots=trust_sim_roots)
+        server = _QuietServer(uvicorn_config(cfg, service, host, port))
+    except BaseException:
+        sock.close()
+        raise
 
     def stop(signum: int, _frame: object) -> None:
         log.info("signal %d: draining requests in flight, then stopping", signum)
@@ -152,21 +157,58 @@ def run(data_dir: Path | str, listen: str, *, trust_sim_roots: Sequence[Path | s
                                "kek": service.kek.kek_id,
                                "token_key": service.signer.key_id}})
     try:
-        asyncio.run(server.serve())
+        asyncio.run(server.serve(sockets=[sock]))
     finally:
+        sock.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         service.store.close()
         log.info("keyserver stopped")
 
 
+def bind_listen_socket(host: str, port: int) -> socket.socket:
+    """Bind (and listen on) ``host:port`` now, so that an address in use is one clear
+    :class:`ConfigError` ("cannot listen on ...: Address already in use", exit 2) before
+    the store is opened or "listening" is logged."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _busy(connection: Any) -> bool:
+    """A connection with a request in flight (its response not yet complete)."""
+    cycle = getattr(connection, "cycle", None)
+    return cycle is not None and not getattr(cycle, "response_complete", True)
+
+
 class _QuietServer(uvicorn.Server):
     """uvicorn's server without its own signal capture (which re-raises the signal after
-    draining and so would skip closing the store); :func:`run` installs handlers instead."""
+    draining and so would skip closing the store); :func:`run` installs handlers instead.
+
+    Shutdown drains the requests in flight but does not wait for idle keep-alive
+    connections to finish closing: uvicorn closes them with a TLS close_notify and asyncio
+    then waits for the peer's answer, which a client that is not reading (a keycache
+    between refreshes) never sends, so shutdown took the whole graceful timeout (7-10 s).
+    Those connections end with the process."""
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+    async def _wait_tasks_to_complete(self) -> None:
+        state = self.server_state
+        while not self.force_exit and any(_busy(c) for c in list(state.connections)):
+            await asyncio.sleep(0.05)
+        while not self.force_exit and state.tasks:
+            await asyncio.sleep(0.05)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -195,8 +237,8 @@ class BackgroundServer:
         service = service or build_keyserver(cfg, trust_sim_roots=trust_sim_roots,
                                              clock=clock)
         port = free_port()
-        server = uvicorn.Server(uvicorn_config(cfg, service, "127.0.0.1", port,
-                                               graceful_timeout=2))
+        server = _QuietServer(uvicorn_config(cfg, service, "127.0.0.1", port,
+                                             graceful_timeout=2))
         thread = threading.Thread(target=lambda: asyncio.run(server.serve()),
                                   name=f"keyserver-{port}", daemon=True)
         thread.start()
