@@ -95,7 +95,8 @@ def test_sqlite_store_from_before_migrations_is_upgraded(tmp_path):
     store.close()
     conn = sqlite3.connect(tmp_path / "old.db")
     assert conn.execute("SELECT value FROM meta").fetchone()[0] == str(schema.LATEST)
-    assert [r[0] for r in conn.execute("SELECT version FROM schema_migrations")] == [1, 2]
+    assert [r[0] for r in conn.execute("SELECT version FROM schema_migrations")] == \
+        [m.version for m in schema.MIGRATIONS]
     conn.close()
 
 

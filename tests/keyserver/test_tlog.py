@@ -14,7 +14,6 @@ from sealedtorch import crypto
 from sealedtorch.errors import LogInconsistent, TransparencyError
 from sealedtorch.keyserver import tlog
 
-
 # --- a naive reference: RFC 9162 §2.1 written as recursion over the leaf list -----------
 
 def mth(leaves: Sequence[bytes]) -> bytes:
@@ -31,8 +30,8 @@ def path(m: int, leaves: Sequence[bytes]) -> list[bytes]:
         return []
     k = 1 << ((len(leaves) - 1).bit_length() - 1)
     if m < k:
-        return path(m, leaves[:k]) + [mth(leaves[k:])]
-    return path(m - k, leaves[k:]) + [mth(leaves[:k])]
+        return [*path(m, leaves[:k]), mth(leaves[k:])]
+    return [*path(m - k, leaves[k:]), mth(leaves[:k])]
 
 
 def subproof(m: int, leaves: Sequence[bytes], whole: bool) -> list[bytes]:
@@ -41,8 +40,8 @@ def subproof(m: int, leaves: Sequence[bytes], whole: bool) -> list[bytes]:
         return [] if whole else [mth(leaves)]
     k = 1 << ((n - 1).bit_length() - 1)
     if m <= k:
-        return subproof(m, leaves[:k], whole) + [mth(leaves[k:])]
-    return subproof(m - k, leaves[k:], False) + [mth(leaves[:k])]
+        return [*subproof(m, leaves[:k], whole), mth(leaves[k:])]
+    return [*subproof(m - k, leaves[k:], False), mth(leaves[:k])]
 
 
 class MemoryNodes:
@@ -123,7 +122,7 @@ def test_a_rewritten_leaf_fails_the_consistency_proof(leaves: list[bytes],
 def test_a_tampered_inclusion_proof_is_refused(leaves: list[bytes],
                                                data: st.DataObject) -> None:
     if len(leaves) < 2:
-        leaves = leaves + [b"x"]
+        leaves = [*leaves, b"x"]
     store = build(leaves)
     index = data.draw(st.integers(0, len(leaves) - 1))
     proof = tlog.inclusion_proof(store, index, len(leaves))

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import PolicyDenied, SealedTorchError
+from ..errors import LogInconsistent, PolicyDenied, SealedTorchError
 from . import protocol
 from .local import Appraiser, LocalRequest, NonceRegistry, PeerCred
 from .store import KeyStore
@@ -95,6 +95,14 @@ class Keycache:
                 changes = self.store.replace(released)
             except UpstreamUnavailable as exc:
                 self._failed(f"keyserver unreachable: {exc}", reachable=False)
+                return False
+            except LogInconsistent as exc:
+                # the keyserver's history was rewritten or forked: keys released under it
+                # are not to be trusted, so stop serving them now (not at max-stale)
+                self.store.clear()
+                log.error("keycache: stopped serving, every key wiped: %s", exc)
+                self._failed(f"keyserver transparency log inconsistent: {exc}",
+                             reachable=True)
                 return False
             except SealedTorchError as exc:
                 self._failed(f"keyserver refused this keycache ({type(exc).__name__}): {exc}",

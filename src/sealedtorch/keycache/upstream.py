@@ -32,6 +32,7 @@ from ..errors import (
     AuthenticationError,
     IntegrityError,
     KeyUnavailable,
+    LogInconsistent,
     PolicyDenied,
     PolicyError,
     RequestError,
@@ -103,6 +104,10 @@ class KeyserverUpstream:
         try:
             released = self._client.fetch_all()
         except REFUSALS:
+            raise
+        except LogInconsistent:
+            # the keyserver's log forked or shrank since we last looked: not an outage;
+            # the service stops using keys (see KeycacheService.refresh_once)
             raise
         except (IntegrityError, PolicyError) as exc:
             # a release that does not open, or a policy that does not parse or match its

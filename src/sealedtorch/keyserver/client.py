@@ -34,9 +34,10 @@ from ..errors import (
     IntegrityError,
     KeyUnavailable,
     SealedTorchError,
+    TransparencyError,
 )
 from ..keys import ModelKey, read_key_file
-from . import protocol
+from . import protocol, tlog
 from .problems import error_from_problem
 from .protocol import PROBLEM_MEDIA_TYPE, Role, b64encode
 from .tls import client_context
@@ -135,8 +136,12 @@ class AttestedKeyClient:
 
     def __init__(self, url: str, ca: Path | str | ssl.SSLContext | None, attester: Attester,
                  role: Role | str = Role.RUNTIME, *, timeout: float = 10.0,
-                 transport: httpx.BaseTransport | None = None) -> None:
+                 transport: httpx.BaseTransport | None = None,
+                 witness: tlog.Witness | None = None) -> None:
         self.attester = attester
+        #: Checks every release's transparency-log receipt and keeps the newest checkpoint
+        #: (log key pinned on first use unless the witness was given one).
+        self.witness = witness if witness is not None else tlog.Witness()
         self.role = Role(role)
         self._http = _Http(url, ca, timeout, transport)
         self._lock = threading.Lock()
@@ -197,6 +202,9 @@ class AttestedKeyClient:
             return self._result.token, self._keypair
 
     def _get(self, path: str, params: dict[str, Any] | None = None) -> list[ReleasedKey]:
+        params = dict(params or {})
+        if self.witness.size is not None:  # ask for a consistency proof from what we saw
+            params["tlog_since"] = self.witness.size
         token, keypair = self._session()
         try:
             answer = self._http.request("GET", path, token=token, params=params)
@@ -207,9 +215,28 @@ class AttestedKeyClient:
             answer = self._http.request("GET", path, token=token, params=params)
         try:
             items = answer["keys"]
-            return [_open(item, keypair) for item in items]
+            released = [_open(item, keypair) for item in items]
         except (KeyError, TypeError, ValueError) as exc:
             raise SealedTorchError(f"keyserver sent a malformed key release: {exc}") from None
+        self._check_receipt(answer.get("receipt"), released, keypair)
+        return released
+
+    def _check_receipt(self, receipt: Any, released: list[ReleasedKey],
+                       keypair: crypto.EphemeralKeyPair) -> None:
+        """No key is used unless its release is on the log: the receipt's checkpoint is
+        signed by the log key, consistent with every checkpoint seen before, and includes
+        an ``allow`` record of releasing exactly this key version to this key pair."""
+        _, included = self.witness.check_receipt(receipt)
+        thumbprint = protocol.thumbprint(keypair.public_bytes)
+        for item in released:
+            key = item.model_key
+            if not any(tlog.release_record_matches(rec, model_id=key.model_id,
+                                                   version=key.version,
+                                                   thumbprint=thumbprint)
+                       for rec in included.values()):
+                raise TransparencyError(
+                    f"model {key.model_id!r} version {key.version}: the release is not in "
+                    f"the transparency log (no included allow record for this key pair)")
 
     def fetch_all(self) -> list[ReleasedKey]:
         """Every active key version this identity may have (attesting first if needed)."""

@@ -25,7 +25,7 @@ import uvicorn
 from .. import attest
 from ..attest import sim
 from ..errors import ConfigError
-from . import tls
+from . import tlog, tls
 from .app import RateLimit, create_app
 from .config import KeyserverConfig, load_config, open_kek, open_store, with_database
 from .service import Clock, Keyserver
@@ -83,10 +83,16 @@ def build_keyserver(cfg: KeyserverConfig, *, trust_sim_roots: Sequence[Path | st
     verifier = attest.VerifierConfig(
         sim_platform_keys=roots, pccs_url=cfg.pccs_url, kds_url=cfg.kds_url,
         cache_dir=cfg.data_dir / "cache")
-    return Keyserver(store=open_store(cfg), kek=open_kek(cfg),
+    store = open_store(cfg)
+    try:
+        transparency = tlog.open_log(store, cfg.data_dir)
+    except BaseException:
+        store.close()
+        raise
+    return Keyserver(store=store, kek=open_kek(cfg),
                      signer=TokenSigner.load(cfg.path(cfg.token_signing_key)),
                      verifier=verifier, clock=clock, nonce_ttl=cfg.nonce_ttl,
-                     token_ttl=cfg.token_ttl)
+                     token_ttl=cfg.token_ttl, transparency=transparency)
 
 
 def parse_listen(listen: str) -> tuple[str, int]:

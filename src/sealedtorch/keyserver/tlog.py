@@ -675,3 +675,17 @@ def release_record_matches(record: dict[str, Any], *, model_id: str, version: in
     versions = record.get("versions")
     return record.get("version") == version or (
         isinstance(versions, list) and version in versions)
+
+
+def open_log(store: Any, data_dir: Path) -> TransparencyLog:
+    """The log of a keyserver data directory: its signer (created on first run), checked
+    against the key the store's log is signed with, and the tree caught up with any audit
+    records written before the log existed."""
+    signer = load_or_create_signer(data_dir)
+    with store.transaction() as tx:
+        check_store_key(tx, signer.verifier)
+        head = int(tx.audit_head()[0])
+        added = catch_up(tx, tx.audit_leaves, head)
+    if added:
+        log.info("transparency log: built %d leaves for existing audit records", added)
+    return TransparencyLog(signer)
