@@ -689,3 +689,97 @@ def open_log(store: Any, data_dir: Path) -> TransparencyLog:
     if added:
         log.info("transparency log: built %d leaves for existing audit records", added)
     return TransparencyLog(signer)
+
+
+# ----------------------------------------------------------------------- offline audit
+
+def roots_of(leaves: Iterable[bytes], sizes: Iterable[int]) -> dict[int, bytes]:
+    """MTH of the first *n* leaf hashes for each *n* in ``sizes``, in one O(n) pass that
+    keeps only the O(log n) complete subtrees on the right edge (what ``audit verify``
+    recomputes from the records themselves, trusting no stored node)."""
+    want = set(sizes)
+    out: dict[int, bytes] = {}
+    if 0 in want:
+        out[0] = EMPTY_ROOT
+    stack: list[tuple[int, bytes]] = []  # (level, hash), levels strictly decreasing
+    n = 0
+    for leaf in leaves:
+        level, acc = 0, leaf
+        while stack and stack[-1][0] == level:
+            acc = crypto.merkle_node_hash(stack.pop()[1], acc)
+            level += 1
+        stack.append((level, acc))
+        n += 1
+        if n in want:
+            out[n] = fold([h for _, h in stack])
+    return out
+
+
+@dataclass(frozen=True)
+class LogReport:
+    """Outcome of :func:`verify_log`."""
+
+    ok: bool
+    leaves: int
+    root: bytes
+    problems: tuple[str, ...] = ()
+    saved_size: int | None = None
+
+
+def verify_log(tx: Any, records: Sequence[Any], *, saved: str | None = None,
+               verifier: Verifier | None = None) -> LogReport:
+    """Recompute the tree from the audit ``records`` (all of them, in order) and check it
+    against the stored tree and, if given, a checkpoint ``saved`` earlier: a record
+    rewritten, deleted, inserted or reordered since, or a truncated log, makes the saved
+    root unreachable and is reported."""
+    problems: list[str] = []
+    leaves = [crypto.merkle_leaf_hash(r.record_json.encode()) for r in records]
+    saved_cp: Checkpoint | None = None
+    if saved is not None:
+        if verifier is None:
+            raise ConfigError("verifying a saved checkpoint needs the log's verifier key")
+        saved_cp = open_checkpoint(saved, verifier)
+    sizes = {len(leaves)} | ({saved_cp.size} if saved_cp is not None
+                             and saved_cp.size <= len(leaves) else set())
+    roots = roots_of(leaves, sizes)
+    current = roots[len(leaves)]
+    for i, rec in enumerate(records):
+        if rec.seq != i + 1:
+            problems.append(f"audit record #{i + 1} is missing (found #{rec.seq} in its "
+                            f"place): records were deleted or reordered")
+            break
+    stored_size = tx.tlog_size()
+    if stored_size != len(leaves):
+        problems.append(f"the stored tree has {stored_size} leaves, the audit log "
+                        f"{len(leaves)} records")
+    else:
+        try:
+            if root(tx, stored_size) != current:
+                problems.append("the stored tree's root does not match the records")
+        except IntegrityError as exc:
+            problems.append(str(exc))
+    if saved_cp is not None:
+        if saved_cp.size > len(leaves):
+            problems.append(f"the saved checkpoint covers {saved_cp.size} records but the log "
+                            f"now holds {len(leaves)}: the log was TRUNCATED")
+        elif roots[saved_cp.size] != saved_cp.root:
+            problems.append(f"the first {saved_cp.size} records no longer hash to the saved "
+                            f"checkpoint's root: history was REWRITTEN (records changed, "
+                            f"deleted, inserted or reordered)")
+    return LogReport(not problems, len(leaves), current, tuple(problems),
+                     saved_cp.size if saved_cp is not None else None)
+
+
+def read_signer(data_dir: Path) -> Signer:
+    """A data directory's log signer (never created here: `keyserver init` or the first
+    `keyserver run` does that)."""
+    path = Path(data_dir) / SIGNER_FILE
+    raw = secretfile.read_private(path, what="the transparency-log signing key (created by "
+                                  "`keyserver init` or the first `keyserver run`)",
+                                  error=ConfigError)
+    return Signer.from_skey(raw.decode(errors="replace"))
+
+
+def read_verifier(data_dir: Path) -> Verifier:
+    """The verifier key of a data directory's log (without creating a signer)."""
+    return read_signer(data_dir).verifier
