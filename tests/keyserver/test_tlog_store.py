@@ -1,0 +1,113 @@
+"""The transparency log inside the real stores: written in the audit append's transaction,
+consistent when several PostgreSQL replicas append at once, rebuilt for a store from before
+the log, and a replica with another log key refused."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from sealedtorch import crypto
+from sealedtorch.errors import ConfigError
+from sealedtorch.keyserver import tlog
+from sealedtorch.keyserver.store import SqliteStore
+from sealedtorch.keyserver.store_pg import PostgresStore
+
+
+def _append(store, n: int, tag: str) -> None:
+    for i in range(n):
+        with store.transaction() as tx:
+            tx.append_audit({"time": time.time(), "event": "test", "decision": "ok",
+                             "details": f"{tag}-{i}"})
+
+
+def _check_tree_matches_records(store) -> int:
+    with store.snapshot() as tx:
+        records = tx.audit_records()
+        report = tlog.verify_log(tx, records)
+    assert report.ok, report.problems
+    assert report.leaves == len(records)
+    return report.leaves
+
+
+def test_sqlite_appends_build_the_tree_of_the_records(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "ks.db")
+    try:
+        _append(store, 37, "a")
+        assert _check_tree_matches_records(store) == 37
+    finally:
+        store.close()
+
+
+def test_a_failed_transaction_leaves_no_leaf(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "ks.db")
+    try:
+        _append(store, 3, "a")
+        with pytest.raises(RuntimeError), store.transaction() as tx:
+            tx.append_audit({"time": time.time(), "event": "test", "decision": "ok"})
+            raise RuntimeError("rolled back")
+        with store.snapshot() as tx:
+            assert tx.tlog_size() == 3
+        _append(store, 1, "b")
+        assert _check_tree_matches_records(store) == 4
+    finally:
+        store.close()
+
+
+def test_postgres_replicas_appending_at_once_keep_one_tree(pg_url: str) -> None:
+    stores = [PostgresStore(pg_url) for _ in range(3)]
+    try:
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            list(pool.map(lambda i: _append(stores[i % 3], 15, f"r{i}"), range(6)))
+        assert _check_tree_matches_records(stores[0]) == 90
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_a_store_from_before_the_log_gets_its_leaves_built(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "ks.db")
+    _append(store, 20, "old")
+    store.close()
+    conn = sqlite3.connect(tmp_path / "ks.db", isolation_level=None)
+    conn.execute("DROP TRIGGER tlog_no_delete")
+    conn.execute("DELETE FROM tlog_nodes")  # what a pre-migration-4 store looks like
+    conn.close()
+    store = SqliteStore(tmp_path / "ks.db")
+    try:
+        log = tlog.open_log(store, tmp_path)
+        assert (tmp_path / tlog.SIGNER_FILE).stat().st_mode & 0o777 == 0o600
+        with store.snapshot() as tx:
+            cp, _ = log.checkpoint(tx)
+        assert cp.size == 20
+        _append(store, 2, "new")
+        assert _check_tree_matches_records(store) == 22
+    finally:
+        store.close()
+
+
+def test_a_replica_with_another_log_key_is_refused(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "ks.db")
+    try:
+        for name in ("first", "second"):
+            (tmp_path / name).mkdir()
+        tlog.open_log(store, tmp_path / "first")
+        with pytest.raises(ConfigError, match="copy tlog-signing.key"):
+            tlog.open_log(store, tmp_path / "second")
+    finally:
+        store.close()
+
+
+def test_the_leaf_is_the_record_as_stored(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "ks.db")
+    try:
+        with store.transaction() as tx:
+            rec = tx.append_audit({"time": 1.0, "event": "test", "decision": "ok"})
+        with store.snapshot() as tx:
+            assert tlog.root(tx, 1) == crypto.merkle_leaf_hash(rec.record_json.encode())
+    finally:
+        store.close()
