@@ -234,3 +234,75 @@ def test_a_receipt_from_another_log_key_breaks_a_pinned_witness(
     witness = tlog.Witness(tlog.Signer.generate().verifier)
     with pytest.raises(LogInconsistent, match="log key changed"):
         witness.check_receipt(answer["receipt"])
+
+
+# --- the auditor's CLI over the API -------------------------------------------------------
+
+def _auditor(dep: Deployment, *args: str, token: Path | None = None
+             ) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "sealedtorch.cli", "audit", *args, "--keyserver", dep.url,
+           "--ca", str(dep.ca), "--token-file", str(token or dep.data / "admin-token")]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def _auditor_token(dep: Deployment) -> Path:
+    with dep.admin() as admin:
+        created = admin.create_token("auditor", "witness")
+    path = dep.tmp / "auditor-token"
+    path.write_text(created["token"] + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def test_auditor_cli_saves_a_checkpoint_and_catches_a_rewrite(deployment: Deployment) -> None:
+    _history(deployment)
+    token = _auditor_token(deployment)
+    vkey = tlog.read_verifier(deployment.data).vkey
+    saved = deployment.tmp / "witness.checkpoint"
+    out = _auditor(deployment, "checkpoint", "--log-key", vkey, "--save", str(saved),
+                   token=token)
+    assert out.returncode == 0, out.stderr
+    assert tlog.open_checkpoint(saved.read_text(), tlog.Verifier.parse(vkey)).size > 0
+    with AttestedKeyClient(deployment.url, deployment.ca, deployment.attester()) as client:
+        client.fetch("victim-model")
+    ok = _auditor(deployment, "verify", "--checkpoint", str(saved), "--log-key", vkey,
+                  token=token)
+    assert ok.returncode == 0, ok.stderr
+    assert "consistent with the saved checkpoint" in ok.stdout
+    deployment.forge("rewrite")
+    bad = _auditor(deployment, "verify", "--checkpoint", str(saved), "--log-key", vkey,
+                   token=token)
+    assert bad.returncode == 1
+    assert "REWRITTEN" in bad.stderr
+
+
+def test_auditor_cli_catches_a_truncation(deployment: Deployment) -> None:
+    _history(deployment)
+    vkey = tlog.read_verifier(deployment.data).vkey
+    saved = deployment.save_checkpoint()
+    deployment.forge("truncate")
+    bad = _auditor(deployment, "verify", "--checkpoint", str(saved), "--log-key", vkey)
+    assert bad.returncode == 1
+    assert "TRUNCATED" in bad.stderr
+
+
+def test_auditor_cli_proves_an_expected_head_is_in_the_signed_log(
+        deployment: Deployment) -> None:
+    _history(deployment)
+    head = deployment.cli("verify").stdout.split("head #", 1)[1].split()
+    expect = f"{head[0]}:{head[1]}"
+    out = _auditor(deployment, "verify", "--expect-head", expect)
+    assert out.returncode == 0, out.stderr
+    assert "is in the signed log" in out.stdout
+    assert "not pinned" in out.stderr  # no --log-key: said so
+    wrong = _auditor(deployment, "verify", "--expect-head", f"{head[0]}:{'0' * 64}")
+    assert wrong.returncode == 1
+
+
+def test_auditor_cli_lists_newest_first(deployment: Deployment) -> None:
+    _history(deployment)
+    out = _auditor(deployment, "list", "--limit", "3", "--json")
+    assert out.returncode == 0, out.stderr
+    seqs = [json.loads(line)["seq"] for line in out.stdout.splitlines()]
+    assert len(seqs) == 3
+    assert seqs == sorted(seqs, reverse=True)

@@ -390,6 +390,25 @@ class AdminClient:
                                             {"token_id": token_id})
         return result
 
+    # --- the transparency log (any admin-token role)
+    def checkpoint(self) -> dict[str, Any]:
+        """``{checkpoint, log_key, size, root}``: the log's current signed checkpoint."""
+        result: dict[str, Any] = self._http.request("GET", "/v1/audit/checkpoint",
+                                                    token=self._token)
+        return result
+
+    def inclusion_proof(self, index: int, size: int | None = None) -> dict[str, Any]:
+        params = {"index": index} | ({"size": size} if size is not None else {})
+        result: dict[str, Any] = self._http.request("GET", "/v1/audit/proof/inclusion",
+                                                    token=self._token, params=params)
+        return result
+
+    def consistency_proof(self, first: int, second: int | None = None) -> dict[str, Any]:
+        params = {"first": first} | ({"second": second} if second is not None else {})
+        result: dict[str, Any] = self._http.request("GET", "/v1/audit/proof/consistency",
+                                                    token=self._token, params=params)
+        return result
+
     def audit(self, *, model_id: str | None = None, since: float | None = None,
               after_seq: int | None = None, limit: int | None = None) -> dict[str, Any]:
         """``{records: [...], head}``: audit records this token may read, in chain order."""
