@@ -96,7 +96,7 @@ def test_a_replica_with_another_log_key_is_refused(tmp_path: Path) -> None:
         for name in ("first", "second"):
             (tmp_path / name).mkdir()
         tlog.open_log(store, tmp_path / "first")
-        with pytest.raises(ConfigError, match="copy tlog-signing.key"):
+        with pytest.raises(ConfigError, match=r"copy tlog-signing\.key"):
             tlog.open_log(store, tmp_path / "second")
     finally:
         store.close()
