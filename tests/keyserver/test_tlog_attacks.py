@@ -306,3 +306,34 @@ def test_auditor_cli_lists_newest_first(deployment: Deployment) -> None:
     seqs = [json.loads(line)["seq"] for line in out.stdout.splitlines()]
     assert len(seqs) == 3
     assert seqs == sorted(seqs, reverse=True)
+
+
+def _keycache(dep: Deployment, log_key: str | None) -> Keycache:
+    upstream = KeyserverUpstream.connect(dep.url, ca=dep.ca, attester=dep.attester(),
+                                         log_key=log_key)
+    appraiser = EvidenceAppraiser(VerifierConfig(
+        sim_platform_keys=(dep.platform.public_key,)), tees=["sim"])
+    return Keycache(upstream, appraiser, backoff=Backoff(base=0.01, cap=0.05))
+
+
+def test_keycache_with_the_pinned_log_key_holds_keys(deployment: Deployment) -> None:
+    deployment.register("pinned-ok-model")
+    kc = _keycache(deployment, tlog.read_verifier(deployment.data).vkey)
+    try:
+        assert kc.refresh_once(), kc.last_error
+        assert len(kc.store) == 1
+    finally:
+        kc.stop()
+        kc.upstream.close()
+
+
+def test_keycache_pinned_to_another_log_key_holds_nothing(deployment: Deployment) -> None:
+    deployment.register("pinned-bad-model")
+    kc = _keycache(deployment, tlog.Signer.generate().verifier.vkey)
+    try:
+        assert not kc.refresh_once()
+        assert len(kc.store) == 0
+        assert "log key changed" in (kc.last_error or "")
+    finally:
+        kc.stop()
+        kc.upstream.close()

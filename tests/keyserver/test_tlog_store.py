@@ -111,3 +111,34 @@ def test_the_leaf_is_the_record_as_stored(tmp_path: Path) -> None:
             assert tlog.root(tx, 1) == crypto.merkle_leaf_hash(rec.record_json.encode())
     finally:
         store.close()
+
+
+def test_init_writes_the_log_signing_key_0600_and_records_its_verifier(tmp_path: Path) -> None:
+    from sealedtorch.keyserver import config
+
+    init = config.init_data_dir(tmp_path / "data", now=time.time())
+    key_file = init.config.data_dir / tlog.SIGNER_FILE
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    store = config.open_store(init.config)
+    try:
+        with store.snapshot() as tx:
+            assert tx.tlog_meta(tlog.META_VKEY) == tlog.read_verifier(init.config.data_dir).vkey
+            assert tx.tlog_size() == 1  # the keyserver.init record is leaf 0
+    finally:
+        store.close()
+
+
+def test_first_run_of_a_data_dir_from_before_the_log_creates_its_key(tmp_path: Path) -> None:
+    from sealedtorch.keyserver import config, server
+
+    init = config.init_data_dir(tmp_path / "data", now=time.time())
+    (init.config.data_dir / tlog.SIGNER_FILE).unlink()
+    conn = sqlite3.connect(init.config.data_dir / "keyserver.db", isolation_level=None)
+    conn.execute("DELETE FROM meta WHERE key = ?", (tlog.META_VKEY,))
+    conn.close()
+    service = server.build_keyserver(init.config)
+    try:
+        assert (init.config.data_dir / tlog.SIGNER_FILE).stat().st_mode & 0o777 == 0o600
+        assert service.tlog.verifier == tlog.read_verifier(init.config.data_dir)
+    finally:
+        service.store.close()

@@ -88,10 +88,15 @@ class KeyserverUpstream:
 
     @classmethod
     def connect(cls, url: str, *, ca: str | os.PathLike[str] | None, attester: Attester,
-                timeout: float = 10.0) -> KeyserverUpstream:
+                timeout: float = 10.0, log_key: str | None = None) -> KeyserverUpstream:
+        """``log_key``: the keyserver's transparency-log verifier key to pin (None: pinned
+        on first use); every release's receipt is checked against it."""
+        from ..keyserver import tlog
         from ..keyserver.client import AttestedKeyClient
 
-        return cls(AttestedKeyClient(url, ca, attester, role="holder", timeout=timeout))
+        witness = tlog.Witness(log_key) if log_key else None
+        return cls(AttestedKeyClient(url, ca, attester, role="holder", timeout=timeout,
+                                     witness=witness))
 
     def __repr__(self) -> str:
         return f"KeyserverUpstream({self._client!r})"

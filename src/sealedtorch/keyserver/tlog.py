@@ -598,7 +598,10 @@ class Witness:
             if not isinstance(receipt, dict):
                 raise TransparencyError("the release carries no transparency-log receipt")
             verifier = self._verifier(receipt.get("log_key"))
-            cp = open_checkpoint(receipt.get("checkpoint"), verifier)
+            note = receipt.get("checkpoint")
+            if not isinstance(note, str):
+                raise TransparencyError("the receipt carries no checkpoint")
+            cp = open_checkpoint(note, verifier)
             self._extend(cp, receipt.get("consistency"))
             included: dict[int, dict[str, Any]] = {}
             entries = receipt.get("entries")
@@ -610,7 +613,7 @@ class Witness:
                 verify_inclusion(index, cp.size, crypto.merkle_leaf_hash(record.encode()),
                                  proof, cp.root)
                 included[index] = json.loads(record)
-            self.latest, self.latest_note = cp, receipt["checkpoint"]
+            self.latest, self.latest_note = cp, note
             return cp, included
 
     def _verifier(self, vkey: Any) -> Verifier:
