@@ -20,7 +20,7 @@ import pytest
 
 from sealedtorch.attest import VerifierConfig, measure, sim
 from sealedtorch.attest.attesters import SimAttester
-from sealedtorch.errors import LogInconsistent, TransparencyError
+from sealedtorch.errors import LogInconsistent, RequestError, TransparencyError
 from sealedtorch.keycache.local import EvidenceAppraiser
 from sealedtorch.keycache.service import Backoff, Keycache
 from sealedtorch.keycache.upstream import KeyserverUpstream
@@ -337,3 +337,28 @@ def test_keycache_pinned_to_another_log_key_holds_nothing(deployment: Deployment
     finally:
         kc.stop()
         kc.upstream.close()
+
+
+def test_openapi_describes_the_log_endpoints_and_the_receipt(deployment: Deployment) -> None:
+    with httpx.Client(base_url=deployment.url, verify=client_context(deployment.ca),
+                      timeout=10) as http:
+        spec = http.get("/v1/openapi.json").json()
+    for path in ("/v1/audit/checkpoint", "/v1/audit/proof/inclusion",
+                 "/v1/audit/proof/consistency"):
+        assert path in spec["paths"], path
+    assert "receipt" in spec["components"]["schemas"]["KeysResponse"]["properties"]
+
+
+def test_log_endpoints_refuse_requests_without_an_admin_token(deployment: Deployment) -> None:
+    with httpx.Client(base_url=deployment.url, verify=client_context(deployment.ca),
+                      timeout=10) as http:
+        r = http.get("/v1/audit/checkpoint")
+    assert r.status_code == 401
+    assert r.json()["problem"] == "unauthorized"
+
+
+def test_a_consistency_proof_beyond_the_log_is_a_bad_request(deployment: Deployment) -> None:
+    with deployment.admin() as admin:
+        size = admin.checkpoint()["size"]
+        with pytest.raises(RequestError, match="truncated"):
+            admin.consistency_proof(size + 5)
