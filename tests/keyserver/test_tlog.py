@@ -216,3 +216,24 @@ def test_a_checkpoint_with_a_leading_zero_size_is_refused() -> None:
                             + "\n")
     with pytest.raises(TransparencyError, match="decimal"):
         tlog.open_checkpoint(note, signer.verifier)
+
+
+@settings(max_examples=60, deadline=None)
+@given(LEAVES, st.data())
+def test_a_receipt_verifies_with_a_witness_that_saw_an_earlier_size(
+        leaves: list[bytes], data: st.DataObject) -> None:
+    records = [f'{{"n":{i}}}' for i in range(len(leaves))]
+    store = MemoryNodes()
+    for i, r in enumerate(records):
+        tlog.append_leaf(store, i, crypto.merkle_leaf_hash(r.encode()))
+    log = tlog.TransparencyLog(tlog.Signer.generate("example.com/log"))
+    earlier = data.draw(st.integers(1, len(records)))
+    witness = tlog.Witness(log.verifier)
+    witness.latest = tlog.Checkpoint("example.com/log", earlier,
+                                     mth([r.encode() for r in records[:earlier]]))
+    picked = sorted(set(data.draw(st.lists(st.integers(0, len(records) - 1), max_size=3))))
+    receipt = log.receipt(store, [(i, records[i]) for i in picked], since=earlier)
+    cp, included = witness.check_receipt(receipt)
+    assert cp.size == len(records)
+    assert sorted(included) == picked
+    assert witness.size == len(records)

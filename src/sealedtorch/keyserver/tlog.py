@@ -507,15 +507,16 @@ class TransparencyLog:
     def checkpoint(self, tx: NodeStore) -> tuple[Checkpoint, str]:
         """The signed checkpoint of the tree as ``tx`` sees it."""
         size = tx.tlog_size()
+        return self._signed(size, root(tx, size))
+
+    def _signed(self, size: int, root_hash: bytes) -> tuple[Checkpoint, str]:
+        """Sign (size, root); the last note is reused while the tree has not grown (an
+        Ed25519 signature is deterministic, so this changes no byte)."""
+        cp = Checkpoint(self.signer.name, size, root_hash)
         with self._cache_lock:
             cached = self._cached
-        if cached is not None and cached[0] == size:
-            # same size, same root in this store: re-verify the root cheaply by one read
-            root_hash = root(tx, size)
-            if root_hash == cached[1]:
-                return Checkpoint(self.signer.name, size, root_hash), cached[2]
-        root_hash = root(tx, size)
-        cp = Checkpoint(self.signer.name, size, root_hash)
+        if cached is not None and cached[0] == size and cached[1] == root_hash:
+            return cp, cached[2]
         note = self.signer.sign_note(cp.text())
         with self._cache_lock:
             self._cached = (size, root_hash, note)
@@ -524,16 +525,30 @@ class TransparencyLog:
     def receipt(self, tx: NodeStore, leaves: Sequence[tuple[int, str]],
                 since: int | None = None) -> dict[str, Any]:
         """A release receipt: the signed checkpoint, each leaf's record and inclusion proof,
-        and (if the caller saw size ``since`` before) a consistency proof from it."""
-        cp, note = self.checkpoint(tx)
-        entries = [{"leaf_index": index, "record": record,
-                    "inclusion_proof": _b64list(inclusion_proof(tx, index, cp.size))}
-                   for index, record in leaves if index < cp.size]
-        out: dict[str, Any] = {"log_key": self.verifier.vkey, "checkpoint": note,
-                               "entries": entries}
-        if since is not None and 0 < since <= cp.size:
-            out["consistency"] = {"from_size": since, "proof": _b64list(
-                consistency_proof(tx, since, cp.size))}
+        and (if the caller saw size ``since`` before) a consistency proof from it.  Every
+        node the receipt needs is read in one query."""
+        size = tx.tlog_size()
+        leaves = [(i, r) for i, r in leaves if i < size]
+        groups: list[list[tuple[int, int]]] = [[(0, size)] if size else []]
+        groups += [inclusion_ranges(index, size) for index, _ in leaves]
+        with_consistency = since is not None and 0 < since <= size
+        if with_consistency:
+            assert since is not None
+            groups.append(consistency_ranges(since, size))
+        flat = _range_hashes(tx, [r for g in groups for r in g])
+        split: list[list[bytes]] = []
+        for g in groups:
+            split.append(flat[:len(g)])
+            flat = flat[len(g):]
+        _, note = self._signed(size, split[0][0] if size else EMPTY_ROOT)
+        out: dict[str, Any] = {
+            "log_key": self.verifier.vkey, "checkpoint": note,
+            "entries": [{"leaf_index": index, "record": record,
+                         "inclusion_proof": _b64list(proof)}
+                        for (index, record), proof in zip(leaves, split[1:1 + len(leaves)],
+                                                          strict=True)]}
+        if with_consistency:
+            out["consistency"] = {"from_size": since, "proof": _b64list(split[-1])}
         return out
 
 
