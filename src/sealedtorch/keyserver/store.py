@@ -405,10 +405,13 @@ class SqlTx:
         out: dict[tuple[int, int], bytes] = {}
         for start in range(0, len(coords), 200):
             part = coords[start:start + 200]
-            where = " OR ".join(["(level = ? AND idx = ?)"] * len(part))
+            # a join with the wanted coordinates: one primary-key lookup each (an OR list
+            # of this length costs PostgreSQL more to plan than to run)
+            wanted = ", ".join(["(?, ?)"] * len(part))
             args = [v for c in part for v in c]
-            for r in self._all(f"SELECT level, idx, hash FROM tlog_nodes "  # noqa: S608
-                               f"WHERE {where}", args):
+            for r in self._all(f"WITH w (l, i) AS (VALUES {wanted}) "  # noqa: S608
+                               "SELECT n.level, n.idx, n.hash FROM w JOIN tlog_nodes n "
+                               "ON n.level = w.l AND n.idx = w.i", args):
                 out[(int(r[0]), int(r[1]))] = bytes(r[2])
         return out
 
