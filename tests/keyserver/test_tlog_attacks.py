@@ -362,3 +362,36 @@ def test_a_consistency_proof_beyond_the_log_is_a_bad_request(deployment: Deploym
         size = admin.checkpoint()["size"]
         with pytest.raises(RequestError, match="truncated"):
             admin.consistency_proof(size + 5)
+
+
+def test_every_kind_of_decision_is_a_leaf_of_the_signed_log(deployment: Deployment) -> None:
+    """Registrations, policy changes, rotations, revocations, retirements and token changes
+    are audit records, hence leaves: each one's inclusion proof leads to the signed root."""
+    from sealedtorch import crypto
+
+    deployment.register("leafy-model")
+    with deployment.admin() as admin:
+        admin.set_policy("leafy-model", {"allow": [{"tee": "sim",
+                                                     "measurement": "ab" * 48}]})
+        admin.rotate("leafy-model", ModelKey.generate("leafy-model", 2))
+        admin.revoke("leafy-model", 1, reason="test")
+        admin.retire("leafy-model", 1, reason="test")
+        token = admin.create_token("auditor", "leaf-auditor")
+        admin.revoke_token(token["token_id"])
+        records = admin.audit(limit=10_000)["records"]
+        answer = admin.checkpoint()
+        verifier = tlog.Verifier.parse(tlog.read_verifier(deployment.data).vkey)
+        cp = tlog.open_checkpoint(answer["checkpoint"], verifier)
+        events = {"register", "policy.set", "rotate", "revoke", "retire", "token.create",
+                  "token.revoke", "keyserver.init"}
+        seen = set()
+        for rec in records:
+            if rec["event"] not in events or rec["seq"] > cp.size:
+                continue
+            body = {k: v for k, v in rec.items() if k != "hash"}
+            leaf = crypto.merkle_leaf_hash(protocol.canonical_json(body))
+            proof = admin.inclusion_proof(rec["seq"] - 1, cp.size)["proof"]
+            tlog.verify_inclusion(rec["seq"] - 1, cp.size, leaf,
+                                  tlog.decode_hashes(proof, what="proof"), cp.root)
+            seen.add(rec["event"])
+    assert seen == events
