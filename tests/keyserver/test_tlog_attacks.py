@@ -395,3 +395,26 @@ def test_every_kind_of_decision_is_a_leaf_of_the_signed_log(deployment: Deployme
                                   tlog.decode_hashes(proof, what="proof"), cp.root)
             seen.add(rec["event"])
     assert seen == events
+
+
+def test_concurrent_fetches_through_one_client_are_not_mistaken_for_a_fork(
+        deployment: Deployment) -> None:
+    import threading
+
+    deployment.register("busy-model")
+    errors: list[BaseException] = []
+    with AttestedKeyClient(deployment.url, deployment.ca, deployment.attester()) as client:
+        def fetch() -> None:
+            try:
+                for _ in range(3):
+                    client.fetch("busy-model")
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=fetch) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not errors, errors
+        assert client.witness.broken is None

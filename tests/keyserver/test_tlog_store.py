@@ -142,3 +142,70 @@ def test_first_run_of_a_data_dir_from_before_the_log_creates_its_key(tmp_path: P
         assert service.tlog.verifier == tlog.read_verifier(init.config.data_dir)
     finally:
         service.store.close()
+
+
+def test_two_replica_processes_keep_one_log_a_witness_can_follow(pg_url: str,
+                                                                 tmp_path: Path) -> None:
+    """Two `keyserver run` processes on one PostgreSQL schema, clients releasing through
+    both at once; one witness following the checkpoints of both replicas sees one
+    consistent log, and `keyserver audit verify` finds the tree equal to the records."""
+    import subprocess
+    import sys
+    import threading
+
+    from sealedtorch.attest import measure, sim
+    from sealedtorch.attest.attesters import SimAttester
+    from sealedtorch.keys import ModelKey
+    from sealedtorch.keyserver import config
+    from sealedtorch.keyserver.client import AdminClient, AttestedKeyClient
+
+    from .conftest import disable_rate_limit, start_keyserver, wait_ready
+
+    init = config.init_data_dir(tmp_path / "data", now=time.time(), database=pg_url)
+    disable_rate_limit(init.config.data_dir)
+    platform = sim.init_platform(tmp_path / "sim")
+    m = measure.measurement(b"tlog-replicas")
+    log = open(tmp_path / "server.log", "w+")
+    procs, urls = [], []
+    try:
+        for _ in range(2):
+            proc, url = start_keyserver(init.config.data_dir, platform.directory / sim.PUB_FILE,
+                                        log, database=pg_url)
+            procs.append(proc)
+            urls.append(url)
+        for proc, url in zip(procs, urls, strict=True):
+            wait_ready(url, init.ca_file, proc)
+        with AdminClient.from_token_file(urls[0], init.ca_file, init.admin_token_file) as a:
+            a.register(ModelKey.generate("replicated"),
+                       {"allow": [{"tee": "sim", "measurement": m.hex()}]})
+        witness = tlog.Witness()
+        errors: list[BaseException] = []
+
+        def client(i: int) -> None:
+            try:
+                for j in range(4):
+                    url = urls[(i + j) % 2]
+                    with AttestedKeyClient(url, init.ca_file, SimAttester(platform, m),
+                                           witness=witness) as c:
+                        c.fetch("replicated")
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not errors, errors
+        assert witness.size is not None and witness.size >= 6 * 4 * 2
+        out = subprocess.run([sys.executable, "-m", "sealedtorch.cli", "keyserver", "audit",
+                              "verify", "--data", str(init.config.data_dir), "--database",
+                              pg_url], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert "transparency log intact" in out.stdout
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=20)
+        log.close()

@@ -202,6 +202,12 @@ class AttestedKeyClient:
             return self._result.token, self._keypair
 
     def _get(self, path: str, params: dict[str, Any] | None = None) -> list[ReleasedKey]:
+        # one release at a time per witness: the consistency proof asked for must start
+        # at the size the witness still holds when the receipt is checked
+        with self.witness.lock:
+            return self._get_locked(path, params)
+
+    def _get_locked(self, path: str, params: dict[str, Any] | None) -> list[ReleasedKey]:
         params = dict(params or {})
         if self.witness.size is not None:  # ask for a consistency proof from what we saw
             params["tlog_since"] = self.witness.size

@@ -597,7 +597,11 @@ class Witness:
         self.latest: Checkpoint | None = None
         self.latest_note: str | None = None
         self.broken: str | None = None
-        self._lock = threading.Lock()
+        #: Held by a client across "send ?tlog_since=size, check the receipt": two
+        #: releases through one witness must not interleave, or the second's consistency
+        #: proof would start from a size the first one already moved past.
+        self.lock = threading.RLock()
+        self._lock = self.lock
 
     @property
     def size(self) -> int | None:
