@@ -138,8 +138,10 @@ def _audit_verify(args: argparse.Namespace) -> int:
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"--checkpoint {args.checkpoint}: cannot read it ({exc})"
                               ) from None
-    verifier = tlog.Verifier.parse(args.log_key) if args.log_key else \
-        tlog.read_verifier(args.data)
+    verifier = None
+    if saved is not None:
+        verifier = tlog.Verifier.parse(args.log_key) if args.log_key else \
+            tlog.read_verifier(args.data)
     store = _open_store(args.data, args.database)
     try:
         with store.snapshot() as tx:
