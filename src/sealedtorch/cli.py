@@ -96,6 +96,7 @@ _GROUPS.append(lambda sub: __import__("sealedtorch.cli_keyserver").cli_keyserver
 _GROUPS.append(lambda sub: __import__("sealedtorch.cli_keycache").cli_keycache.register(sub))
 _GROUPS.append(lambda sub: __import__("sealedtorch.cli_runtime").cli_runtime.register(sub))
 _GROUPS.append(lambda sub: __import__("sealedtorch.cli_import").cli_import.register(sub))
+_GROUPS.append(lambda sub: __import__("sealedtorch.cli_audit").cli_audit.register(sub))
 
 
 #: Help for options many commands share, filled in where a command gave none (so every

@@ -53,6 +53,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ca", type=Path, default=os.environ.get(ENV_CA), metavar="FILE",
                    help=f"CA certificate that signed the keyserver's TLS certificate "
                         f"(or ${ENV_CA})")
+    p.add_argument("--log-key", default=os.environ.get("SEALEDTORCH_KEYSERVER_LOG_KEY"),
+                   metavar="VKEY",
+                   help="the keyserver's transparency-log verifier key (`keyserver audit "
+                        "checkpoint --log-key`; or $SEALEDTORCH_KEYSERVER_LOG_KEY); "
+                        "default: pinned on first use")
     p.add_argument("--socket", default=_default_socket(), metavar="PATH",
                    help="Unix socket to serve on (default %(default)s; created 0660 in a "
                         "0750 directory)")
@@ -148,7 +153,8 @@ def build(args: argparse.Namespace) -> Any:
     else:
         appraiser = EvidenceAppraiser(verifier, tees=[tee], allowed_uids=args.allow_uid,
                                       allowed_gids=args.allow_gid)
-    upstream = KeyserverUpstream.connect(args.keyserver, ca=args.ca, attester=attester)
+    upstream = KeyserverUpstream.connect(args.keyserver, ca=args.ca, attester=attester,
+                                         log_key=args.log_key)
     return Keycache(upstream, appraiser, refresh=args.refresh, max_stale=args.max_stale,
                     nonce_ttl=args.nonce_ttl)
 

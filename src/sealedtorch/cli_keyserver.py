@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import datetime
 import json
 import os
@@ -80,10 +81,30 @@ def _add_keyserver(sub: argparse._SubParsersAction) -> None:
 
     audit = ksub.add_parser("audit", help="inspect the audit log")
     asub = audit.add_subparsers(dest="audit_command", metavar="COMMAND", required=True)
-    p = asub.add_parser("verify", help="check the hash chain; exit 1 if broken")
+    p = asub.add_parser("verify", help="check the hash chain and the transparency log; "
+                                       "exit 1 if broken",
+                        description="Recompute the hash chain and the Merkle tree from the "
+                                    "records themselves.  With --checkpoint, also prove "
+                                    "that the log still extends a checkpoint saved earlier "
+                                    "(rewritten, deleted, reordered or truncated history "
+                                    "is detected even if the chain was recomputed).")
     p.add_argument("--data", type=Path, required=True, metavar="DIR")
     _database_arg(p, "replaces the store named in DIR/keyserver.json")
+    p.add_argument("--checkpoint", type=Path, metavar="SAVED",
+                   help="a signed checkpoint saved earlier (`audit checkpoint > FILE`)")
+    p.add_argument("--log-key", metavar="VKEY",
+                   help="the log's verifier key to check SAVED with (default: this data "
+                        "directory's own key)")
     p.set_defaults(handler=_audit_verify)
+    p = asub.add_parser("checkpoint", help="print the transparency log's signed checkpoint",
+                        description="Print the current C2SP checkpoint (signed note). Keep "
+                                    "copies somewhere the keyserver's operators cannot write: "
+                                    "`audit verify --checkpoint` proves later logs extend it.")
+    p.add_argument("--data", type=Path, required=True, metavar="DIR")
+    _database_arg(p, "replaces the store named in DIR/keyserver.json")
+    p.add_argument("--log-key", action="store_true",
+                   help="print the log's verifier key instead")
+    p.set_defaults(handler=_audit_checkpoint)
     p = asub.add_parser("list", help="print audit records")
     p.add_argument("--data", type=Path, required=True, metavar="DIR")
     _database_arg(p, "replaces the store named in DIR/keyserver.json")
@@ -133,22 +154,61 @@ def _open_store(data: Path, database: str | None = None) -> Any:
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
+    from .keyserver import tlog
     from .keyserver.audit import verify_chain
 
+    saved = None
+    if args.checkpoint is not None:
+        try:
+            saved = args.checkpoint.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--checkpoint {args.checkpoint}: cannot read it ({exc})"
+                              ) from None
+    verifier = None
+    if saved is not None:
+        verifier = tlog.Verifier.parse(args.log_key) if args.log_key else \
+            tlog.read_verifier(args.data)
     store = _open_store(args.data, args.database)
     try:
         with store.snapshot() as tx:
-            report = verify_chain(tx.audit_records())
+            records = tx.audit_records()
+            report = verify_chain(records)
+            log_report = tlog.verify_log(tx, records, saved=saved, verifier=verifier)
     finally:
         store.close()
+    ok = report.ok and log_report.ok
     if report.ok:
         print(f"audit log intact: {report.count} records; head #{report.head_seq} "
               f"{report.head_hash}")
+    else:
+        print(f"audit log BROKEN at record #{report.broken_at}: {report.problem} "
+              f"({report.count} records before it are intact, last good hash "
+              f"{report.head_hash})", file=sys.stderr)
+    for problem in log_report.problems:
+        print(f"transparency log BROKEN: {problem}", file=sys.stderr)
+    if log_report.ok:
+        root = base64.b64encode(log_report.root).decode()
+        print(f"transparency log intact: {log_report.leaves} leaves, root {root}")
+        if log_report.saved_size is not None:
+            print(f"consistent with the saved checkpoint of {log_report.saved_size} leaves")
+    return 0 if ok else 1
+
+
+def _audit_checkpoint(args: argparse.Namespace) -> int:
+    from .keyserver import tlog
+
+    if args.log_key:
+        print(tlog.read_verifier(args.data).vkey)
         return 0
-    print(f"audit log BROKEN at record #{report.broken_at}: {report.problem} "
-          f"({report.count} records before it are intact, last good hash "
-          f"{report.head_hash})", file=sys.stderr)
-    return 1
+    signer = tlog.read_signer(args.data)
+    store = _open_store(args.data, args.database)
+    try:
+        with store.snapshot() as tx:
+            _, note = tlog.TransparencyLog(signer).checkpoint(tx)
+    finally:
+        store.close()
+    sys.stdout.write(note)
+    return 0
 
 
 def parse_since(text: str) -> float:

@@ -248,6 +248,37 @@ class SigningKey:
         return self.private_key.sign(message)
 
 
+def ed25519_from_seed(seed: bytes) -> SigningKey:
+    """An Ed25519 signing key from its 32-byte RFC 8032 seed (the private key encoding of
+    C2SP signed-note signer keys)."""
+    if len(seed) != 32:
+        raise ValueError("an Ed25519 seed is 32 bytes")
+    return SigningKey(Ed25519PrivateKey.from_private_bytes(seed))
+
+
+def ed25519_seed(key: SigningKey) -> bytes:
+    """The 32-byte RFC 8032 seed of a signing key (for writing a signer key file)."""
+    return key.private_key.private_bytes(serialization.Encoding.Raw,
+                                         serialization.PrivateFormat.Raw,
+                                         serialization.NoEncryption())
+
+
+# --- Merkle tree hashing (RFC 9162 §2.1.1, the transparency log) ------------------------
+
+MERKLE_HASH_SIZE = 32
+
+
+def merkle_leaf_hash(data: bytes) -> bytes:
+    """RFC 9162 leaf hash: SHA-256(0x00 ‖ data).  The prefix keeps a leaf from ever being
+    taken for an interior node (second-preimage defence)."""
+    return hashlib.sha256(b"\x00" + data).digest()
+
+
+def merkle_node_hash(left: bytes, right: bytes) -> bytes:
+    """RFC 9162 interior node hash: SHA-256(0x01 ‖ left ‖ right)."""
+    return hashlib.sha256(b"\x01" + left + right).digest()
+
+
 def load_ed25519_public(data: bytes) -> bytes:
     """Accept a PEM SubjectPublicKeyInfo or 32 raw bytes; return the raw public key."""
     if len(data) == ED25519_PUBLIC_KEY_SIZE:

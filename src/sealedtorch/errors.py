@@ -70,6 +70,22 @@ class StoreIntegrityError(IntegrityError):
         self.table = table
 
 
+class TransparencyError(IntegrityError):
+    """A transparency-log receipt, checkpoint or proof does not verify: a bad signature, an
+    inclusion proof that does not lead to the signed root, a record that is not the one the
+    answer claims.  Nothing it came with is used."""
+
+    problem_type = "transparency"
+
+
+class LogInconsistent(TransparencyError):
+    """A checkpoint is inconsistent with one seen before (the consistency proof fails, the
+    log shrank, or the same size has another root): the log's history was rewritten,
+    truncated or forked.  Whoever sees it stops trusting that log and says so."""
+
+    problem_type = "log-inconsistent"
+
+
 class KeyFileError(SealedTorchError):
     """A key file is missing, unreadable, malformed, or would be overwritten."""
 

@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import PolicyDenied, SealedTorchError
+from ..errors import LogInconsistent, PolicyDenied, SealedTorchError
 from . import protocol
 from .local import Appraiser, LocalRequest, NonceRegistry, PeerCred
 from .store import KeyStore
@@ -130,6 +130,14 @@ class Keycache:
                 text = str(exc)  # a TLS verification failure is not an outage: say which
                 self._failed(text if text.startswith("TLS verification") else
                              f"keyserver unreachable: {text}", reachable=False)
+                return False
+            except LogInconsistent as exc:
+                # the keyserver's history was rewritten or forked: keys released under it
+                # are not to be trusted, so stop serving them now (not at max-stale)
+                self.store.clear()
+                log.error("keycache: stopped serving, every key wiped: %s", exc)
+                self._failed(f"keyserver transparency log inconsistent: {exc}",
+                             reachable=True)
                 return False
             except SealedTorchError as exc:
                 message = f"keyserver refused this keycache ({type(exc).__name__}): {exc}"

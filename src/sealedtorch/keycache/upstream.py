@@ -39,6 +39,7 @@ from ..errors import (
     IntegrityError,
     KeyUnavailable,
     LeaseInvalid,
+    LogInconsistent,
     NonceError,
     PolicyDenied,
     PolicyError,
@@ -117,13 +118,18 @@ class KeyserverUpstream:
 
     @classmethod
     def connect(cls, url: str, *, ca: str | os.PathLike[str] | None, attester: Attester,
-                timeout: float = 10.0, lease_key: bytes | None = None) -> KeyserverUpstream:
+                timeout: float = 10.0, lease_key: bytes | None = None,
+                log_key: str | None = None) -> KeyserverUpstream:
         """``lease_key``: the keyserver's Ed25519 public key (raw 32 bytes) to pin for
-        leases; None learns it from the first verified release."""
+        leases; None learns it from the first verified release.  ``log_key``: the
+        keyserver's transparency-log verifier key to pin (None: pinned on first use); every
+        release's receipt is checked against it."""
+        from ..keyserver import tlog
         from ..keyserver.client import AttestedKeyClient
 
-        return cls(AttestedKeyClient(url, ca, attester, role="holder", timeout=timeout),
-                   lease_key=lease_key)
+        witness = tlog.Witness(log_key) if log_key else None
+        return cls(AttestedKeyClient(url, ca, attester, role="holder", timeout=timeout,
+                                     witness=witness), lease_key=lease_key)
 
     def __repr__(self) -> str:
         return f"KeyserverUpstream({self._client!r})"
@@ -143,6 +149,10 @@ class KeyserverUpstream:
         except REFUSALS:
             raise
         except UpstreamUnavailable:
+            raise
+        except LogInconsistent:
+            # the keyserver's log forked or shrank since we last looked: not an outage;
+            # the service stops using keys (see KeycacheService.refresh_once)
             raise
         except (IntegrityError, PolicyError) as exc:
             # a release that does not open, or a policy that does not parse or match its

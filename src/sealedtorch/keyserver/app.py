@@ -344,20 +344,25 @@ def create_app(service: Keyserver, *, max_body: int = 1 << 20,
              responses={200: {"model": protocol.KeysResponse}},
              summary="Every key this attested identity may have, HPKE-sealed to its key")
     async def keys_all(request: Request,
+                 tlog_since: int | None = Query(None, ge=0, le=2**62),
                  authorization: str | None = Header(None)) -> dict[str, Any]:
-        keys = await hot(service.release, _bearer(authorization), _ctx(request))
-        return {"keys": [k.to_json() for k in keys]}
+        keys, receipt = await hot(functools.partial(service.release_with_receipt,
+                                                    since=tlog_since),
+                                  _bearer(authorization), _ctx(request))
+        return {"keys": [k.to_json() for k in keys], "receipt": receipt}
 
     @app.get("/v1/keys/{model_id:path}", tags=["keys"], response_model=None,
              responses={200: {"model": protocol.KeysResponse}},
              summary="One model's key (latest active version unless ?version=)")
     async def keys_one(model_id: str, request: Request,
                  version: int | None = Query(None, ge=1, le=2**32 - 1),
+                 tlog_since: int | None = Query(None, ge=0, le=2**62),
                  authorization: str | None = Header(None)) -> dict[str, Any]:
-        keys = await hot(functools.partial(service.release, model_id=model_id,
-                                           version=version),
-                         _bearer(authorization), _ctx(request))
-        return {"keys": [k.to_json() for k in keys]}
+        keys, receipt = await hot(functools.partial(service.release_with_receipt,
+                                                    model_id=model_id, version=version,
+                                                    since=tlog_since),
+                                  _bearer(authorization), _ctx(request))
+        return {"keys": [k.to_json() for k in keys], "receipt": receipt}
 
     # ---------------------------------------------------------------- administration
 
@@ -458,5 +463,34 @@ def create_app(service: Keyserver, *, max_body: int = 1 << 20,
         who = admin(request, authorization, "audit.read")
         return service.read_audit(who, _ctx(request), model_id=model_id, since=since,
                                   after_seq=after_seq, limit=limit)
+
+    # ---------------------------------------------------------------- transparency log
+
+    @app.get("/v1/audit/checkpoint", tags=["audit"],
+             response_model=protocol.CheckpointResponse,
+             summary="The transparency log's current signed checkpoint (any admin token)")
+    def audit_checkpoint(request: Request, authorization: str | None = Header(None)
+                         ) -> protocol.CheckpointResponse:
+        return service.audit_checkpoint(admin(request, authorization, "audit.checkpoint"))
+
+    @app.get("/v1/audit/proof/inclusion", tags=["audit"],
+             response_model=protocol.InclusionProofResponse,
+             summary="RFC 9162 inclusion proof of one leaf (any admin token)")
+    def audit_inclusion(request: Request, index: int = Query(ge=0, le=2**62),
+                        size: int | None = Query(None, ge=1, le=2**62),
+                        authorization: str | None = Header(None)
+                        ) -> protocol.InclusionProofResponse:
+        who = admin(request, authorization, "audit.proof")
+        return service.audit_inclusion(who, index, size)
+
+    @app.get("/v1/audit/proof/consistency", tags=["audit"],
+             response_model=protocol.ConsistencyProofResponse,
+             summary="RFC 9162 consistency proof between two tree sizes (any admin token)")
+    def audit_consistency(request: Request, first: int = Query(ge=0, le=2**62),
+                          second: int | None = Query(None, ge=0, le=2**62),
+                          authorization: str | None = Header(None)
+                          ) -> protocol.ConsistencyProofResponse:
+        who = admin(request, authorization, "audit.proof")
+        return service.audit_consistency(who, first, second)
 
     return _Envelope(app, service, max_body, limiter)

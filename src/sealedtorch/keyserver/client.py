@@ -35,9 +35,10 @@ from ..errors import (
     KeyUnavailable,
     SealedTorchError,
     TlsVerificationError,
+    TransparencyError,
 )
 from ..keys import ModelKey, read_key_file
-from . import protocol
+from . import protocol, tlog
 from .problems import error_from_problem
 from .protocol import PROBLEM_MEDIA_TYPE, Role, b64encode
 from .tls import client_context
@@ -168,8 +169,12 @@ class AttestedKeyClient:
 
     def __init__(self, url: str, ca: Path | str | ssl.SSLContext | None, attester: Attester,
                  role: Role | str = Role.RUNTIME, *, timeout: float = 10.0,
-                 transport: httpx.BaseTransport | None = None) -> None:
+                 transport: httpx.BaseTransport | None = None,
+                 witness: tlog.Witness | None = None) -> None:
         self.attester = attester
+        #: Checks every release's transparency-log receipt and keeps the newest checkpoint
+        #: (log key pinned on first use unless the witness was given one).
+        self.witness = witness if witness is not None else tlog.Witness()
         self.role = Role(role)
         self._http = _Http(url, ca, timeout, transport)
         self._lock = threading.Lock()
@@ -234,6 +239,16 @@ class AttestedKeyClient:
 
     def _get_leased(self, path: str, params: dict[str, Any] | None = None
                     ) -> tuple[list[tuple[ReleasedKey, str | None]], bytes]:
+        # one release at a time per witness: the consistency proof asked for must start
+        # at the size the witness still holds when the receipt is checked
+        with self.witness.lock:
+            return self._get_locked(path, params)
+
+    def _get_locked(self, path: str, params: dict[str, Any] | None
+                    ) -> tuple[list[tuple[ReleasedKey, str | None]], bytes]:
+        params = dict(params or {})
+        if self.witness.size is not None:  # ask for a consistency proof from what we saw
+            params["tlog_since"] = self.witness.size
         token, keypair = self._session()
         try:
             answer = self._http.request("GET", path, token=token, params=params)
@@ -248,9 +263,27 @@ class AttestedKeyClient:
             for item in items:
                 lease = item.get("lease")
                 out.append((_open(item, keypair), lease if isinstance(lease, str) else None))
-            return out, keypair.public_bytes
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise SealedTorchError(f"keyserver sent a malformed key release: {exc}") from None
+        self._check_receipt(answer.get("receipt"), [released for released, _ in out], keypair)
+        return out, keypair.public_bytes
+
+    def _check_receipt(self, receipt: Any, released: list[ReleasedKey],
+                       keypair: crypto.EphemeralKeyPair) -> None:
+        """No key is used unless its release is on the log: the receipt's checkpoint is
+        signed by the log key, consistent with every checkpoint seen before, and includes
+        an ``allow`` record of releasing exactly this key version to this key pair."""
+        _, included = self.witness.check_receipt(receipt)
+        thumbprint = protocol.thumbprint(keypair.public_bytes)
+        for item in released:
+            key = item.model_key
+            if not any(tlog.release_record_matches(rec, model_id=key.model_id,
+                                                   version=key.version,
+                                                   thumbprint=thumbprint)
+                       for rec in included.values()):
+                raise TransparencyError(
+                    f"model {key.model_id!r} version {key.version}: the release is not in "
+                    f"the transparency log (no included allow record for this key pair)")
 
     def fetch_all_leased(self) -> tuple[list[tuple[ReleasedKey, str | None]], bytes]:
         """Like :meth:`fetch_all`, with each key's lease text (``None``: the keyserver sent
@@ -421,6 +454,25 @@ class AdminClient:
     def revoke_token(self, token_id: str) -> dict[str, Any]:
         result: dict[str, Any] = self._call("POST", "/v1/admin/tokens/revocations",
                                             {"token_id": token_id})
+        return result
+
+    # --- the transparency log (any admin-token role)
+    def checkpoint(self) -> dict[str, Any]:
+        """``{checkpoint, log_key, size, root}``: the log's current signed checkpoint."""
+        result: dict[str, Any] = self._http.request("GET", "/v1/audit/checkpoint",
+                                                    token=self._token)
+        return result
+
+    def inclusion_proof(self, index: int, size: int | None = None) -> dict[str, Any]:
+        params = {"index": index} | ({"size": size} if size is not None else {})
+        result: dict[str, Any] = self._http.request("GET", "/v1/audit/proof/inclusion",
+                                                    token=self._token, params=params)
+        return result
+
+    def consistency_proof(self, first: int, second: int | None = None) -> dict[str, Any]:
+        params = {"first": first} | ({"second": second} if second is not None else {})
+        result: dict[str, Any] = self._http.request("GET", "/v1/audit/proof/consistency",
+                                                    token=self._token, params=params)
         return result
 
     def audit(self, *, model_id: str | None = None, since: float | None = None,

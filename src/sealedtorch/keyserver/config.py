@@ -6,6 +6,7 @@ Layout (all secrets mode 0600, the directory 0700)::
     DIR/keyserver.db          SQLite store (WAL): models, wrapped keys, nonces, audit log
     DIR/kek.json              the file KEK (AES-256 key-encryption key)
     DIR/token-signing.key     Ed25519 key that signs attestation-result tokens
+    DIR/tlog-signing.key      Ed25519 key that signs the transparency log's checkpoints
     DIR/tls/ca.pem, ca.key    the deployment's private CA (give ca.pem to clients)
     DIR/tls/server.pem, .key  the server certificate (127.0.0.1, localhost, --hostname)
     DIR/admin-token           the first admin token, written once (only its hash is stored)
@@ -29,7 +30,7 @@ from typing import Any
 from .. import crypto, secretfile
 from ..attest.policy import DeploymentPolicy, load_deployment_policy
 from ..errors import ConfigError, PolicyError
-from . import tls, tokens
+from . import tlog, tls, tokens
 from .kek import FileKek, KekProvider, open_ring
 from .store import AdminTokenRecord, SqliteStore, Store
 
@@ -262,6 +263,10 @@ def init_data_dir(data_dir: Path | str, *, hostnames: tuple[str, ...] = (),
 
     FileKek.create(d / "kek.json")
     write_new(d / "token-signing.key", crypto.SigningKey.generate().to_pem())
+    signer = tlog.Signer.generate()
+    write_new(d / tlog.SIGNER_FILE, (signer.skey() + "\n").encode())
+    signer = tlog.Signer.generate()
+    write_new(d / tlog.SIGNER_FILE, (signer.skey() + "\n").encode())
     settings = {
         "format": CONFIG_FORMAT,
         "store": store_settings,
@@ -289,6 +294,7 @@ def init_data_dir(data_dir: Path | str, *, hostnames: tuple[str, ...] = (),
             tokens.admin_token_id(token_hash), "initial", "admin", now,
             principal_id="initial", expires_at=now + TOKEN_LIFETIME, token_hash=token_hash))
         with store.transaction() as tx:
+            tlog.check_store_key(tx, signer.verifier)
             tx.insert_admin_token(record, token_hash)
             tx.set_meta(META_KEY, rows.marker())
             tx.append_audit({"time": now, "event": "keyserver.init", "decision": "ok",

@@ -171,8 +171,53 @@ class SealedKeyModel(_Body):
                           "serves the key at most that long without renewing (docs/protocol.md)")
 
 
+class ReceiptEntry(_Body):
+    leaf_index: int = Field(description="the audit record's leaf index (its seq - 1)")
+    record: str = Field(description="the audit record: its canonical JSON, the leaf's data")
+    inclusion_proof: list[str] = Field(description="RFC 9162 inclusion proof to the "
+                                                   "checkpoint's root, base64 hashes")
+
+
+class ConsistencyModel(_Body):
+    from_size: int
+    proof: list[str] = Field(description="RFC 9162 consistency proof, base64 hashes")
+
+
+class Receipt(_Body):
+    """Proof that a release is on the keyserver's transparency log (see docs/protocol.md)."""
+
+    log_key: str = Field(description="the log's signed-note verifier key "
+                                     "(name+keyid+base64(0x01 ‖ Ed25519 public key))")
+    checkpoint: str = Field(description="C2SP tlog-checkpoint in a C2SP signed note")
+    entries: list[ReceiptEntry] = Field(description="the allow record of every released key")
+    consistency: ConsistencyModel | None = Field(
+        None, description="from the tree size the caller named in ?tlog_since=")
+
+
 class KeysResponse(_Body):
     keys: list[SealedKeyModel]
+    receipt: Receipt | None = Field(
+        None, description="transparency-log receipt of this release (always sent by this "
+                          "version; optional for older keyservers' answers)")
+
+
+class CheckpointResponse(_Body):
+    checkpoint: str = Field(description="C2SP tlog-checkpoint in a C2SP signed note")
+    log_key: str = Field(description="the log's signed-note verifier key")
+    size: int
+    root: str = Field(description="root hash, base64")
+
+
+class InclusionProofResponse(_Body):
+    leaf_index: int
+    tree_size: int
+    proof: list[str]
+
+
+class ConsistencyProofResponse(_Body):
+    first: int
+    second: int
+    proof: list[str]
 
 
 class KeyMaterial(_Body):

@@ -157,6 +157,25 @@ MIGRATIONS: tuple[Migration, ...] = (
             "WHERE expires_at IS NULL",
             *_INTEGRITY_BACKFILL,
         )),
+    Migration(
+        4, "transparency log: hashes of the complete subtrees of the audit Merkle tree",
+        sqlite=(
+            "CREATE TABLE IF NOT EXISTS tlog_nodes (level INTEGER NOT NULL, "
+            "idx INTEGER NOT NULL, hash BLOB NOT NULL, PRIMARY KEY (level, idx)) "
+            "WITHOUT ROWID",
+            "CREATE TRIGGER IF NOT EXISTS tlog_no_update BEFORE UPDATE ON tlog_nodes "
+            "BEGIN SELECT RAISE(ABORT, 'the transparency log is append-only'); END",
+            "CREATE TRIGGER IF NOT EXISTS tlog_no_delete BEFORE DELETE ON tlog_nodes "
+            "BEGIN SELECT RAISE(ABORT, 'the transparency log is append-only'); END",
+        ),
+        postgres=(
+            "CREATE TABLE IF NOT EXISTS tlog_nodes (level SMALLINT NOT NULL, "
+            "idx BIGINT NOT NULL, hash BYTEA NOT NULL, PRIMARY KEY (level, idx))",
+            "CREATE TRIGGER tlog_no_update BEFORE UPDATE OR DELETE ON tlog_nodes "
+            "FOR EACH ROW EXECUTE FUNCTION sealedtorch_audit_append_only()",
+            "CREATE TRIGGER tlog_no_truncate BEFORE TRUNCATE ON tlog_nodes "
+            "FOR EACH STATEMENT EXECUTE FUNCTION sealedtorch_audit_append_only()",
+        )),
 )
 
 #: The schema version this sealedtorch writes (the last migration).

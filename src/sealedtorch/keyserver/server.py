@@ -25,7 +25,7 @@ import uvicorn
 from .. import attest
 from ..attest import sim
 from ..errors import ConfigError
-from . import tls
+from . import tlog, tls
 from .app import RateLimit, create_app
 from .config import (
     ROW_MACS_SETTING,
@@ -95,10 +95,17 @@ def build_keyserver(cfg: KeyserverConfig, *, trust_sim_roots: Sequence[Path | st
         prefer_verifier_collateral=collateral.prefer == "verifier",
         min_tcb_evaluation_data_number=collateral.min_tcb_evaluation_data_number,
         fetch_amd_crl=True)
-    service = Keyserver(store=open_store(cfg), kek=open_kek(cfg),
+    store = open_store(cfg)
+    try:
+        transparency = tlog.open_log(store, cfg.data_dir)
+    except BaseException:
+        store.close()
+        raise
+    service = Keyserver(store=store, kek=open_kek(cfg),
                         signer=TokenSigner.load(cfg.path(cfg.token_signing_key)),
                         verifier=verifier, clock=clock, nonce_ttl=cfg.nonce_ttl,
-                        token_ttl=cfg.token_ttl, attestation_policy=cfg.attestation_policy)
+                        token_ttl=cfg.token_ttl, attestation_policy=cfg.attestation_policy,
+                        transparency=transparency)
     try:
         # rows written before row MACs are sealed once (trust on upgrade); afterwards this
         # data directory requires a sealed store

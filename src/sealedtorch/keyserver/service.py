@@ -50,7 +50,7 @@ from ..errors import (
     StoreIntegrityError,
 )
 from ..keys import ModelKey, validate_model_id
-from . import audit, protocol
+from . import audit, protocol, tlog
 from .audit import ALLOW, DENY, ERROR, OK
 from .kek import KekProvider
 from .leases import issue_lease
@@ -225,10 +225,19 @@ class Keyserver:
                  verifier: attest.VerifierConfig, clock: Clock = time.time,
                  nonce_ttl: float = 60.0, token_ttl: float = 300.0,
                  metrics: KeyserverMetrics | None = None,
-                 attestation_policy: DeploymentPolicy | None = None) -> None:
+                 attestation_policy: DeploymentPolicy | None = None,
+                 transparency: tlog.TransparencyLog | None = None) -> None:
         self.store = store
         #: The deployment's own attestation policy, checked before any token is issued.
         self.attestation_policy = attestation_policy or DeploymentPolicy()
+        if transparency is None:
+            # no data directory (an embedded keyserver): a log key for this process only
+            transparency = tlog.TransparencyLog(tlog.Signer.generate())
+            log.warning("transparency log: no signing key given; checkpoints are signed "
+                        "with a key that lives only in this process (%s)",
+                        transparency.verifier.vkey)
+        #: Signs checkpoints and builds receipts (:mod:`.tlog`).
+        self.tlog = transparency
         self.metrics = metrics or KeyserverMetrics()
         self.kek = kek
         self.signer = signer
@@ -493,16 +502,29 @@ class Keyserver:
                 version: int | None = None) -> list[SealedKey]:
         """Keys for the identity in ``token``: every active version of every model whose
         policy it satisfies (``model_id`` None), or one version of one model."""
+        return self.release_with_receipt(token, ctx, model_id=model_id, version=version)[0]
+
+    def release_with_receipt(self, token: str | None, ctx: RequestContext, *,
+                             model_id: str | None = None, version: int | None = None,
+                             since: int | None = None) -> tuple[list[SealedKey], dict[str, Any]]:
+        """:meth:`release`, plus its transparency-log receipt: the signed checkpoint, the
+        ``allow`` audit record of every released key with its inclusion proof, and a
+        consistency proof from tree size ``since`` (what the caller saw before), so the
+        caller can check that its release is on the public record before using the key."""
         start = time.perf_counter()
         entry = self._entry(ctx, "release", model_id=model_id, version=version)
         try:
-            return self._release(token, ctx, entry, model_id, version)
+            keys, leaves = self._release(token, ctx, entry, model_id, version)
+            with self.store.snapshot() as tx:
+                receipt = self.tlog.receipt(tx, leaves, since)
+            return keys, receipt
         finally:
             self.metrics.release_seconds.observe(time.perf_counter() - start,
                                                  tee=str(entry.get("tee") or "none"))
 
     def _release(self, token: str | None, ctx: RequestContext, entry: dict[str, Any],
-                 model_id: str | None, version: int | None) -> list[SealedKey]:
+                 model_id: str | None, version: int | None
+                 ) -> tuple[list[SealedKey], list[tuple[int, str]]]:
         try:
             tok = self._token(token)
         except SealedTorchError as exc:
@@ -511,11 +533,12 @@ class Keyserver:
         entry.update(role=tok.role.value, tee=tok.claims.tee.value, token_id=tok.token_id,
                      evidence_digest=tok.evidence_digest, claims=tok.claims.to_json(),
                      insecure=tok.claims.insecure, key_thumbprint=tok.thumbprint)
+        leaves: list[tuple[int, str]] = []
         if model_id is None:
-            grants = self._release_all(tok, entry)
+            grants = self._release_all(tok, entry, leaves)
         else:
-            grants = [self._release_one(tok, entry, model_id, version)]
-        return [self._seal(tok, g) for g in grants]
+            grants = [self._release_one(tok, entry, model_id, version, leaves)]
+        return [self._seal(tok, g) for g in grants], leaves
 
     def _token(self, token: str | None) -> AttestationToken:
         if not token:
@@ -544,7 +567,7 @@ class Keyserver:
                                kek_id=key.kek_id)
 
     def _release_one(self, tok: AttestationToken, entry: dict[str, Any], model_id: str,
-                     version: int | None) -> _Grant:
+                     version: int | None, leaves: list[tuple[int, str]]) -> _Grant:
         failure: SealedTorchError | None = None
         grant: _Grant | None = None
         try:
@@ -556,7 +579,9 @@ class Keyserver:
                     failure = exc
                     entry.update(decision=ERROR if exc.problem_type == "integrity" else DENY,
                                  problem=exc.problem_type, reasons=_fail_reasons(exc))
-                tx.append_audit(entry)
+                written = tx.append_audit(entry)
+                if failure is None:
+                    leaves.append((written.seq - 1, written.record_json))
         except SealedTorchError as exc:  # the store itself failed
             self._audit_failure(entry, exc)
             raise
@@ -598,7 +623,8 @@ class Keyserver:
         self.rows.check_key(key)
         return _Grant(model, key, self._unwrap(key))
 
-    def _release_all(self, tok: AttestationToken, entry: dict[str, Any]) -> list[_Grant]:
+    def _release_all(self, tok: AttestationToken, entry: dict[str, Any],
+                     leaves: list[tuple[int, str]]) -> list[_Grant]:
         grants: list[_Grant] = []
         withheld: list[dict[str, Any]] = []
         failure: SealedTorchError | None = None
@@ -639,7 +665,9 @@ class Keyserver:
                         failure = failure or exc
                         rec.update(decision=ERROR, problem=exc.problem_type,
                                    reasons=_fail_reasons(exc))
-                    tx.append_audit(rec)
+                    written = tx.append_audit(rec)
+                    if rec["decision"] == ALLOW:
+                        leaves.append((written.seq - 1, written.record_json))
                     records.append(rec)
                 if withheld or not records:
                     summary = dict(entry, decision=ALLOW if grants else DENY,
@@ -1052,6 +1080,54 @@ class Keyserver:
 
         result: protocol.AuditResponse = self._admin_write(entry, body)
         return result
+
+    # ------------------------------------------------------------------ transparency log
+
+    def _log_reader(self, admin: AdminTokenRecord) -> None:
+        # hashes only, no record content: every admin-token role may witness the log
+        self._require(admin, "read the transparency log", AdminRole.ADMIN, AdminRole.AUDITOR,
+                      AdminRole.OWNER)
+
+    def audit_checkpoint(self, admin: AdminTokenRecord) -> protocol.CheckpointResponse:
+        """The current signed checkpoint.  Not audited (it decides nothing, and witnesses
+        poll it: an audit record per poll would grow the log it watches)."""
+        self._log_reader(admin)
+        with self.store.snapshot() as tx:
+            cp, note = self.tlog.checkpoint(tx)
+        return protocol.CheckpointResponse(checkpoint=note, log_key=self.tlog.verifier.vkey,
+                                           size=cp.size,
+                                           root=protocol.b64encode(cp.root))
+
+    def audit_inclusion(self, admin: AdminTokenRecord, index: int,
+                        size: int | None) -> protocol.InclusionProofResponse:
+        """RFC 9162 inclusion proof of leaf ``index`` in the tree of ``size`` leaves
+        (default: the current size)."""
+        self._log_reader(admin)
+        with self.store.snapshot() as tx:
+            current = tx.tlog_size()
+            size = current if size is None else size
+            if not 0 <= index < size <= current:
+                raise RequestError(f"no inclusion proof of leaf {index} in a tree of {size} "
+                                   f"leaves (the log has {current})")
+            proof = tlog.inclusion_proof(tx, index, size)
+        return protocol.InclusionProofResponse(leaf_index=index, tree_size=size,
+                                               proof=[protocol.b64encode(h) for h in proof])
+
+    def audit_consistency(self, admin: AdminTokenRecord, first: int,
+                          second: int | None) -> protocol.ConsistencyProofResponse:
+        """RFC 9162 consistency proof between tree sizes ``first`` and ``second`` (default:
+        the current size)."""
+        self._log_reader(admin)
+        with self.store.snapshot() as tx:
+            current = tx.tlog_size()
+            second = current if second is None else second
+            if not 0 <= first <= second <= current:
+                raise RequestError(f"no consistency proof from {first} to {second} leaves "
+                                   f"(the log has {current}; a smaller size than a saved "
+                                   f"checkpoint's means the log was truncated)")
+            proof = tlog.consistency_proof(tx, first, second)
+        return protocol.ConsistencyProofResponse(
+            first=first, second=second, proof=[protocol.b64encode(h) for h in proof])
 
     def _wrapped(self, key: ModelKey, now: float) -> KeyRecord:
         wrapped, kek_id = self.kek.wrap_with_id(key.secret, model_id=key.model_id,

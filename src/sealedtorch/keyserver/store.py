@@ -33,8 +33,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..errors import ConfigError, NonceError, ServiceUnavailable
-from . import audit, schema
+from .. import crypto
+from ..errors import ConfigError, IntegrityError, NonceError, ServiceUnavailable
+from . import audit, schema, tlog
 
 log = logging.getLogger("sealedtorch.keyserver")
 
@@ -190,6 +191,19 @@ class StoreTx(Protocol):
     def audit_head(self) -> tuple[int, str]:
         """(seq, hash) of the newest record; (0, GENESIS) for an empty log."""
         ...
+    # transparency log (see .tlog)
+    def audit_leaves(self, after: int, count: int) -> list[tuple[int, str]]:
+        """(seq, record JSON) of up to ``count`` records with seq > ``after``."""
+        ...
+    def tlog_size(self) -> int:
+        """Leaves in the stored Merkle tree."""
+        ...
+    def tlog_nodes(self, coords: Any) -> dict[tuple[int, int], bytes]:
+        """Stored complete-subtree hashes by (level, index); absent ones are left out."""
+        ...
+    def tlog_put_nodes(self, nodes: Any) -> None: ...
+    def tlog_meta(self, key: str) -> str | None: ...
+    def tlog_set_meta(self, key: str, value: str) -> None: ...
     # operations
     def count_nonces(self) -> int: ...
 
@@ -448,7 +462,60 @@ class SqlTx:
                         "prev_hash, hash, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (rec.seq, rec.time, rec.event, rec.model_id, rec.decision,
                          rec.record_json, rec.prev_hash, rec.hash, rec.owner))
+        self._tlog_append(rec)
         return rec
+
+    # --- transparency log (the audit records as Merkle leaves; see .tlog)
+    def _tlog_append(self, rec: audit.AuditRecord) -> None:
+        """The record's leaf and the subtrees it completes, in this same transaction (so
+        under the same writer lock as the chain append)."""
+        size = self.tlog_size()
+        if size < rec.seq - 1:  # a store from before the log: build the missing leaves
+            added = tlog.catch_up(self, self.audit_leaves, rec.seq - 1)
+            log.info("transparency log: added %d leaves for older audit records", added)
+        elif size > rec.seq - 1:
+            raise IntegrityError(
+                f"the transparency log has {size} leaves but the audit log only "
+                f"{rec.seq - 1} records: audit records were deleted")
+        tlog.append_leaf(self, rec.seq - 1, crypto.merkle_leaf_hash(rec.record_json.encode()))
+
+    def audit_leaves(self, after: int, count: int) -> list[tuple[int, str]]:
+        """(seq, record JSON) of up to ``count`` records after ``seq`` = ``after``."""
+        return [(int(r[0]), str(r[1])) for r in self._all(
+            "SELECT seq, record FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after, count))]
+
+    def tlog_size(self) -> int:
+        row = self._one("SELECT max(idx) FROM tlog_nodes WHERE level = 0")
+        return 0 if row is None or row[0] is None else int(row[0]) + 1
+
+    def tlog_nodes(self, coords: Any) -> dict[tuple[int, int], bytes]:
+        coords = list(coords)
+        out: dict[tuple[int, int], bytes] = {}
+        for start in range(0, len(coords), 200):
+            part = coords[start:start + 200]
+            # a join with the wanted coordinates: one primary-key lookup each (an OR list
+            # of this length costs PostgreSQL more to plan than to run)
+            wanted = ", ".join(["(?, ?)"] * len(part))
+            args = [v for c in part for v in c]
+            for r in self._all(f"WITH w (l, i) AS (VALUES {wanted}) "  # noqa: S608
+                               "SELECT n.level, n.idx, n.hash FROM w JOIN tlog_nodes n "
+                               "ON n.level = w.l AND n.idx = w.i", args):
+                out[(int(r[0]), int(r[1]))] = bytes(r[2])
+        return out
+
+    def tlog_put_nodes(self, nodes: Any) -> None:
+        nodes = list(nodes)
+        values = ", ".join(["(?, ?, ?)"] * len(nodes))
+        self._x(f"INSERT INTO tlog_nodes (level, idx, hash) VALUES {values}",  # noqa: S608
+                [v for n in nodes for v in n])
+
+    def tlog_meta(self, key: str) -> str | None:
+        row = self._one("SELECT value FROM meta WHERE key = ?", (key,))
+        return None if row is None else str(row[0])
+
+    def tlog_set_meta(self, key: str, value: str) -> None:
+        self._x("INSERT INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     def audit_records(self, *, model_id: str | None = None, since: float | None = None,
                       limit: int | None = None, owner: str | None = None,
