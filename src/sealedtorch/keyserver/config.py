@@ -265,8 +265,6 @@ def init_data_dir(data_dir: Path | str, *, hostnames: tuple[str, ...] = (),
     write_new(d / "token-signing.key", crypto.SigningKey.generate().to_pem())
     signer = tlog.Signer.generate()
     write_new(d / tlog.SIGNER_FILE, (signer.skey() + "\n").encode())
-    signer = tlog.Signer.generate()
-    write_new(d / tlog.SIGNER_FILE, (signer.skey() + "\n").encode())
     settings = {
         "format": CONFIG_FORMAT,
         "store": store_settings,
