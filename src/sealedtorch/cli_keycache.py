@@ -107,10 +107,16 @@ def _read(path: Path | None) -> bytes:
 
 def build(args: argparse.Namespace) -> Any:
     """The :class:`~sealedtorch.keycache.service.Keycache` that ``keycache run`` serves."""
+    return build_with_signer(args)[0]
+
+
+def build_with_signer(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The keycache and its :class:`~sealedtorch.keycache.local.AnswerSigner` (which proves
+    to runtimes, with this TEE's evidence, that the answers come from this keycache)."""
     from .attest import Tee, VerifierConfig
     from .attest.attesters import get_attester
     from .attest.sim import load_platform_keys
-    from .keycache.local import EvidenceAppraiser, PeerAppraiser, self_claims
+    from .keycache.local import AnswerSigner, EvidenceAppraiser, PeerAppraiser, self_claims
     from .keycache.service import Keycache
     from .keycache.upstream import KeyserverUpstream
 
@@ -143,8 +149,9 @@ def build(args: argparse.Namespace) -> Any:
         appraiser = EvidenceAppraiser(verifier, tees=[tee], allowed_uids=args.allow_uid,
                                       allowed_gids=args.allow_gid)
     upstream = KeyserverUpstream.connect(args.keyserver, ca=args.ca, attester=attester)
-    return Keycache(upstream, appraiser, refresh=args.refresh, max_stale=args.max_stale,
-                    nonce_ttl=args.nonce_ttl)
+    keycache = Keycache(upstream, appraiser, refresh=args.refresh, max_stale=args.max_stale,
+                        nonce_ttl=args.nonce_ttl)
+    return keycache, AnswerSigner(attester)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -160,8 +167,8 @@ def _run(args: argparse.Namespace) -> int:
                 grp.getgrnam(args.socket_group).gr_gid
         except KeyError:
             raise ConfigError(f"--socket-group: no group {args.socket_group!r}") from None
-    keycache = build(args)
-    server = KeycacheServer(keycache, args.socket, group=group)
+    keycache, signer = build_with_signer(args)
+    server = KeycacheServer(keycache, args.socket, group=group, signer=signer)
     keycache.start()
     try:
         server.serve()

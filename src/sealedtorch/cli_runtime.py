@@ -110,7 +110,8 @@ def _serve(args: argparse.Namespace) -> int:
     from .runtime.server import serve
 
     keys = KeycacheClient(args.keycache, tee=args.tee, sim_platform=args.sim_platform,
-                          runtime_config=config.canonical_bytes())
+                          runtime_config=config.canonical_bytes(),
+                          keycache_rules=config.keycache)
     try:
         return serve(sources, keys=keys, config=config, listen=args.listen,
                      tls_cert=args.tls_cert, tls_key=args.tls_key, tee=args.tee,

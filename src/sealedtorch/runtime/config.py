@@ -22,6 +22,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ..attest.policy import Rule
 from ..errors import ConfigError
 
 __all__ = ["DEFAULT_ARCHITECTURES", "RuntimeConfig", "load_config", "runtime_measurement"]
@@ -43,6 +44,11 @@ DEFAULT_ARCHITECTURES: tuple[str, ...] = (
 )
 
 
+#: Optional fields left out of the canonical form while unset, so that adding them did not
+#: change the measurement of configurations that do not use them.
+_UNSET_NOT_MEASURED = ("keycache", "models")
+
+
 class RuntimeConfig(BaseModel):
     """Everything that decides what the runtime will build and accept.
 
@@ -61,6 +67,12 @@ class RuntimeConfig(BaseModel):
     - ``key_retries`` / ``key_retry_delay_s``: attempts to get a key while the keycache is
       unreachable or stale (attempts, first delay; the delay doubles, capped at 5 s).
     - ``torch_threads``: intra-op threads (``None``: torch's default).
+    - ``keycache``: the rules (same shape as a policy's ``allow`` entries: ``tee``,
+      ``measurement``, ``mr_enclave``/``mr_signer``, ``platform_key``, ...) that the keycache
+      answering the runtime's key requests must match, with evidence bound to the runtime's
+      nonce (mutual attestation).  ``None`` (the default): the runtime refuses every key.
+      A sim rule must name ``platform_key``: sim evidence is trusted only from platforms
+      named here.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -76,6 +88,20 @@ class RuntimeConfig(BaseModel):
     key_retries: int = Field(5, ge=1, le=100)
     key_retry_delay_s: float = Field(0.5, ge=0, le=60)
     torch_threads: int | None = Field(None, ge=1, le=1024)
+    keycache: tuple[Rule, ...] | None = None
+
+    @field_validator("keycache")
+    @classmethod
+    def _check_keycache(cls, value: tuple[Any, ...] | None) -> tuple[Any, ...] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("list at least one keycache rule (or leave keycache unset)")
+        for index, rule in enumerate(value):
+            if rule.tee == "sim" and not rule.platform_key:
+                raise ValueError(f"keycache[{index}]: a sim rule must name platform_key (the "
+                                 f"keycache's sim platform.pub, hex)")
+        return value
 
     @field_validator("architectures")
     @classmethod
@@ -92,7 +118,11 @@ class RuntimeConfig(BaseModel):
 
     def canonical_bytes(self) -> bytes:
         """Sorted-key compact JSON of every field, defaults spelled out: the measured form."""
-        return (json.dumps(self.model_dump(mode="json"), sort_keys=True,
+        data = self.model_dump(mode="json")
+        for optional in _UNSET_NOT_MEASURED:  # unset newer fields: earlier measurements hold
+            if data.get(optional) is None:
+                data.pop(optional, None)
+        return (json.dumps(data, sort_keys=True,
                            separators=(",", ":"), ensure_ascii=False) + "\n").encode()
 
     def with_overrides(self, **changes: Any) -> RuntimeConfig:
