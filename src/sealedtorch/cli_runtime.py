@@ -70,6 +70,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json-wire", action="store_true",
                    help="send tensors as JSON instead of the binary extension")
     p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--expect-model", action="append", default=[],
+                   metavar="NAME=MODEL_ID[@MIN_KEY_VERSION]",
+                   help="refuse (exit 2, nothing sent) unless the attested runtime serves "
+                        "MODEL_ID, at least key version MIN_KEY_VERSION, as NAME "
+                        "(repeatable)")
+    p.add_argument("--expect-digest", action="append", default=[], metavar="NAME=SHA256",
+                   help="refuse unless the attested runtime serves NAME from the sealed file "
+                        "with this SHA-256 (sha256sum of the .sealed file; repeatable)")
     p.set_defaults(handler=_client_infer)
 
 
@@ -173,11 +181,12 @@ def _write_outputs(path: Path, outputs: dict[str, Any]) -> None:
 
 
 def _client_infer(args: argparse.Namespace) -> int:
-    from .runtime.client import AttestedClient
+    from .runtime.client import AttestedClient, parse_expectations
 
+    expect = parse_expectations(args.expect_model, args.expect_digest)
     inputs = read_input_file(args.input)
     with AttestedClient(args.url, policy=args.policy, sim_roots=args.sim_root,
-                        timeout=args.timeout) as client:
+                        timeout=args.timeout, expect=expect) as client:
         result = client.attest()
         print(f"attested: {result.claims.tee} runtime at {args.url}; "
               f"{result.decision.reasons[0]}; TLS key pinned "

@@ -56,6 +56,15 @@ def sha256(*parts: bytes) -> bytes:
     return h.digest()
 
 
+def sha256_file(path: str | os.PathLike[str], *, chunk: int = 1 << 22) -> bytes:
+    """SHA-256 of a whole file, read in chunks (sealed files can be many GB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.digest()
+
+
 def sha384(*parts: bytes) -> bytes:
     h = hashlib.sha384()
     for p in parts:

@@ -25,7 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..attest.policy import Rule
 from ..errors import ConfigError
 
-__all__ = ["DEFAULT_ARCHITECTURES", "RuntimeConfig", "load_config", "runtime_measurement"]
+__all__ = ["DEFAULT_ARCHITECTURES", "RuntimeConfig", "ServedModel", "load_config",
+           "runtime_measurement"]
 
 _TORCHVISION = (
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2",
@@ -42,6 +43,35 @@ DEFAULT_ARCHITECTURES: tuple[str, ...] = (
     "sealedtorch.runtime.architectures:mlp",
     "torch.export",
 )
+
+
+class ServedModel(BaseModel):
+    """What one served name must be: the owner's model id, the lowest key version accepted
+    (older files and retired versions are refused) and, optionally, the SHA-256 (hex) of the
+    exact sealed file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model_id: str
+    min_key_version: int = Field(1, ge=1, le=2**32 - 1)
+    sha256: str | None = None
+
+    @field_validator("model_id")
+    @classmethod
+    def _check_id(cls, value: str) -> str:
+        from ..keys import validate_model_id
+
+        return validate_model_id(value)
+
+    @field_validator("sha256")
+    @classmethod
+    def _check_digest(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        text = value.strip().lower()
+        if len(text) != 64 or not all(c in "0123456789abcdef" for c in text):
+            raise ValueError("sha256 must be 64 hex digits (sha256sum of the .sealed file)")
+        return text
 
 
 #: Optional fields left out of the canonical form while unset, so that adding them did not
@@ -67,6 +97,11 @@ class RuntimeConfig(BaseModel):
     - ``key_retries`` / ``key_retry_delay_s``: attempts to get a key while the keycache is
       unreachable or stale (attempts, first delay; the delay doubles, capped at 5 s).
     - ``torch_threads``: intra-op threads (``None``: torch's default).
+    - ``models``: served name -> :class:`ServedModel` (model id, ``min_key_version``,
+      optional ``sha256`` of the sealed file).  When set, the runtime serves only the names
+      listed, and refuses, before asking for any key, a file whose preamble names another
+      model id or a lower key version, or whose SHA-256 differs.  ``None``: any file under
+      any name (unpinned: the host chooses what is served; logged as a warning).
     - ``keycache``: the rules (same shape as a policy's ``allow`` entries: ``tee``,
       ``measurement``, ``mr_enclave``/``mr_signer``, ``platform_key``, ...) that the keycache
       answering the runtime's key requests must match, with evidence bound to the runtime's
@@ -89,6 +124,22 @@ class RuntimeConfig(BaseModel):
     key_retry_delay_s: float = Field(0.5, ge=0, le=60)
     torch_threads: int | None = Field(None, ge=1, le=1024)
     keycache: tuple[Rule, ...] | None = None
+    models: dict[str, ServedModel] | None = None
+
+    @field_validator("models")
+    @classmethod
+    def _check_models(cls, value: dict[str, ServedModel] | None
+                      ) -> dict[str, ServedModel] | None:
+        if value is None:
+            return None
+        from .loader import check_model_name
+
+        for name in value:
+            try:
+                check_model_name(name)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
     @field_validator("keycache")
     @classmethod
