@@ -188,7 +188,11 @@ def _run(args: argparse.Namespace, work: Path, procs: _Processes) -> None:
     # 2. The sim platform and the measurements the policy pins -----------------------------
     sim_dir = work / "sim"
     _cli("sim", "init", "--out", str(sim_dir))
-    holder_meas = json.loads(_cli("attest", "measure", "--json"))["measurement"]
+    # The keycache's own measured configuration lists the only models it may hold
+    keycache_cfg = work / "keycache.yaml"
+    keycache_cfg.write_text("models: [resnet50]\n")
+    holder_meas = json.loads(_cli("attest", "measure", "--config", str(keycache_cfg),
+                                  "--json"))["measurement"]
     # The runtime's measured configuration names the keycache it trusts (mutual attestation)
     from .attest.sim import SimPlatform
 
@@ -229,7 +233,8 @@ def _run(args: argparse.Namespace, work: Path, procs: _Processes) -> None:
     sock = work / "run" / "keycache.sock"
     kc = procs.start("keycache", ["keycache", "run", "--keyserver", ks_url, "--ca", str(ca),
                                   "--socket", str(sock), "--tee", "sim", "--sim-platform",
-                                  str(sim_dir), "--refresh", "60s"])
+                                  str(sim_dir), "--config", str(keycache_cfg),
+                                  "--refresh", "60s"])
     status_client = KeycacheClient(sock, tee="sim", sim_platform=sim_dir)
     _wait("keycache", lambda: any(k.get("model_id") == "resnet50"
                                   for k in status_client.status().get("keys", [])),
