@@ -38,6 +38,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="which TEE produces this runtime's evidence (default: detect)")
     p.add_argument("--sim-platform", type=Path,
                    help="sim TEE platform directory (or $SEALEDTORCH_SIM_PLATFORM)")
+    p.add_argument("--pccs-url", help="SGX/TDX collateral source for verifying the "
+                   "keycache's evidence (which keycache is trusted is the configuration's "
+                   "`keycache` rules, not this)")
+    p.add_argument("--kds-url", help="SEV-SNP VCEK source for verifying the keycache's "
+                   "evidence")
+    p.add_argument("--cache-dir", type=Path, help="collateral / VCEK cache for verifying "
+                   "the keycache's evidence")
     p.add_argument("--stay-unready", action="store_true",
                    help="if a model fails to load, keep serving (live, not ready) instead of "
                         "exiting")
@@ -114,12 +121,15 @@ def _serve(args: argparse.Namespace) -> int:
     if not args.keycache:
         raise ConfigError("serve needs --keycache SOCKET: sealed models are opened only with "
                           "keys from the keycache")
+    from .attest import VerifierConfig
     from .keycache import KeycacheClient
     from .runtime.server import serve
 
+    collateral = VerifierConfig(pccs_url=args.pccs_url, kds_url=args.kds_url,
+                                cache_dir=args.cache_dir)
     keys = KeycacheClient(args.keycache, tee=args.tee, sim_platform=args.sim_platform,
                           runtime_config=config.canonical_bytes(),
-                          keycache_rules=config.keycache)
+                          keycache_rules=config.keycache, verifier=collateral)
     try:
         return serve(sources, keys=keys, config=config, listen=args.listen,
                      tls_cert=args.tls_cert, tls_key=args.tls_key, tee=args.tee,
