@@ -33,6 +33,7 @@ _GROUPS = [_add_format_commands, _add_attest_commands]
 _GROUPS.append(lambda sub: __import__("sealedtorch.cli_keyserver").cli_keyserver.register(sub))
 _GROUPS.append(lambda sub: __import__("sealedtorch.cli_keycache").cli_keycache.register(sub))
 _GROUPS.append(lambda sub: __import__("sealedtorch.cli_runtime").cli_runtime.register(sub))
+_GROUPS.append(lambda sub: __import__("sealedtorch.cli_manifest").cli_manifest.register(sub))
 
 
 def build_parser() -> argparse.ArgumentParser:

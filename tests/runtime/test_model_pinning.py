@@ -270,3 +270,113 @@ def test_a_client_expectation_mismatch_sends_nothing(keycache, owner, sim_dir, s
 def test_malformed_expectations_are_config_errors(flag, value):
     with pytest.raises(ConfigError, match="--expect-"):
         parse_expectations(**{flag: [value]})
+
+
+# --- owner-signed manifests ----------------------------------------------------------------
+
+def _signed_copy(src: Path, tmp_path: Path, signing_key: Any, name: str = "m.sealed") -> Path:
+    from sealedtorch.runtime.manifest import sign_manifest
+
+    dst = tmp_path / name
+    shutil.copyfile(src, dst)
+    sign_manifest(dst, signing_key)
+    return dst
+
+
+def _owner_key(tmp_path: Path) -> Any:
+    from sealedtorch.runtime.manifest import generate_signing_key
+
+    return generate_signing_key(tmp_path / f"owner-{len(list(tmp_path.iterdir()))}.pem")
+
+
+def test_a_file_the_owner_signed_a_manifest_for_is_served(keycache, owner, sim_dir,
+                                                          start_server, tmp_path):
+    signer = _owner_key(tmp_path)
+    path = _signed_copy(owner.v2, tmp_path, signer)
+    config = pinned(sim_dir, owner, manifest_keys=[signer.public_bytes.hex()])
+    kc = keycache(config)
+    with client_for(kc.socket, sim_dir, config) as keys:
+        srv = start_server([ModelSource("tiny", path)], keys=keys, config=config)
+        srv.wait_ready(60)
+        assert srv.runtime.slots["tiny"].model.file_sha256 == owner.sha(owner.v2)
+
+
+def test_a_manifest_signed_by_another_key_is_refused(keycache, owner, sim_dir, start_server,
+                                                     raw_client, tmp_path):
+    trusted, host = _owner_key(tmp_path), _owner_key(tmp_path)
+    path = _signed_copy(owner.v2_other, tmp_path, host)
+    assert_refused_before_any_key(
+        start_server, raw_client, keycache, sim_dir,
+        pinned(sim_dir, owner, manifest_keys=[trusted.public_bytes.hex()]), path,
+        "not by an owner key the configuration trusts")
+
+
+def test_a_manifest_for_another_file_is_refused(keycache, owner, sim_dir, start_server,
+                                                raw_client, tmp_path):
+    """The owner's genuine manifest of v2, placed next to another v2 file."""
+    from sealedtorch.runtime.manifest import manifest_path
+
+    signer = _owner_key(tmp_path)
+    genuine = _signed_copy(owner.v2, tmp_path, signer, "genuine.sealed")
+    swapped = tmp_path / "swapped.sealed"
+    shutil.copyfile(owner.v2_other, swapped)
+    shutil.copyfile(manifest_path(genuine), manifest_path(swapped))
+    assert_refused_before_any_key(
+        start_server, raw_client, keycache, sim_dir,
+        pinned(sim_dir, owner, manifest_keys=[signer.public_bytes.hex()]), swapped,
+        "the owner's manifest vouches for")
+
+
+def test_a_modified_manifest_is_refused(keycache, owner, sim_dir, start_server, raw_client,
+                                        tmp_path):
+    """The host edits the owner's manifest (here: the key version it vouches for)."""
+    from sealedtorch.runtime.manifest import manifest_path
+
+    signer = _owner_key(tmp_path)
+    path = _signed_copy(owner.v2_other, tmp_path, signer)
+    doc = json.loads(manifest_path(path).read_text())
+    doc["key_version"] = 3
+    manifest_path(path).write_text(json.dumps(doc))
+    assert_refused_before_any_key(
+        start_server, raw_client, keycache, sim_dir,
+        pinned(sim_dir, owner, manifest_keys=[signer.public_bytes.hex()]), path,
+        "signature does not verify")
+
+
+def test_a_missing_manifest_is_a_format_error_before_any_key(keycache, owner, sim_dir,
+                                                             start_server, tmp_path):
+    from sealedtorch.errors import FormatError
+
+    signer = _owner_key(tmp_path)
+    config = pinned(sim_dir, owner, manifest_keys=[signer.public_bytes.hex()])
+    kc = keycache(config)
+    with client_for(kc.socket, sim_dir, config) as keys:
+        srv = start_server([ModelSource("tiny", owner.v2)], keys=keys, config=config)
+        with pytest.raises(FormatError, match="no manifest"):
+            srv.wait_ready(60)
+    assert kc.keycache.status()["local"]["released"] == 0
+
+
+def test_manifest_cli_keygen_and_sign(owner, tmp_path):
+    from sealedtorch.runtime.manifest import manifest_path, read_manifest
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "sealedtorch.cli", "manifest", *args],
+                              capture_output=True, text=True, timeout=120, check=False)
+
+    key_file = tmp_path / "owner.pem"
+    made = cli("keygen", "--out", str(key_file))
+    assert made.returncode == 0, made.stderr
+    assert oct(key_file.stat().st_mode & 0o777) == oct(0o600)
+    public = made.stdout.strip()
+    sealed = tmp_path / "m.sealed"
+    shutil.copyfile(owner.v2, sealed)
+    signed = cli("sign", str(sealed), "--signing-key", str(key_file))
+    assert signed.returncode == 0, signed.stderr
+    assert owner.sha(owner.v2) in signed.stdout
+    manifest = read_manifest(manifest_path(sealed))
+    assert (manifest.model_id, manifest.key_version, manifest.signer.hex()) == \
+        ("tiny-mlp", 2, public)
+    again = cli("sign", str(sealed), "--signing-key", str(key_file))
+    assert again.returncode == 2 and "refusing to overwrite the manifest" in again.stderr
+    assert cli("keygen", "--out", str(key_file)).returncode == 2  # never overwritten

@@ -48,13 +48,32 @@ DEFAULT_ARCHITECTURES: tuple[str, ...] = (
 class ServedModel(BaseModel):
     """What one served name must be: the owner's model id, the lowest key version accepted
     (older files and retired versions are refused) and, optionally, the SHA-256 (hex) of the
-    exact sealed file."""
+    exact sealed file and/or the owner keys whose signed manifest must vouch for the file."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model_id: str
     min_key_version: int = Field(1, ge=1, le=2**32 - 1)
     sha256: str | None = None
+    #: Owners' Ed25519 public keys (hex): when set, the file needs a manifest signed by one
+    #: of them (``FILE.manifest``, :mod:`sealedtorch.runtime.manifest`).
+    manifest_keys: tuple[str, ...] | None = None
+
+    @field_validator("manifest_keys")
+    @classmethod
+    def _check_keys(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("list at least one owner key (or leave manifest_keys unset)")
+        out = []
+        for key in value:
+            text = key.strip().lower()
+            if len(text) != 64 or not all(c in "0123456789abcdef" for c in text):
+                raise ValueError("manifest_keys entries are Ed25519 public keys, 64 hex "
+                                 "digits (`sealedtorch manifest keygen` prints one)")
+            out.append(text)
+        return tuple(dict.fromkeys(out))
 
     @field_validator("model_id")
     @classmethod

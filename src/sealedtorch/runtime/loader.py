@@ -209,7 +209,7 @@ def load_sealed(source: ModelSource, keys: KeySource, config: RuntimeConfig | No
     preamble = read_preamble(source.path)
     digest = crypto.sha256_file(source.path).hex()
     check_pinned(source.name, preamble.model_id, preamble.key_version, digest, config,
-                 label=label)
+                 label=label, path=source.path)
     key = get_key_with_retries(keys, preamble.model_id, preamble.key_version, config,
                                source=label)
     t_key = time.perf_counter()
@@ -228,7 +228,8 @@ def load_sealed(source: ModelSource, keys: KeySource, config: RuntimeConfig | No
 
 
 def check_pinned(name: str, model_id: str, key_version: int, file_sha256: str,
-                 config: RuntimeConfig, *, label: str | None = None) -> None:
+                 config: RuntimeConfig, *, label: str | None = None,
+                 path: Path | None = None) -> None:
     """Refuse (:class:`ModelMismatch`) a file that is not what the measured configuration
     pins for ``name``: called with the file's *plaintext* preamble and digest, before any
     key is requested, so a swapped file is never decrypted.  The preamble is untrusted; it
@@ -256,6 +257,15 @@ def check_pinned(name: str, model_id: str, key_version: int, file_sha256: str,
             file_sha256.encode(), pin.sha256.encode()):
         raise ModelMismatch(f"{label}: the file's SHA-256 is {file_sha256}, the configuration "
                             f"pins {pin.sha256}; nothing decrypted")
+    if pin.manifest_keys is not None:
+        if path is None:
+            raise ModelMismatch(f"{label}: the configuration requires an owner-signed "
+                                f"manifest, and there is no file to look beside")
+        from .manifest import manifest_path, read_manifest, verify_manifest
+
+        verify_manifest(read_manifest(manifest_path(path)),
+                        [bytes.fromhex(k) for k in pin.manifest_keys], model_id=model_id,
+                        key_version=key_version, file_sha256=file_sha256, label=label)
 
 
 def _build(state: dict[str, torch.Tensor], metadata: dict[str, Any], arch: str | None,
