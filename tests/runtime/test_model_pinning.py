@@ -150,7 +150,7 @@ def test_the_pinned_file_is_served_and_reported_in_the_attestation(
             assert (entry["model_id"], entry["key_version"], entry["file_sha256"]) == \
                 ("tiny-mlp", 2, owner.sha(owner.v2))
             assert entry["pin"] == {"model_id": "tiny-mlp", "min_key_version": 2,
-                                    "sha256": owner.sha(owner.v2)}
+                                    "sha256": owner.sha(owner.v2), "manifest_keys": None}
             x = torch.randn(2, 4)
             with torch.inference_mode():
                 assert torch.equal(client.infer("tiny", x)["output"], owner.module_v2(x))

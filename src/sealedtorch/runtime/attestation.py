@@ -12,7 +12,8 @@ answers::
                  "arch": "torchvision.models:resnet50", "ready": true,
                  "file_sha256": "<hex SHA-256 of the sealed file served>",
                  "pin": {"model_id": "resnet50", "min_key_version": 1,
-                         "sha256": null} | null}, ...],   # pin: RuntimeConfig.models
+                         "sha256": null, "manifest_keys": null} | null}, ...],
+                                                    # pin: RuntimeConfig.models
      "runtime": {"version": "0.1.0", "config": {...}, "config_sha256": "..."}}
 
 where the evidence's report_data is ``binding.report_data(N, tls_spki)``.  The document
