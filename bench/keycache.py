@@ -77,7 +77,12 @@ def _make_call(kind: str, target: str, ca: str, platform_dir: str) -> tuple[obje
     attester = SimAttester(sim.SimPlatform.load(platform_dir),
                            measure.measurement(RUNTIME_CONFIG))
     if kind == "local":
-        client: object = KeycacheClient(target, attester=attester)
+        from sealedtorch.runtime.config import RuntimeConfig
+
+        trusted = RuntimeConfig.model_validate({"keycache": [{  # the runtime's keycache rule
+            "tee": "sim", "measurement": measure.measurement(HOLDER_CONFIG).hex(),
+            "platform_key": sim.SimPlatform.load(platform_dir).public_key.hex()}]}).keycache
+        client: object = KeycacheClient(target, attester=attester, keycache_rules=trusted)
         return client, lambda: client.get_key(MODEL)  # type: ignore[attr-defined]
     ks = AttestedKeyClient(target, ca, attester)
 

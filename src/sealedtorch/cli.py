@@ -97,6 +97,7 @@ _GROUPS.append(lambda sub: __import__("sealedtorch.cli_keycache").cli_keycache.r
 _GROUPS.append(lambda sub: __import__("sealedtorch.cli_runtime").cli_runtime.register(sub))
 _GROUPS.append(lambda sub: __import__("sealedtorch.cli_import").cli_import.register(sub))
 _GROUPS.append(lambda sub: __import__("sealedtorch.cli_audit").cli_audit.register(sub))
+_GROUPS.append(lambda sub: __import__("sealedtorch.cli_manifest").cli_manifest.register(sub))
 
 
 #: Help for options many commands share, filled in where a command gave none (so every

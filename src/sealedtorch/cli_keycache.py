@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import grp
 import json
+import logging
 import os
 import re
 import sys
@@ -13,6 +14,7 @@ from typing import Any
 
 from .errors import ConfigError
 
+log = logging.getLogger("sealedtorch.keycache")
 ENV_SOCKET = "SEALEDTORCH_KEYCACHE_SOCKET"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -69,6 +71,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="sim platform directory (or $SEALEDTORCH_SIM_PLATFORM)")
     p.add_argument("--runtime-config", type=Path, metavar="FILE",
                    help="sim: configuration file included in the keycache's measurement")
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help="keycache configuration (YAML/JSON, e.g. `models: [id, ...]`: the "
+                        "only models this keycache holds); its bytes are part of the "
+                        "keycache's measurement (`sealedtorch attest measure --config FILE`)")
     p.add_argument("--refresh", type=parse_duration, default=60.0, metavar="DURATION",
                    help="refresh interval (default 60s)")
     p.add_argument("--max-stale", type=parse_duration, default=3600.0, metavar="DURATION",
@@ -114,12 +120,19 @@ def _read(path: Path | None) -> bytes:
 
 def build(args: argparse.Namespace) -> Any:
     """The :class:`~sealedtorch.keycache.service.Keycache` that ``keycache run`` serves."""
+    return build_with_signer(args)[0]
+
+
+def build_with_signer(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The keycache and its :class:`~sealedtorch.keycache.local.AnswerSigner` (which proves
+    to runtimes, with this TEE's evidence, that the answers come from this keycache)."""
     from .attest import Tee, VerifierConfig
     from .attest.attesters import get_attester
     from .attest.sim import load_platform_keys
     from .cli import check_https_url
     from .cli_keyserver import ENV_CA, ENV_URL
-    from .keycache.local import EvidenceAppraiser, PeerAppraiser, self_claims
+    from .keycache.config import ListedModels, load_keycache_config
+    from .keycache.local import AnswerSigner, EvidenceAppraiser, PeerAppraiser, self_claims
     from .keycache.service import Keycache
     from .keycache.upstream import KeyserverUpstream
 
@@ -129,8 +142,14 @@ def build(args: argparse.Namespace) -> Any:
     if args.keyserver.startswith("https://") and args.ca is None:
         raise ConfigError(f"--ca FILE is required (or set ${ENV_CA}): the keyserver's TLS CA "
                           "certificate, tls/ca.pem in its data directory")
+    config_path = getattr(args, "config", None)
+    if config_path is not None and args.runtime_config is not None:
+        raise ConfigError("give --config or --runtime-config, not both: each is the "
+                          "configuration input of the keycache's measurement")
+    measured = _read(config_path if config_path is not None else args.runtime_config)
+    kc_config = load_keycache_config(measured if config_path is not None else {})
     attester = get_attester(args.tee, sim_platform=args.sim_platform,
-                            runtime_config=_read(args.runtime_config))
+                            runtime_config=measured)
     tee = Tee(attester.tee)
     roots = load_platform_keys(args.trust_sim_root)
     if tee is Tee.SIM and not roots:
@@ -153,10 +172,16 @@ def build(args: argparse.Namespace) -> Any:
     else:
         appraiser = EvidenceAppraiser(verifier, tees=[tee], allowed_uids=args.allow_uid,
                                       allowed_gids=args.allow_gid)
-    upstream = KeyserverUpstream.connect(args.keyserver, ca=args.ca, attester=attester,
-                                         log_key=args.log_key)
-    return Keycache(upstream, appraiser, refresh=args.refresh, max_stale=args.max_stale,
-                    nonce_ttl=args.nonce_ttl)
+    upstream: Any = KeyserverUpstream.connect(args.keyserver, ca=args.ca,
+                                              attester=attester, log_key=args.log_key)
+    if kc_config.models is not None:
+        upstream = ListedModels(upstream, kc_config)
+    else:
+        log.warning("keycache: no `models` list in a measured --config: this keycache holds "
+                    "every key the keyserver releases to it")
+    keycache = Keycache(upstream, appraiser, refresh=args.refresh, max_stale=args.max_stale,
+                        nonce_ttl=args.nonce_ttl)
+    return keycache, AnswerSigner(attester)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -176,12 +201,13 @@ def _run(args: argparse.Namespace) -> int:
     # keyserver audits) a single key
     sock = bind_unix_socket(args.socket, group=group)
     try:
-        keycache = build(args)
+        keycache, signer = build_with_signer(args)
     except BaseException:
         sock.close()
         Path(args.socket).unlink(missing_ok=True)
         raise
-    server = KeycacheServer(keycache, args.socket, group=group, sock=sock)
+    server = KeycacheServer(keycache, args.socket, group=group, sock=sock,
+                            signer=signer)
     keycache.start()
     try:
         server.serve()

@@ -52,6 +52,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="which TEE produces this runtime's evidence (default: detect)")
     p.add_argument("--sim-platform", type=Path,
                    help="sim TEE platform directory (or $SEALEDTORCH_SIM_PLATFORM)")
+    p.add_argument("--pccs-url", help="SGX/TDX collateral source for verifying the "
+                   "keycache's evidence (which keycache is trusted is the configuration's "
+                   "`keycache` rules, not this)")
+    p.add_argument("--kds-url", help="SEV-SNP VCEK source for verifying the keycache's "
+                   "evidence")
+    p.add_argument("--cache-dir", type=Path, help="collateral / VCEK cache for verifying "
+                   "the keycache's evidence")
     p.add_argument("--stay-unready", action="store_true",
                    help="if a model fails to load, keep serving (live, not ready) instead of "
                         "exiting")
@@ -95,6 +102,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-file-tls-key", action="store_true",
                    help="accept a runtime whose TLS key was loaded from a file (serve "
                         "--tls-key): the host may hold that key; refused by default")
+    p.add_argument("--expect-model", action="append", default=[],
+                   metavar="NAME=MODEL_ID[@MIN_KEY_VERSION]",
+                   help="refuse (exit 2, nothing sent) unless the attested runtime serves "
+                        "MODEL_ID, at least key version MIN_KEY_VERSION, as NAME "
+                        "(repeatable)")
+    p.add_argument("--expect-digest", action="append", default=[], metavar="NAME=SHA256",
+                   help="refuse unless the attested runtime serves NAME from the sealed file "
+                        "with this SHA-256 (sha256sum of the .sealed file; repeatable)")
     p.set_defaults(handler=_client_infer)
 
     p = csub.add_parser(
@@ -149,11 +164,15 @@ def _serve(args: argparse.Namespace) -> int:
     if not args.keycache:
         raise ConfigError("serve needs --keycache SOCKET: sealed models are opened only with "
                           "keys from the keycache")
+    from .attest import VerifierConfig
     from .keycache import KeycacheClient
     from .runtime.server import serve
 
+    collateral = VerifierConfig(pccs_url=args.pccs_url, kds_url=args.kds_url,
+                                cache_dir=args.cache_dir)
     keys = KeycacheClient(args.keycache, tee=args.tee, sim_platform=args.sim_platform,
-                          runtime_config=config.canonical_bytes())
+                          runtime_config=config.canonical_bytes(),
+                          keycache_rules=config.keycache, verifier=collateral)
     try:
         return serve(sources, keys=keys, config=config, listen=args.listen,
                      tls_cert=args.tls_cert, tls_key=args.tls_key, tee=args.tee,
@@ -220,13 +239,14 @@ def _write_outputs(path: Path, outputs: dict[str, Any]) -> None:
 
 def _client_infer(args: argparse.Namespace) -> int:
     from .cli import check_https_url
-    from .runtime.client import AttestedClient
+    from .runtime.client import AttestedClient, parse_expectations
 
     check_https_url(args.url, "--url")
+    expect = parse_expectations(args.expect_model, args.expect_digest)
     inputs = read_input_file(args.input)
     with AttestedClient(args.url, policy=args.policy, sim_roots=args.sim_root,
-                        timeout=args.timeout,
-                        allow_file_tls_key=args.allow_file_tls_key) as client:
+                        timeout=args.timeout, allow_file_tls_key=args.allow_file_tls_key,
+                        expect=expect) as client:
         result = client.attest()
         print(f"attested: {result.claims.tee} runtime at {args.url}; "
               f"{result.decision.reasons[0]}; TLS key pinned "

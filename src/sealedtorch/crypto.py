@@ -10,7 +10,8 @@ Algorithms (fixed, no negotiation):
 - key derivation: HKDF-SHA256;
 - keys in transit: HPKE base mode (RFC 9180) with DHKEM(X25519, HKDF-SHA256),
   HKDF-SHA256 and AES-256-GCM;
-- signatures: Ed25519 (sim platform keys, tokens).
+- signatures: Ed25519 (sim platform keys, tokens, keycache answers over a length-prefixed
+  transcript).
 """
 
 from __future__ import annotations
@@ -52,6 +53,15 @@ def sha256(*parts: bytes) -> bytes:
     h = hashlib.sha256()
     for p in parts:
         h.update(p)
+    return h.digest()
+
+
+def sha256_file(path: str | os.PathLike[str], *, chunk: int = 1 << 22) -> bytes:
+    """SHA-256 of a whole file, read in chunks (sealed files can be many GB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
     return h.digest()
 
 
@@ -304,6 +314,33 @@ def require_ed25519(public_key: bytes, signature: bytes, message: bytes, *, what
     """Verify or raise AttestationError naming ``what`` was not signed correctly."""
     if not ed25519_verify(public_key, signature, message):
         raise AttestationError(f"{what}: signature does not verify")
+
+
+def transcript(label: bytes, *parts: bytes) -> bytes:
+    """An injective encoding of ``parts`` under ``label``, for signing several fields at once:
+    ``label ‖ 0 ‖ (u32be(len(part)) ‖ part)*``.  The length prefixes mean no two different
+    field lists encode to the same bytes, so a signature over one answer can never be read
+    as a signature over another (fields shifted between model id, nonce, key, ...)."""
+    out = bytearray(label)
+    out.append(0)
+    for part in parts:
+        data = bytes(part)
+        if len(data) >= 1 << 32:
+            raise ValueError("transcript part too long")
+        out += len(data).to_bytes(4, "big") + data
+    return bytes(out)
+
+
+def sign_transcript(key: SigningKey, label: bytes, *parts: bytes) -> bytes:
+    """Ed25519 signature over :func:`transcript` (``label``, ``parts``)."""
+    return key.sign(transcript(label, *parts))
+
+
+def verify_transcript(public_key: bytes, signature: bytes, label: bytes, *parts: bytes) -> bool:
+    """True if ``signature`` is ``public_key``'s Ed25519 signature over the transcript."""
+    if len(public_key) != ED25519_PUBLIC_KEY_SIZE or len(signature) != 64:
+        return False
+    return ed25519_verify(public_key, signature, transcript(label, *parts))
 
 
 # --- ECDSA P-384 and X.509 issuer signatures (SEV-SNP reports and AMD certificates) -----

@@ -188,15 +188,28 @@ def _run(args: argparse.Namespace, work: Path, procs: _Processes) -> None:
     # 2. The sim platform and the measurements the policy pins -----------------------------
     sim_dir = work / "sim"
     _cli("sim", "init", "--output", str(sim_dir))
-    runtime_meas = _cli("serve", "--print-measurement", "--device", "cpu").strip()
-    holder_meas = json.loads(_cli("attest", "measure", "--json"))["measurement"]
+    # The keycache's own measured configuration lists the only models it may hold
+    keycache_cfg = work / "keycache.yaml"
+    keycache_cfg.write_text("models: [resnet50]\n")
+    holder_meas = json.loads(_cli("attest", "measure", "--config", str(keycache_cfg),
+                                  "--json"))["measurement"]
+    # The runtime's measured configuration names the keycache it trusts (mutual attestation)
+    from .attest.sim import SimPlatform
+
+    platform_pub = SimPlatform.load(sim_dir).public_key.hex()
+    runtime_cfg = work / "runtime.json"
+    runtime_cfg.write_text(json.dumps({"keycache": [
+        {"tee": "sim", "measurement": holder_meas, "platform_key": platform_pub}]}, indent=2))
+    runtime_meas = _cli("serve", "--print-measurement", "--device", "cpu", "--config",
+                        str(runtime_cfg)).strip()
     policy = {"allow": [{"tee": "sim", "measurement": runtime_meas}],
               "holders": [{"tee": "sim", "measurement": holder_meas}]}
     (work / "policy.json").write_text(json.dumps(policy, indent=2))
     runtime_policy = {"allow": policy["allow"]}
     (work / "runtime-policy.json").write_text(json.dumps(runtime_policy))
-    _say("2", f"sim platform created; runtime measurement {runtime_meas[:16]}…, keycache "
-         f"measurement {holder_meas[:16]}…")
+    _say("2", f"sim platform created; runtime measurement {runtime_meas[:16]}… (its measured "
+         f"configuration trusts only the keycache measuring {holder_meas[:16]}… on this "
+         f"platform)")
 
     # 3. The keyserver (owner's site) ------------------------------------------------------
     data = work / "keyserver"
@@ -220,7 +233,8 @@ def _run(args: argparse.Namespace, work: Path, procs: _Processes) -> None:
     sock = work / "run" / "keycache.sock"
     kc = procs.start("keycache", ["keycache", "run", "--keyserver", ks_url, "--ca", str(ca),
                                   "--socket", str(sock), "--tee", "sim", "--sim-platform",
-                                  str(sim_dir), "--refresh", "60s"])
+                                  str(sim_dir), "--config", str(keycache_cfg),
+                                  "--refresh", "60s"])
     status_client = KeycacheClient(sock, tee="sim", sim_platform=sim_dir)
     _wait("keycache", lambda: any(k.get("model_id") == "resnet50"
                                   for k in status_client.status().get("keys", [])),
@@ -229,9 +243,10 @@ def _run(args: argparse.Namespace, work: Path, procs: _Processes) -> None:
          f"memory only; runtimes reach it on {sock.name} (0660)")
 
     # 5. Load timing: plaintext file vs sealed file through the keycache, same process -----
-    config = load_config(None).with_overrides(device="cpu")
+    config = load_config(runtime_cfg).with_overrides(device="cpu")
     runtime_keys = KeycacheClient(sock, tee="sim", sim_platform=sim_dir,
-                                  runtime_config=config.canonical_bytes())
+                                  runtime_config=config.canonical_bytes(),
+                                  keycache_rules=config.keycache)
 
     def plain_load() -> torch.nn.Module:
         """The fair plaintext baseline: the same meta-device build and assign=True."""
@@ -254,7 +269,7 @@ def _run(args: argparse.Namespace, work: Path, procs: _Processes) -> None:
 
     serve_args = ["--model", f"resnet50={sealed.path}", "--keycache", str(sock),
                   "--listen", "127.0.0.1:0", "--tee", "sim", "--sim-platform", str(sim_dir),
-                  "--device", "cpu"]
+                  "--device", "cpu", "--config", str(runtime_cfg)]
     t0 = time.perf_counter()
     server = SubprocessServer.start(serve_args, timeout=120)
     procs.children.append(("serve", server.process))
@@ -310,7 +325,8 @@ def _run(args: argparse.Namespace, work: Path, procs: _Processes) -> None:
     # 9. The failure that matters: a modified runtime is refused its key -------------------
     modified = config.with_overrides(max_batch_size=config.max_batch_size + 1)
     rogue = KeycacheClient(sock, tee="sim", sim_platform=sim_dir,
-                           runtime_config=modified.canonical_bytes())
+                           runtime_config=modified.canonical_bytes(),
+                           keycache_rules=modified.keycache)
     try:
         rogue.get_key("resnet50")
     except PolicyDenied as exc:
@@ -319,8 +335,9 @@ def _run(args: argparse.Namespace, work: Path, procs: _Processes) -> None:
         raise AssertionError("a runtime with a modified measurement was given the key")
     assert "measurement" in reason, reason
     (work / "modified.json").write_text(modified.canonical_bytes().decode())
-    rogue_srv = SubprocessServer.start([*serve_args, "--config", str(work / "modified.json")],
-                                       timeout=120)
+    rogue_args = [a if a != str(runtime_cfg) else str(work / "modified.json")
+                  for a in serve_args]
+    rogue_srv = SubprocessServer.start(rogue_args, timeout=120)
     try:
         deadline = time.monotonic() + 60
         while "PolicyDenied" not in rogue_srv.log_text() and rogue_srv.process.poll() is None:

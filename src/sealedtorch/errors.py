@@ -217,3 +217,26 @@ class TlsVerificationError(KeyUnavailable):
     in between.  Nothing was sent."""
 
     problem_type = "tls-verification"
+
+
+class KeycacheAttestationError(AttestationError):
+    """The runtime could not authenticate the keycache that answered its key request: the
+    answer carries no keycache evidence, the evidence does not verify or is not bound to the
+    runtime's nonce and the answer's signing key, the signature over the answer does not
+    verify, or the keycache's claims match no ``keycache`` rule of the runtime's measured
+    configuration (``reasons`` lists every mismatch).  The key is not used."""
+
+    problem_type = "keycache-attestation"
+
+    def __init__(self, message: str, reasons: Sequence[str] = ()) -> None:
+        self.reasons: tuple[str, ...] = tuple(reasons)
+        detail = message if not self.reasons else f"{message}: " + "; ".join(self.reasons)
+        super().__init__(detail)
+
+
+class ModelMismatch(IntegrityError):
+    """A sealed file (or an attested runtime) is not the model the measured configuration
+    (or the client) pins for that served name: another model id, a key version below the
+    minimum, or another file digest.  Raised before any key is requested or data decrypted."""
+
+    problem_type = "model-mismatch"

@@ -22,13 +22,24 @@ from sealedtorch.attest import VerifierConfig, measure, sim
 from sealedtorch.attest.attesters import SimAttester
 from sealedtorch.attest.policy import Policy, load_policy
 from sealedtorch.keycache.client import KeycacheClient
-from sealedtorch.keycache.local import EvidenceAppraiser
+from sealedtorch.keycache.local import AnswerSigner, EvidenceAppraiser
 from sealedtorch.keycache.server import KeycacheServer
 from sealedtorch.keycache.service import Backoff, Keycache
 from sealedtorch.keys import ModelKey
 
 RUNTIME_MEASUREMENT = measure.measurement(b"keycache-tests: runtime")
 OTHER_MEASUREMENT = measure.measurement(b"keycache-tests: some other program")
+KEYCACHE_MEASUREMENT = measure.measurement(b"keycache-tests: the keycache")
+
+
+def keycache_rules(platform: sim.SimPlatform, measurement: bytes = KEYCACHE_MEASUREMENT
+                   ) -> tuple[Any, ...]:
+    """The `keycache` rules a runtime configuration names: this keycache, this platform."""
+    from sealedtorch.runtime.config import RuntimeConfig
+
+    return RuntimeConfig.model_validate({"keycache": [{
+        "tee": "sim", "measurement": measurement.hex(),
+        "platform_key": platform.public_key.hex()}]}).keycache or ()
 
 
 def sim_policy(*measurements: bytes) -> Policy:
@@ -95,9 +106,12 @@ class Running:
     upstream: ScriptedUpstream
     clock: FakeClock
     socket: Path
+    rules: tuple[Any, ...] = ()
     clients: list[KeycacheClient] = field(default_factory=list)
 
     def client(self, attester: Any = None, **kw: Any) -> KeycacheClient:
+        """A runtime's client that trusts this keycache (its measurement and platform)."""
+        kw.setdefault("keycache_rules", self.rules)
         c = KeycacheClient(self.socket, attester=attester, **kw)
         self.clients.append(c)
         return c
@@ -113,7 +127,9 @@ def start_keycache(short_dir: Path, platform: sim.SimPlatform) -> Iterator[Start
 
     def start(answer: Any = (), *, appraiser: Any = None, max_stale: float = 60.0,
               refresh: float = 10.0, nonce_ttl: float = 30.0,
-              socket_name: str = "run/keycache.sock") -> Running:
+              socket_name: str = "run/keycache.sock", signer: Any = "default") -> Running:
+        """``signer``: the keycache's AnswerSigner (default: sim evidence under
+        KEYCACHE_MEASUREMENT on the test platform); None serves without one."""
         clock = FakeClock()
         upstream = ScriptedUpstream(list(answer) if isinstance(answer, list | tuple)
                                     else answer)
@@ -122,8 +138,11 @@ def start_keycache(short_dir: Path, platform: sim.SimPlatform) -> Iterator[Start
         kc = Keycache(upstream, appraiser, refresh=refresh, max_stale=max_stale,
                       nonce_ttl=nonce_ttl, clock=clock, backoff=Backoff(base=0.01, cap=0.05))
         kc.refresh_once()
-        server = KeycacheServer(kc, short_dir / socket_name).start()
-        running = Running(kc, server, upstream, clock, short_dir / socket_name)
+        if signer == "default":
+            signer = AnswerSigner(SimAttester(platform, KEYCACHE_MEASUREMENT))
+        server = KeycacheServer(kc, short_dir / socket_name, signer=signer).start()
+        running = Running(kc, server, upstream, clock, short_dir / socket_name,
+                          keycache_rules(platform))
         started.append(running)
         return running
 

@@ -27,11 +27,11 @@ from sealedtorch.errors import (
     RequestError,
 )
 from sealedtorch.keycache import KeycacheClient, KeycacheUnavailable, KeysStale
-from sealedtorch.keycache.local import PeerAppraiser, self_claims
+from sealedtorch.keycache.local import AnswerSigner, PeerAppraiser, self_claims
 from sealedtorch.keycache.server import bind_unix_socket
 from sealedtorch.keys import ModelKey
 
-from .conftest import OTHER_MEASUREMENT, RUNTIME_MEASUREMENT, sim_policy
+from .conftest import OTHER_MEASUREMENT, RUNTIME_MEASUREMENT, keycache_rules, sim_policy
 
 POLICY = sim_policy()
 
@@ -318,11 +318,12 @@ def test_status_and_the_cli_never_show_key_bytes(start_keycache, runtime, capsys
     assert "STALE" in capsys.readouterr().out
 
 
-def test_status_when_no_keycache_runs(short_dir, capsys):
+def test_status_when_no_keycache_runs(short_dir, capsys, platform):
     assert cli.main(["keycache", "status", "--socket", str(short_dir / "none.sock")]) == 2
     assert "no socket at" in capsys.readouterr().err
     with pytest.raises(KeycacheUnavailable):
-        KeycacheClient(short_dir / "none.sock").get_key("m")
+        KeycacheClient(short_dir / "none.sock",
+                       keycache_rules=keycache_rules(platform)).get_key("m")
 
 
 def test_peer_credentials_are_logged_and_keys_are_not(start_keycache, runtime, caplog):
@@ -348,15 +349,16 @@ def test_peer_mode_inside_one_vm(start_keycache, platform):
     vm = SimAttester(platform, RUNTIME_MEASUREMENT)
     claims = self_claims(vm, VerifierConfig(sim_platform_keys=(platform.public_key,)))
     key = ModelKey.generate("m")
-    kc = start_keycache([(key, POLICY)],
+    # one VM, one identity: the keycache's answer evidence reports the VM's measurement
+    vm_rules = keycache_rules(platform, RUNTIME_MEASUREMENT)
+    kc = start_keycache([(key, POLICY)], signer=AnswerSigner(vm),
                         appraiser=PeerAppraiser(claims, allowed_uids=[os.getuid()]))
-    client = kc.client(attester=None)  # no attester needed, none created
+    client = kc.client(vm, keycache_rules=vm_rules)
     assert client.get_key("m") == key
-    assert client._attester is None
-    kc2 = start_keycache([(key, POLICY)], socket_name="run2/kc.sock",
+    kc2 = start_keycache([(key, POLICY)], socket_name="run2/kc.sock", signer=AnswerSigner(vm),
                          appraiser=PeerAppraiser(claims, allowed_uids=[os.getuid() + 1]))
     with pytest.raises(PolicyDenied, match=f"uid={os.getuid()} .*not among the allowed uids"):
-        kc2.client().get_key("m")
+        kc2.client(vm, keycache_rules=vm_rules).get_key("m")
     with pytest.raises(ValueError, match="allow-list"):
         PeerAppraiser(claims)
 

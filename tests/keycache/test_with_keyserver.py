@@ -37,7 +37,7 @@ from sealedtorch.keyserver.config import CONFIG_FILE
 from sealedtorch.keyserver.server import free_port
 from sealedtorch.keyserver.tls import client_context
 
-from .conftest import OTHER_MEASUREMENT, RUNTIME_MEASUREMENT
+from .conftest import OTHER_MEASUREMENT, RUNTIME_MEASUREMENT, keycache_rules
 
 KEYCACHE_CONFIG = b"keycache-e2e: holder configuration"
 REFRESH = 0.3
@@ -140,7 +140,9 @@ def test_keycache_with_a_real_keyserver(tmp_path, short_dir, procs, capsys):
                "--runtime-config", str(tmp_path / "kc.conf"), "--refresh", f"{REFRESH}s",
                "--max-stale", f"{MAX_STALE}s", "--log-format", "json"]
     keycache = procs.start(*kc_args)
-    client = KeycacheClient(sock, attester=SimAttester(platform, RUNTIME_MEASUREMENT))
+    trusted = keycache_rules(platform, holder_m)  # the runtimes' measured keycache rule
+    client = KeycacheClient(sock, attester=SimAttester(platform, RUNTIME_MEASUREMENT),
+                            keycache_rules=trusted)
 
     def serving() -> bool:
         assert keycache.poll() is None, keycache.communicate()[1]
@@ -186,7 +188,8 @@ def test_keycache_with_a_real_keyserver(tmp_path, short_dir, procs, capsys):
     assert time.monotonic() - revoked_at < REFRESH + 1.5  # one refresh (+ slack for 2 cores)
 
     # --- a runtime whose measurement the policy does not allow -------------------------------
-    intruder = KeycacheClient(sock, attester=SimAttester(platform, OTHER_MEASUREMENT))
+    intruder = KeycacheClient(sock, attester=SimAttester(platform, OTHER_MEASUREMENT),
+                            keycache_rules=trusted)
     with pytest.raises(PolicyDenied) as denied:
         intruder.get_key("e2e/alpha")
     assert any("measurement" in r for r in denied.value.reasons)
@@ -239,7 +242,8 @@ def test_keycache_with_a_real_keyserver(tmp_path, short_dir, procs, capsys):
         assert k.secret.hex() not in err and base64.b64encode(k.secret).decode() not in err
 
     keycache = procs.start(*kc_args)
-    fresh = KeycacheClient(sock, attester=SimAttester(platform, RUNTIME_MEASUREMENT))
+    fresh = KeycacheClient(sock, attester=SimAttester(platform, RUNTIME_MEASUREMENT),
+                            keycache_rules=trusted)
     _wait(lambda: keycache.poll() is None and sock.exists() and fresh.status()["serving"],
           20, "keycache serving after restart")
     assert fresh.get_key("e2e/alpha") == key_a2

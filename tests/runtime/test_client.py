@@ -102,7 +102,8 @@ def test_attest_then_infer_over_the_pinned_connection(start_server, tiny, tiny_s
         assert result.model("tiny") == {"name": "tiny", "model_id": "tiny-mlp",
                                         "key_version": 1,
                                         "arch": "sealedtorch.runtime.architectures:mlp",
-                                        "ready": True}
+                                        "ready": True, "pin": None,
+                                        "file_sha256": crypto.sha256_file(tiny.path).hex()}
         assert result.runtime["config"] == json.loads(RuntimeConfig().canonical_bytes())
         x = torch.randn(6, 4)
         with torch.inference_mode():

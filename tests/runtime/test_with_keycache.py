@@ -16,11 +16,13 @@ import pytest
 import torch
 
 from sealedtorch import crypto
-from sealedtorch.attest import VerifierConfig
+from sealedtorch.attest import VerifierConfig, measure
+from sealedtorch.attest.attesters import SimAttester
 from sealedtorch.attest.policy import load_policy
+from sealedtorch.attest.sim import SimPlatform
 from sealedtorch.errors import KeyUnavailable, PolicyDenied
 from sealedtorch.keycache import KeycacheClient
-from sealedtorch.keycache.local import EvidenceAppraiser
+from sealedtorch.keycache.local import AnswerSigner, EvidenceAppraiser
 from sealedtorch.keycache.server import KeycacheServer
 from sealedtorch.keycache.service import Keycache
 from sealedtorch.keys import ModelKey
@@ -58,7 +60,8 @@ def keycache(short_dir, sim_dir) -> Iterator[Any]:
                       refresh=3600, max_stale=3600)
         kc.refresh_once()
         sock = short_dir / "kc" / "keycache.sock"
-        server = KeycacheServer(kc, sock).start()
+        signer = AnswerSigner(SimAttester(SimPlatform.load(sim_dir), KEYCACHE_MEASUREMENT))
+        server = KeycacheServer(kc, sock, signer=signer).start()
         running.append((kc, server))
         return sock
 
@@ -68,6 +71,16 @@ def keycache(short_dir, sim_dir) -> Iterator[Any]:
         kc.stop()
 
 
+KEYCACHE_MEASUREMENT = measure.measurement(b"runtime tests: keycache")
+
+
+def trusting(sim_dir: Path, **settings: Any) -> RuntimeConfig:
+    """A runtime configuration whose keycache rule names the test keycache."""
+    pub = crypto.load_ed25519_public((sim_dir / "platform.pub").read_bytes())
+    return RuntimeConfig.model_validate({**settings, "keycache": [{
+        "tee": "sim", "measurement": KEYCACHE_MEASUREMENT.hex(), "platform_key": pub.hex()}]})
+
+
 def allow(config: RuntimeConfig) -> Any:
     return load_policy({"allow": [{"tee": "sim",
                                    "measurement": runtime_measurement(config).hex()}]})
@@ -75,12 +88,13 @@ def allow(config: RuntimeConfig) -> Any:
 
 def client_for(sock: Path, sim_dir: Path, config: RuntimeConfig) -> KeycacheClient:
     return KeycacheClient(sock, tee="sim", sim_platform=sim_dir,
-                          runtime_config=config.canonical_bytes())
+                          runtime_config=config.canonical_bytes(),
+                          keycache_rules=config.keycache)
 
 
 def test_keys_from_the_keycache_to_an_attested_client(keycache, tiny, sim_dir, start_server,
                                                       policy_for):
-    config = RuntimeConfig()
+    config = trusting(sim_dir)
     sock = keycache([(tiny.key, allow(config))])
     with client_for(sock, sim_dir, config) as keys:
         srv = start_server([ModelSource("tiny", tiny.path)], keys=keys, config=config)
@@ -95,8 +109,8 @@ def test_keys_from_the_keycache_to_an_attested_client(keycache, tiny, sim_dir, s
 def test_a_runtime_the_model_policy_does_not_allow_gets_no_key(keycache, tiny, sim_dir,
                                                                start_server, raw_client):
     """Another runtime configuration is another measurement: the keycache refuses it."""
-    sock = keycache([(tiny.key, allow(RuntimeConfig()))])
-    config = RuntimeConfig(max_batch_size=8)
+    sock = keycache([(tiny.key, allow(trusting(sim_dir)))])
+    config = trusting(sim_dir, max_batch_size=8)
     with client_for(sock, sim_dir, config) as keys:
         srv = start_server([ModelSource("tiny", tiny.path)], keys=keys, config=config)
         with pytest.raises(PolicyDenied, match="measurement"):
@@ -107,7 +121,7 @@ def test_a_runtime_the_model_policy_does_not_allow_gets_no_key(keycache, tiny, s
 
 def test_a_key_the_keycache_does_not_hold(keycache, tiny, sim_dir, start_server):
     other = ModelKey.generate("someone-else")
-    config = RuntimeConfig(key_retry_delay_s=0.01)
+    config = trusting(sim_dir, key_retry_delay_s=0.01)
     sock = keycache([(other, allow(config))])
     with client_for(sock, sim_dir, config) as keys:
         srv = start_server([ModelSource("tiny", tiny.path)], keys=keys, config=config)
@@ -125,7 +139,7 @@ def _serve_args(tmp: Path, sim_dir: Path, model: Path, sock: Path, config: Runti
 
 @pytest.mark.slow
 def test_sealedtorch_serve_process_end_to_end(keycache, tiny, sim_dir, tmp_path, policy_for):
-    config = RuntimeConfig()
+    config = trusting(sim_dir)
     sock = keycache([(tiny.key, allow(config))])
     with SubprocessServer.start(_serve_args(tmp_path, sim_dir, tiny.path, sock, config)) as srv:
         with AttestedClient(srv.url, policy=policy_for(config),
@@ -149,7 +163,7 @@ def test_sealedtorch_serve_process_end_to_end(keycache, tiny, sim_dir, tmp_path,
 @pytest.mark.slow
 def test_serve_with_the_keycache_down_retries_then_exits_with_a_clear_error(
         sim_dir, tiny, tmp_path):
-    config = RuntimeConfig(key_retries=3, key_retry_delay_s=0.05)
+    config = trusting(sim_dir, key_retries=3, key_retry_delay_s=0.05)
     missing = Path(tempfile.gettempdir()) / f"rt-absent-{time.time_ns()}.sock"
     srv = SubprocessServer.start(_serve_args(tmp_path, sim_dir, tiny.path, missing, config))
     assert srv.process.wait(60) == 2

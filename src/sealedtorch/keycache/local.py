@@ -26,21 +26,23 @@ uid of the peer that asked for them.
 
 from __future__ import annotations
 
+import base64
 import socket
 import struct
 import threading
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from .. import crypto
 from ..attest import Claims, Evidence, Tee, VerifierConfig, binding, verify
 from ..errors import AttestationError, NonceError, PolicyDenied
+from . import protocol
 
 __all__ = [
-    "EvidenceAppraiser", "LocalRequest", "NonceRegistry", "PeerAppraiser", "PeerCred",
-    "peer_credentials",
+    "AnswerSigner", "EvidenceAppraiser", "LocalRequest", "NonceRegistry", "PeerAppraiser",
+    "PeerCred", "peer_credentials", "same_tee_instance",
 ]
 
 NONCE_SIZE = binding.NONCE_SIZE
@@ -136,6 +138,9 @@ class LocalRequest:
     nonce: bytes
     public_key: bytes
     evidence: Evidence | None
+    #: The runtime's own nonce, bound into the keycache's answer evidence (mutual
+    #: attestation); None from clients that do not authenticate the keycache.
+    runtime_nonce: bytes | None = None
 
 
 class Appraiser(Protocol):
@@ -224,3 +229,71 @@ def self_claims(attester: object, config: VerifierConfig) -> Claims:
     claims = verify(evidence, config=config)
     binding.check(claims.report_data, nonce, public_key)
     return claims
+
+
+IDENTITY_FIELDS: dict[Tee, tuple[str, ...]] = {
+    Tee.SIM: ("measurement", "platform_key"),
+    Tee.SNP: ("measurement", "host_data", "chip_id"),
+    Tee.TDX: ("mr_td", "rtmr0", "rtmr1", "rtmr2", "rtmr3", "mr_config_id", "mr_owner",
+              "mr_owner_config"),
+    Tee.SGX: ("mr_enclave", "mr_signer"),
+}
+
+
+def _show(value: Any) -> str:
+    return value.hex() if isinstance(value, bytes | bytearray) else repr(value)
+
+
+def same_tee_instance(a: Claims, b: Claims) -> list[str]:
+    """Identity fields in which two sets of claims differ (empty: the same image, and for
+    sim/snp the same platform/chip).  Used in ``peer`` mode, where the runtime and the
+    keycache are processes of one confidential VM and so must report the same identity."""
+    if a.tee != b.tee:
+        return [f"tee: runtime {a.tee}, keycache {b.tee}"]
+    out = []
+    for name in IDENTITY_FIELDS.get(Tee(a.tee), ()):
+        mine, theirs = getattr(a, name, None), getattr(b, name, None)
+        if mine != theirs:
+            out.append(f"{name}: runtime {_show(mine)}, keycache {_show(theirs)}")
+    return out
+
+
+class AnswerSigner:
+    """The keycache's side of mutual attestation: it proves to each runtime who answered.
+
+    An Ed25519 *answer key* is generated in memory when the keycache starts and never leaves
+    the process.  Every key answer carries fresh evidence from the keycache's own TEE whose
+    report_data binds the runtime's nonce and this key (:func:`protocol.answer_report_data`),
+    and this key's signature over the whole answer (:func:`protocol.answer_transcript_parts`):
+    the runtime's public key, both nonces, model id, version, sealed key, policy digest.  So
+    only a process inside an attested TEE holding the key can produce an answer the runtime
+    accepts, and no answer can be replayed to another request or spliced with another.
+    """
+
+    def __init__(self, attester: Any) -> None:
+        self.attester = attester
+        self._key = crypto.SigningKey.generate()
+        #: Evidence may take I/O (hardware quote generation): run it off the event loop.
+        self.may_block = getattr(attester, "tee", None) is not Tee.SIM
+
+    @property
+    def public_key(self) -> bytes:
+        return self._key.public_bytes
+
+    def answer(self, request: LocalRequest, released: dict[str, Any]) -> dict[str, Any]:
+        """The proof fields to add to ``released`` (the keycache's answer to ``request``:
+        ``model_id``, ``version``, raw ``sealed_key``, ``policy_digest``)."""
+        if request.runtime_nonce is None:
+            return {}
+        public = self.public_key
+        evidence = self.attester.evidence(protocol.answer_report_data(request.runtime_nonce,
+                                                                      public))
+        parts = protocol.answer_transcript_parts(
+            public_key=request.public_key, nonce=request.nonce,
+            runtime_nonce=request.runtime_nonce, model_id=released["model_id"],
+            version=released["version"], sealed_key=released["sealed_key"],
+            policy_digest=released["policy_digest"])
+        signature = crypto.sign_transcript(self._key, protocol.ANSWER_SIGNATURE_LABEL, *parts)
+        return {"keycache_evidence": evidence.to_json(),
+                "keycache_key": base64.b64encode(public).decode(),
+                "signature": base64.b64encode(signature).decode()}

@@ -45,7 +45,7 @@ from ..hardening import harden_process as _harden
 from ..keys import validate_model_id
 from ..keyserver import problems
 from . import protocol
-from .local import LocalRequest, PeerCred, peer_credentials
+from .local import AnswerSigner, LocalRequest, PeerCred, peer_credentials
 from .service import Keycache
 
 __all__ = ["KeycacheServer", "bind_unix_socket", "create_app", "harden_process"]
@@ -143,10 +143,15 @@ def decode_key_request(data: Any) -> LocalRequest:
         model_id=body.model_id, version=body.version,
         nonce=_b64(body.nonce, "nonce", binding.NONCE_SIZE),
         public_key=_b64(body.public_key, "public_key", crypto.X25519_PUBLIC_KEY_SIZE),
-        evidence=evidence)
+        evidence=evidence,
+        runtime_nonce=None if body.runtime_nonce is None
+        else _b64(body.runtime_nonce, "runtime_nonce", binding.NONCE_SIZE))
 
 
-def create_app(keycache: Keycache) -> FastAPI:
+def create_app(keycache: Keycache, signer: AnswerSigner | None = None) -> FastAPI:
+    """The keycache's local API.  With ``signer``, every key answer carries the keycache's
+    own evidence and signature (mutual attestation); without one, runtimes refuse its
+    answers."""
     app = FastAPI(title="sealedtorch keycache", docs_url=None, redoc_url=None,
                   openapi_url=None)
 
@@ -184,6 +189,10 @@ def create_app(keycache: Keycache) -> FastAPI:
             out = await run_in_threadpool(keycache.release, local, peer)
         else:
             out = keycache.release(local, peer)
+        if signer is not None:
+            proof = await run_in_threadpool(signer.answer, local, out) if signer.may_block \
+                else signer.answer(local, out)
+            out.update(proof)
         out["sealed_key"] = base64.b64encode(out["sealed_key"]).decode()
         return JSONResponse(out, headers=next_nonce(request))
 
@@ -291,11 +300,13 @@ class KeycacheServer:
 
     def __init__(self, keycache: Keycache, socket_path: str | os.PathLike[str], *,
                  mode: int = 0o660, dir_mode: int = 0o750, group: int | None = None,
-                 sock: socket.socket | None = None) -> None:
+                 sock: socket.socket | None = None,
+                 signer: AnswerSigner | None = None) -> None:
         """``sock``: a socket already made by :func:`bind_unix_socket` for ``socket_path``
         (``keycache run`` binds first, so that a socket in use fails before any key is
-        fetched)."""
+        fetched).  ``signer``: proves every answer (the keycache's evidence and signature)."""
         self.keycache = keycache
+        self.signer = signer
         self.socket_path = Path(socket_path).absolute()
         self._mode, self._dir_mode, self._group = mode, dir_mode, group
         self._server: Server | None = None
@@ -309,7 +320,12 @@ class KeycacheServer:
                                           dir_mode=self._dir_mode, group=self._group)
         st = self.socket_path.stat()
         self._inode = (st.st_dev, st.st_ino)
-        config = Config(create_app(self.keycache), http=PeerCredProtocol, lifespan="off",
+        if self.signer is None:
+            log.warning("keycache: serving WITHOUT an answer signer: runtimes that "
+                        "authenticate their keycache (every sealedtorch runtime) refuse its "
+                        "answers")
+        config = Config(create_app(self.keycache, self.signer), http=PeerCredProtocol,
+                        lifespan="off",
                         log_config=None, access_log=False, server_header=False,
                         timeout_keep_alive=30, backlog=1024)
         self._server = _Server(config)

@@ -9,7 +9,11 @@ answers::
      "nonce": "<base64url of N>",
      "tls_spki": "<base64 of the server certificate's DER SubjectPublicKeyInfo>",
      "models": [{"name": "resnet50", "model_id": "resnet50", "key_version": 1,
-                 "arch": "torchvision.models:resnet50", "ready": true}, ...],
+                 "arch": "torchvision.models:resnet50", "ready": true,
+                 "file_sha256": "<hex SHA-256 of the sealed file served>",
+                 "pin": {"model_id": "resnet50", "min_key_version": 1,
+                         "sha256": null, "manifest_keys": null} | null}, ...],
+                                                    # pin: RuntimeConfig.models
      "runtime": {"version": "0.1.0", "config": {...}, "config_sha256": "..."}}
 
 plus ``"tls_key_origin": "ephemeral" | "file"``, where the evidence's report_data is

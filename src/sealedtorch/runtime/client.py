@@ -15,6 +15,11 @@ separate HTTP client whose SSL context accepts only that key: the check runs ins
 TLS handshake, before the HTTP request is written, so a different server never sees a byte
 of the input.  :meth:`infer` attests first if that has not happened yet, and refuses
 models that the attested runtime did not list.
+
+``expect`` pins what the attested runtime must be serving under each name (model id, lowest
+key version, SHA-256 of the sealed file; ``sealedtorch client infer --expect-model
+NAME=ID[@MINVERSION] --expect-digest NAME=SHA256``): checked against the models the
+attestation document lists, right after the evidence, before anything is sent.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import os
 import socket
 import ssl
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +40,7 @@ from .. import crypto
 from ..attest import VerifierConfig
 from ..attest.policy import Policy, load_policy
 from ..attest.sim import load_platform_keys
-from ..errors import AttestationError, BindingError, ConfigError, RequestError
+from ..errors import AttestationError, BindingError, ConfigError, ModelMismatch, RequestError
 from .attestation import AttestationResult, encode_nonce, verify_document
 from .kserve import (
     DATATYPES,
@@ -45,7 +51,8 @@ from .kserve import (
 )
 from .tls import PinMismatch, capture_context, peer_spki, pinned_context
 
-__all__ = ["AttestedClient", "InferenceError", "attested_ssl_context", "pinned_ssl_context"]
+__all__ = ["AttestedClient", "InferenceError", "ModelExpectation", "attested_ssl_context",
+           "check_expectations", "parse_expectations", "pinned_ssl_context"]
 
 
 class InferenceError(RequestError):
@@ -56,13 +63,81 @@ class InferenceError(RequestError):
         super().__init__(f"HTTP {status}: {message}")
 
 
+@dataclass(frozen=True)
+class ModelExpectation:
+    """What the client requires of one served name (unset fields are not checked)."""
+
+    model_id: str | None = None
+    min_key_version: int | None = None
+    sha256: str | None = None
+
+
+def parse_expectations(models: Sequence[str] = (), digests: Sequence[str] = ()
+                       ) -> dict[str, ModelExpectation]:
+    """``--expect-model NAME=ID[@MINVERSION]`` and ``--expect-digest NAME=SHA256`` values
+    as expectations per served name; a malformed value is a :class:`ConfigError`."""
+    from ..keys import validate_model_id
+
+    out: dict[str, dict[str, Any]] = {}
+    for value in models:
+        name, sep, rest = value.partition("=")
+        model_id, at, version = rest.partition("@")
+        if not sep or not name or not model_id or (at and not version.isdigit()):
+            raise ConfigError(f"--expect-model expects NAME=MODEL_ID[@MIN_KEY_VERSION], "
+                              f"got {value!r}")
+        try:
+            validate_model_id(model_id)
+        except ValueError as exc:
+            raise ConfigError(f"--expect-model {value!r}: {exc}") from None
+        if at and int(version) < 1:
+            raise ConfigError(f"--expect-model {value!r}: key versions start at 1")
+        out.setdefault(name, {}).update(model_id=model_id,
+                                        min_key_version=int(version) if at else None)
+    for value in digests:
+        name, sep, digest = value.partition("=")
+        digest = digest.strip().lower()
+        if not sep or not name or len(digest) != 64 or \
+                not all(c in "0123456789abcdef" for c in digest):
+            raise ConfigError(f"--expect-digest expects NAME=SHA256 (64 hex digits, the "
+                              f"sha256sum of the .sealed file), got {value!r}")
+        out.setdefault(name, {})["sha256"] = digest
+    return {name: ModelExpectation(**fields) for name, fields in out.items()}
+
+
+def check_expectations(result: AttestationResult,
+                       expect: Mapping[str, ModelExpectation]) -> None:
+    """Raise :class:`ModelMismatch` unless every expected name is served, loaded, under the
+    expected model id, at least the expected key version, from the expected file."""
+    for name, want in expect.items():
+        entry = result.model(name)
+        if entry is None:
+            raise ModelMismatch(f"the attested runtime does not serve {name!r}")
+        if not entry.get("ready") or entry.get("model_id") is None:
+            raise ModelMismatch(f"the attested runtime has not loaded {name!r} (yet), so it "
+                                f"cannot show which model it serves under that name")
+        got_id, got_version = entry.get("model_id"), entry.get("key_version")
+        if want.model_id is not None and got_id != want.model_id:
+            raise ModelMismatch(f"the attested runtime serves model {got_id!r} as {name!r}, "
+                                f"not the expected {want.model_id!r}")
+        if want.min_key_version is not None and not (
+                isinstance(got_version, int) and got_version >= want.min_key_version):
+            raise ModelMismatch(f"the attested runtime serves {name!r} under key version "
+                                f"{got_version}, older than the expected minimum "
+                                f"{want.min_key_version}")
+        if want.sha256 is not None and entry.get("file_sha256") != want.sha256:
+            raise ModelMismatch(f"the attested runtime serves {name!r} from a file with "
+                                f"SHA-256 {entry.get('file_sha256')}, not the expected "
+                                f"{want.sha256}")
+
+
 class AttestedClient:
     """A KServe v2 client that talks only to an attested runtime."""
 
     def __init__(self, url: str, *, policy: Policy | str | os.PathLike[str] | dict[str, Any],
                  sim_roots: Sequence[str | os.PathLike[str]] = (),
                  verifier: VerifierConfig | None = None, timeout: float = 120.0,
-                 allow_file_tls_key: bool = False) -> None:
+                 allow_file_tls_key: bool = False,
+                 expect: Mapping[str, ModelExpectation] | None = None) -> None:
         if not url.startswith("https://"):
             raise ConfigError(f"the runtime URL must be https:// (got {url!r}): attestation "
                               f"binds the server's TLS key")
@@ -78,6 +153,7 @@ class AttestedClient:
         #: Accept a runtime whose TLS key came from a file (see attestation.py); off by
         #: default because the host may hold such a key and terminate TLS itself.
         self.allow_file_tls_key = allow_file_tls_key
+        self.expect = dict(expect or {})
         self.result: AttestationResult | None = None
         #: DER certificate of the connection whose key the evidence bound
         self.certificate_der: bytes | None = None
@@ -110,6 +186,7 @@ class AttestedClient:
         result = verify_document(doc, nonce=nonce, connection_spki=connection_spki,
                                  policy=self.policy, verifier=self.verifier,
                                  allow_file_tls_key=self.allow_file_tls_key)
+        check_expectations(result, self.expect)
         self.result = result
         self.certificate_der = connection_cert
         self.reconnect()

@@ -24,10 +24,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ..attest.policy import Rule
 from ..errors import ConfigError
 
-__all__ = ["DEFAULT_ARCHITECTURES", "REFUSED_ARCHITECTURES", "RuntimeConfig", "load_config",
-           "runtime_measurement"]
+__all__ = ["DEFAULT_ARCHITECTURES", "REFUSED_ARCHITECTURES", "RuntimeConfig", "ServedModel",
+           "load_config", "runtime_measurement"]
 
 _TORCHVISION = (
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2",
@@ -63,6 +64,59 @@ DEFAULT_ARCHITECTURES: tuple[str, ...] = (
 REFUSED_ARCHITECTURES: frozenset[str] = frozenset({"torch.export"})
 
 
+class ServedModel(BaseModel):
+    """What one served name must be: the owner's model id, the lowest key version accepted
+    (older files and retired versions are refused) and, optionally, the SHA-256 (hex) of the
+    exact sealed file and/or the owner keys whose signed manifest must vouch for the file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model_id: str
+    min_key_version: int = Field(1, ge=1, le=2**32 - 1)
+    sha256: str | None = None
+    #: Owners' Ed25519 public keys (hex): when set, the file needs a manifest signed by one
+    #: of them (``FILE.manifest``, :mod:`sealedtorch.runtime.manifest`).
+    manifest_keys: tuple[str, ...] | None = None
+
+    @field_validator("manifest_keys")
+    @classmethod
+    def _check_keys(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("list at least one owner key (or leave manifest_keys unset)")
+        out = []
+        for key in value:
+            text = key.strip().lower()
+            if len(text) != 64 or not all(c in "0123456789abcdef" for c in text):
+                raise ValueError("manifest_keys entries are Ed25519 public keys, 64 hex "
+                                 "digits (`sealedtorch manifest keygen` prints one)")
+            out.append(text)
+        return tuple(dict.fromkeys(out))
+
+    @field_validator("model_id")
+    @classmethod
+    def _check_id(cls, value: str) -> str:
+        from ..keys import validate_model_id
+
+        return validate_model_id(value)
+
+    @field_validator("sha256")
+    @classmethod
+    def _check_digest(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        text = value.strip().lower()
+        if len(text) != 64 or not all(c in "0123456789abcdef" for c in text):
+            raise ValueError("sha256 must be 64 hex digits (sha256sum of the .sealed file)")
+        return text
+
+
+#: Optional fields left out of the canonical form while unset, so that adding them did not
+#: change the measurement of configurations that do not use them.
+_UNSET_NOT_MEASURED = ("keycache", "models")
+
+
 class RuntimeConfig(BaseModel):
     """Everything that decides what the runtime will build and accept.
 
@@ -89,6 +143,17 @@ class RuntimeConfig(BaseModel):
     - ``key_watch_grace_s``: how long a loaded model keeps serving while the keycache
       cannot be reached at all (socket gone, timeouts), counted from the last successful
       check; then it is unloaded too.
+    - ``models``: served name -> :class:`ServedModel` (model id, ``min_key_version``,
+      optional ``sha256`` of the sealed file).  When set, the runtime serves only the names
+      listed, and refuses, before asking for any key, a file whose preamble names another
+      model id or a lower key version, or whose SHA-256 differs.  ``None``: any file under
+      any name (unpinned: the host chooses what is served; logged as a warning).
+    - ``keycache``: the rules (same shape as a policy's ``allow`` entries: ``tee``,
+      ``measurement``, ``mr_enclave``/``mr_signer``, ``platform_key``, ...) that the keycache
+      answering the runtime's key requests must match, with evidence bound to the runtime's
+      nonce (mutual attestation).  ``None`` (the default): the runtime refuses every key.
+      A sim rule must name ``platform_key``: sim evidence is trusted only from platforms
+      named here.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -106,6 +171,36 @@ class RuntimeConfig(BaseModel):
     torch_threads: int | None = Field(None, ge=1, le=1024)
     key_watch_s: float = Field(30.0, ge=0, le=3600)
     key_watch_grace_s: float = Field(60.0, ge=0, le=86400)
+    keycache: tuple[Rule, ...] | None = None
+    models: dict[str, ServedModel] | None = None
+
+    @field_validator("models")
+    @classmethod
+    def _check_models(cls, value: dict[str, ServedModel] | None
+                      ) -> dict[str, ServedModel] | None:
+        if value is None:
+            return None
+        from .loader import check_model_name
+
+        for name in value:
+            try:
+                check_model_name(name)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("keycache")
+    @classmethod
+    def _check_keycache(cls, value: tuple[Any, ...] | None) -> tuple[Any, ...] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("list at least one keycache rule (or leave keycache unset)")
+        for index, rule in enumerate(value):
+            if rule.tee == "sim" and not rule.platform_key:
+                raise ValueError(f"keycache[{index}]: a sim rule must name platform_key (the "
+                                 f"keycache's sim platform.pub, hex)")
+        return value
 
     @field_validator("architectures")
     @classmethod
@@ -124,7 +219,11 @@ class RuntimeConfig(BaseModel):
 
     def canonical_bytes(self) -> bytes:
         """Sorted-key compact JSON of every field, defaults spelled out: the measured form."""
-        return (json.dumps(self.model_dump(mode="json"), sort_keys=True,
+        data = self.model_dump(mode="json")
+        for optional in _UNSET_NOT_MEASURED:  # unset newer fields: earlier measurements hold
+            if data.get(optional) is None:
+                data.pop(optional, None)
+        return (json.dumps(data, sort_keys=True,
                            separators=(",", ":"), ensure_ascii=False) + "\n").encode()
 
     def with_overrides(self, **changes: Any) -> RuntimeConfig:

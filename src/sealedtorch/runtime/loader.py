@@ -19,15 +19,16 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError, KeyUnavailable
+from .. import crypto
+from ..errors import ConfigError, KeyUnavailable, ModelMismatch
 from ..keys import KeySource, ModelKey
 from .architectures import Built, build, spec_from_metadata
 from .config import RuntimeConfig
 from .kserve import TensorSpec, check_version
 
 __all__ = [
-    "LoadedModel", "ModelSource", "PlainSource", "get_key_with_retries", "load_plain",
-    "load_sealed", "parse_model_arg", "resolve_device",
+    "LoadedModel", "ModelSource", "PlainSource", "check_pinned", "get_key_with_retries",
+    "load_plain", "load_sealed", "parse_model_arg", "resolve_device",
 ]
 
 log = logging.getLogger("sealedtorch.runtime.loader")
@@ -105,6 +106,8 @@ class LoadedModel:
     #: :class:`~sealedtorch.runtime.text_kserve.TextTask`, used by KServe BYTES requests
     #: and, for causal LMs, the OpenAI-compatible API.
     text: Any = None
+    #: SHA-256 (hex) of the sealed file the weights came from (None: not from a file).
+    file_sha256: str | None = None
 
     @property
     def version(self) -> str:
@@ -131,7 +134,7 @@ class LoadedModel:
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "model_id": self.model_id, "key_version": self.key_version,
                 "arch": self.arch, "device": str(self.device),
-                "load_seconds": round(self.load_seconds, 4)}
+                "load_seconds": round(self.load_seconds, 4), "file_sha256": self.file_sha256}
 
     def unload(self) -> None:
         """Zero the weights in place (shutdown): no plaintext is left for a later reader."""
@@ -211,6 +214,9 @@ def load_sealed(source: ModelSource, keys: KeySource, config: RuntimeConfig | No
     label = f"model {source.name!r} ({source.path})"
     started = time.perf_counter()
     preamble = read_preamble(source.path)
+    digest = crypto.sha256_file(source.path).hex()
+    check_pinned(source.name, preamble.model_id, preamble.key_version, digest, config,
+                 label=label, path=source.path)
     key = get_key_with_retries(keys, preamble.model_id, preamble.key_version, config,
                                source=label)
     t_key = time.perf_counter()
@@ -227,7 +233,7 @@ def load_sealed(source: ModelSource, keys: KeySource, config: RuntimeConfig | No
                        preamble.model_id, preamble.key_version, built[1], elapsed,
                        built[0].batchable,
                        serving_version=serving_version_of(header.metadata, label),
-                       text=built[0].text)
+                       text=built[0].text, file_sha256=digest)
 
 
 def serving_version_of(metadata: dict[str, Any], label: str = "model") -> str:
@@ -236,6 +242,47 @@ def serving_version_of(metadata: dict[str, Any], label: str = "model") -> str:
     value = metadata.get("serving_version", "1")
     return check_version(str(value) if isinstance(value, int) and not isinstance(
         value, bool) else value, f"{label}: metadata serving_version")
+
+
+def check_pinned(name: str, model_id: str, key_version: int, file_sha256: str,
+                 config: RuntimeConfig, *, label: str | None = None,
+                 path: Path | None = None) -> None:
+    """Refuse (:class:`ModelMismatch`) a file that is not what the measured configuration
+    pins for ``name``: called with the file's *plaintext* preamble and digest, before any
+    key is requested, so a swapped file is never decrypted.  The preamble is untrusted; it
+    only decides which key to ask for, and the key opens only a file sealed under that id
+    and version, so a preamble that lies cannot make another model load."""
+    label = label or f"model {name!r}"
+    if config.models is None:
+        log.warning("%s: no `models` pin in the runtime configuration: serving whatever model "
+                    "id %s version %d the file names (set models.%s in the configuration to "
+                    "pin it)", label, model_id, key_version, name)
+        return
+    pin = config.models.get(name)
+    if pin is None:
+        listed = ", ".join(sorted(config.models)) or "none"
+        raise ModelMismatch(f"{label}: the runtime configuration does not list the served "
+                            f"name {name!r} (it lists: {listed}); nothing decrypted")
+    if model_id != pin.model_id:
+        raise ModelMismatch(f"{label}: the file is model {model_id!r}, but the configuration "
+                            f"serves {pin.model_id!r} as {name!r}; nothing decrypted")
+    if key_version < pin.min_key_version:
+        raise ModelMismatch(f"{label}: the file is sealed under key version {key_version} of "
+                            f"{model_id!r}, older than the configured minimum "
+                            f"{pin.min_key_version}; nothing decrypted")
+    if pin.sha256 is not None and not crypto.constant_time_equal(
+            file_sha256.encode(), pin.sha256.encode()):
+        raise ModelMismatch(f"{label}: the file's SHA-256 is {file_sha256}, the configuration "
+                            f"pins {pin.sha256}; nothing decrypted")
+    if pin.manifest_keys is not None:
+        if path is None:
+            raise ModelMismatch(f"{label}: the configuration requires an owner-signed "
+                                f"manifest, and there is no file to look beside")
+        from .manifest import manifest_path, read_manifest, verify_manifest
+
+        verify_manifest(read_manifest(manifest_path(path)),
+                        [bytes.fromhex(k) for k in pin.manifest_keys], model_id=model_id,
+                        key_version=key_version, file_sha256=file_sha256, label=label)
 
 
 def _build(state: dict[str, torch.Tensor], metadata: dict[str, Any], arch: str | None,

@@ -222,9 +222,13 @@ class Runtime:
         out = []
         for s in self.slots.values():
             m = s.model
-            out.append({"name": s.name, "model_id": m.model_id if m else None,
-                        "key_version": m.key_version if m else None,
-                        "arch": m.arch if m else None, "ready": s.state == "ready"})
+            entry = {"name": s.name, "model_id": m.model_id if m else None,
+                     "key_version": m.key_version if m else None,
+                     "arch": m.arch if m else None, "ready": s.state == "ready",
+                     "file_sha256": m.file_sha256 if m else None}
+            pin = (self.config.models or {}).get(s.name)
+            entry["pin"] = None if pin is None else pin.model_dump(mode="json")
+            out.append(entry)
         return out
 
     def close(self, timeout: float = 30.0) -> None:
