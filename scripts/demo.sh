@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[vision]'
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[vision,demo]'
 .venv/bin/sealedtorch demo "$@"

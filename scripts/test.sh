@@ -14,6 +14,6 @@ if ! command -v softhsm2-util >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq softhsm2 >/dev/null
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[vision,test,real-model,hsm,postgres]'
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[vision,demo,hf,test,real-model,hsm,postgres]'
 .venv/bin/ruff check src tests bench
 .venv/bin/python -m pytest -q "$@"
