@@ -74,7 +74,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, metavar="FILE",
                    help="keycache configuration (YAML/JSON, e.g. `models: [id, ...]`: the "
                         "only models this keycache holds); its bytes are part of the "
-                        "keycache's measurement (`sealedtorch attest measure --config FILE`)")
+                        "keycache's measurement (`sealedtorch attest measure --raw-config "
+                        "FILE`)")
     p.add_argument("--refresh", type=parse_duration, default=60.0, metavar="DURATION",
                    help="refresh interval (default 60s)")
     p.add_argument("--max-stale", type=parse_duration, default=3600.0, metavar="DURATION",

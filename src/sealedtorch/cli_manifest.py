@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .cli import hidden_alias
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     m = sub.add_parser("manifest", help="owner-signed manifests of sealed files")
@@ -15,14 +17,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                                     "overwritten) and print its public key (hex), the value "
                                     "for models.NAME.manifest_keys in a runtime "
                                     "configuration.")
-    p.add_argument("--out", type=Path, required=True, metavar="FILE")
+    p.add_argument("-o", "--output", dest="out", type=Path, required=True, metavar="FILE",
+                   help="where to write the new signing key (PEM, mode 0600)")
+    hidden_alias(p, "--out", dest="out", type=Path)
     p.set_defaults(handler=_keygen)
     p = msub.add_parser("sign", help="sign FILE.sealed's manifest (FILE.sealed.manifest)",
                         description="Write FILE.sealed.manifest: model id and key version from "
                                     "the preamble, the file's SHA-256, signed with the owner "
                                     "key.  Prints the digest.")
-    p.add_argument("sealed", type=Path, metavar="FILE.sealed")
-    p.add_argument("--signing-key", type=Path, required=True, metavar="FILE")
+    p.add_argument("sealed", type=Path, metavar="FILE.sealed", help="the sealed file to vouch for")
+    p.add_argument("--signing-key", type=Path, required=True, metavar="FILE",
+                   help="the owner's signing key (from `manifest keygen`)")
     p.add_argument("--force", action="store_true", help="replace an existing manifest")
     p.set_defaults(handler=_sign)
 

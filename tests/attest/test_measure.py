@@ -240,10 +240,11 @@ def test_an_architecture_package_is_measured_as_a_whole(tmp_path, monkeypatch):
     assert measure.measurement(config) != before
 
 
-def test_the_default_runtime_configuration_covers_torchvision():
+def test_the_default_runtime_configuration_covers_its_libraries():
     from sealedtorch.runtime.config import RuntimeConfig
 
-    assert measure.architecture_roots(RuntimeConfig().canonical_bytes()) == ["torchvision"]
+    assert measure.architecture_roots(RuntimeConfig().canonical_bytes()) == [
+        "torchvision", "transformers"]
     assert measure.architecture_roots(b"not json") == []
 
 
