@@ -262,7 +262,8 @@ def test_keycache_status_shows_which_runtime_got_which_key(ks, tmp_path, policy_
     _wait(lambda: any(k["model_id"] == "cli-svc/status" for k in
                       _status_json(keycache, capsys)["keys"]), 60, "key held")
     with KeycacheClient(keycache, tee="sim", sim_platform=ks.sim_dir,
-                        runtime_config=RUNTIME_CONFIG) as client:
+                        runtime_config=RUNTIME_CONFIG,
+                        keycache_rules=_trusted_keycache(ks)) as client:
         assert client.get_key("cli-svc/status").model_id == "cli-svc/status"
     rows = [r for r in _status_json(keycache, capsys)["releases"]
             if r["model_id"] == "cli-svc/status"]
@@ -275,6 +276,17 @@ def test_keycache_status_shows_which_runtime_got_which_key(ks, tmp_path, policy_
     text = capsys.readouterr().out
     line = next(x for x in text.splitlines() if x.strip().startswith("cli-svc/status v1"))
     assert str(os.getpid()) in line and meas[:16] in line
+
+
+def _trusted_keycache(ks: Ks) -> tuple[Any, ...]:
+    """The `keycache` rule a runtime is measured with: the `keycache run` above (its
+    measurement covers HOLDER_CONFIG) on this test's sim platform (mutual attestation)."""
+    from sealedtorch.runtime.config import RuntimeConfig
+
+    platform = sim.SimPlatform.load(ks.sim_dir)
+    return RuntimeConfig.model_validate({"keycache": [{
+        "tee": "sim", "measurement": measure.measurement(HOLDER_CONFIG).hex(),
+        "platform_key": platform.public_key.hex()}]}).keycache or ()
 
 
 def _status_json(sock: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:

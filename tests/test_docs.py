@@ -3,11 +3,15 @@
 Every fenced block opened with ```` ```python runnable ```` in README.md and docs/*.md runs,
 unchanged, as its own Python process, inside the setup the README describes for a TEE host:
 a keyserver (its own process, SQLite) holding the key of a sealed ResNet-50 ``model.sealed``
-under a policy that names the runtime's measurement (``sealedtorch serve
---print-measurement``), a keycache process that attested to it, and a ``sealedtorch serve``
-process serving the model.  The block sees what such a host gives it: the working directory
-(``model.sealed``, ``runtime-policy.json``, ``sim/platform.pub``, ``runtime-cert.pem``) and
+under a policy that names the runtime's measurement (``sealedtorch serve --config
+runtime.json --print-measurement``) and the keycache's (``sealedtorch attest measure``), a
+keycache process that attested to it and signs its answers, and a ``sealedtorch serve
+--config runtime.json`` process serving the model; ``runtime.json``'s ``keycache`` rule names
+that keycache (its measurement, the sim platform's key), so runtimes accept keys from it
+only.  The block sees what such a host gives it: the working directory (``model.sealed``,
+``runtime.json``, ``runtime-policy.json``, ``sim/platform.pub``, ``runtime-cert.pem``) and
 the environment (``SEALEDTORCH_KEYCACHE_SOCKET``, ``SEALEDTORCH_SIM_PLATFORM``: the sim TEE,
+``SEALEDTORCH_RUNTIME_CONFIG``: the measured runtime configuration with its keycache rule,
 ``SEALEDTORCH_RUNTIME_URL``).  Blocks not marked runnable are fragments (they name
 variables from the surrounding text) and are not run.
 """
@@ -33,7 +37,7 @@ import pytest
 
 from sealedtorch.attest.measure import measurement
 from sealedtorch.errors import SealedTorchError
-from sealedtorch.runtime.config import RuntimeConfig, runtime_measurement
+from sealedtorch.runtime.config import load_config, runtime_measurement
 from sealedtorch.runtime.server import SubprocessServer
 
 from .conftest import REPO
@@ -101,6 +105,7 @@ def tee_host() -> Iterator[TeeHost]:
     import torch
     import torchvision
 
+    from sealedtorch.attest.sim import SimPlatform
     from sealedtorch.format import seal
     from sealedtorch.keycache import KeycacheClient
     from sealedtorch.keys import ModelKey
@@ -115,12 +120,19 @@ def tee_host() -> Iterator[TeeHost]:
         key = ModelKey.generate("resnet50")
         seal(torchvision.models.resnet50().eval(), work / "model.sealed", key=key,
              progress=False, metadata={"arch": "torchvision.models:resnet50"})
-        _cli("sim", "init", "--out", str(work / "sim"))
-        runtime = _cli("serve", "--print-measurement").strip()
-        assert runtime == runtime_measurement(RuntimeConfig()).hex()
+        _cli("sim", "init", "--output", str(work / "sim"))
+        # the keycache (no --config) measures the empty configuration; the runtime's measured
+        # configuration names it, on this sim platform, as the keycache it takes keys from
+        holder = json.loads(_cli("attest", "measure", "--json"))["measurement"]
+        assert holder == measurement(b"").hex()
+        platform_key = SimPlatform.load(work / "sim").public_key.hex()
+        runtime_cfg = work / "runtime.json"
+        runtime_cfg.write_text(json.dumps({"keycache": [
+            {"tee": "sim", "measurement": holder, "platform_key": platform_key}]}))
+        runtime = _cli("serve", "--config", str(runtime_cfg), "--print-measurement").strip()
+        assert runtime == runtime_measurement(load_config(runtime_cfg)).hex()
         allow = [{"tee": "sim", "measurement": runtime}]
-        policy = {"allow": allow, "holders": [{"tee": "sim",
-                                               "measurement": measurement(b"").hex()}]}
+        policy = {"allow": allow, "holders": [{"tee": "sim", "measurement": holder}]}
         (work / "runtime-policy.json").write_text(json.dumps({"allow": allow}))
 
         # the keyserver, then the keycache, each its own process
@@ -155,7 +167,8 @@ def tee_host() -> Iterator[TeeHost]:
         server = SubprocessServer.start(
             ["--model", f"resnet50={work / 'model.sealed'}", "--keycache", str(sock),
              "--listen", "127.0.0.1:0", "--tee", "sim", "--sim-platform", str(work / "sim"),
-             "--write-cert", str(work / "runtime-cert.pem")], timeout=120)
+             "--config", str(runtime_cfg), "--write-cert", str(work / "runtime-cert.pem")],
+            timeout=120)
         _wait("sealedtorch serve", lambda: httpx.get(
             f"{server.url}/v2/health/ready", verify=False, timeout=5).status_code == 200,
             server.process, server.log_path)
@@ -163,6 +176,7 @@ def tee_host() -> Iterator[TeeHost]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SEALEDTORCH_")}
         env.update(SEALEDTORCH_KEYCACHE_SOCKET=str(sock),
                    SEALEDTORCH_SIM_PLATFORM=str(work / "sim"),
+                   SEALEDTORCH_RUNTIME_CONFIG=str(runtime_cfg),
                    SEALEDTORCH_RUNTIME_URL=server.url)
         yield TeeHost(work, env)
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import grp
+import signal
 import json
 import logging
 import os
@@ -198,6 +199,9 @@ def _run(args: argparse.Namespace) -> int:
                 grp.getgrnam(args.socket_group).gr_gid
         except KeyError:
             raise ConfigError(f"--socket-group: no group {args.socket_group!r}") from None
+    # SIGHUP means "refresh now" once serving; until the server installs that handler a
+    # SIGHUP (a supervisor or test reacting to the socket appearing) must not kill us
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     # the socket first: one in use must fail before we attest and fetch (and the
     # keyserver audits) a single key
     sock = bind_unix_socket(args.socket, group=group)

@@ -42,7 +42,7 @@ from sealedtorch.runtime.architectures import mlp
 from sealedtorch.runtime.config import RuntimeConfig, runtime_measurement
 from sealedtorch.runtime.server import SubprocessServer
 
-from .conftest import RUNTIME_MEASUREMENT
+from .conftest import RUNTIME_MEASUREMENT, keycache_rules
 
 pytestmark = pytest.mark.slow
 
@@ -197,8 +197,15 @@ class Site:
             "--runtime-config", str(self.tmp / "kc.conf"), "--refresh", refresh,
             "--max-stale", max_stale, "--log-format", "json")
 
+    @property
+    def keycache_rules(self) -> tuple[Any, ...]:
+        """The `keycache` rule runtimes are measured with: the `keycache run` process (its
+        measurement covers KEYCACHE_CONFIG) on this host's sim platform."""
+        return keycache_rules(self.platform, HOLDER_MEASUREMENT)
+
     def client(self, measurement: bytes = RUNTIME_MEASUREMENT) -> KeycacheClient:
-        return KeycacheClient(self.socket, attester=SimAttester(self.platform, measurement))
+        return KeycacheClient(self.socket, attester=SimAttester(self.platform, measurement),
+                              keycache_rules=self.keycache_rules)
 
     def wait_serving(self, client: KeycacheClient) -> None:
         def serving() -> bool:
@@ -329,9 +336,11 @@ MLP_ARCH = "sealedtorch.runtime.architectures:mlp"
 MLP_KWARGS = {"in_features": 4, "out_features": 3, "hidden": [8]}
 
 
-def _runtime_config() -> RuntimeConfig:
+def _runtime_config(site: Site) -> RuntimeConfig:
+    """The served runtime's configuration; its `keycache` rule names the site's keycache, so
+    the runtime (loads and key-watch re-checks) takes keys only from that keycache."""
     return RuntimeConfig(key_watch_s=WATCH, key_watch_grace_s=5, key_retries=2,
-                         key_retry_delay_s=0.05)
+                         key_retry_delay_s=0.05, keycache=site.keycache_rules)
 
 
 def _seal(module: torch.nn.Module, key: ModelKey, path: Path) -> None:
@@ -357,7 +366,7 @@ def _infer_body() -> dict[str, Any]:
 
 def _running(site: Site, lease: int) -> tuple[ModelKey, torch.nn.Module, Path,
                                                SubprocessServer, httpx.Client]:
-    config = _runtime_config()
+    config = _runtime_config(site)
     site.start_keyserver()
     key = ModelKey.generate("lease/tiny")
     site.register(key, allow=runtime_measurement(config), lease_seconds=lease)

@@ -10,7 +10,7 @@ import logging
 
 import pytest
 
-from sealedtorch import cli_keycache
+from sealedtorch import cli_keycache, crypto
 from sealedtorch.attest import measure
 from sealedtorch.errors import ConfigError, KeyUnavailable
 from sealedtorch.keycache.config import KeycacheConfig, ListedModels, load_keycache_config
@@ -55,14 +55,16 @@ def test_a_malformed_keycache_configuration_is_a_config_error(text, match):
 
 def test_the_keycache_measures_its_configuration_file(tmp_path, platform):
     """`keycache run --config FILE` attests with measurement(FILE's bytes): the value
-    `sealedtorch attest measure --config FILE` prints and a holders rule pins."""
+    `sealedtorch attest measure --raw-config FILE` prints and a holders rule pins."""
     cfg = tmp_path / "kc.yaml"
     cfg.write_bytes(b"models: [owner-b/model]\n")
+    ca = tmp_path / "ca.pem"  # the keyserver is TLS-only: its CA (nothing connects here)
+    ca.write_bytes(crypto.generate_tls_ca("test keyserver ca", days=1)[0])
     args = argparse.Namespace(
-        keyserver="http://127.0.0.1:9", ca=None, tee="sim", sim_platform=platform.directory,
+        keyserver="https://127.0.0.1:9", ca=ca, tee="sim", sim_platform=platform.directory,
         runtime_config=None, config=cfg, trust_sim_root=[], pccs_url=None, kds_url=None,
         cache_dir=None, local_proof="evidence", allow_uid=[], allow_gid=[], refresh=60.0,
-        max_stale=3600.0, nonce_ttl=30.0)
+        max_stale=3600.0, nonce_ttl=30.0, log_key=None)
     keycache, signer = cli_keycache.build_with_signer(args)
     try:
         assert signer.attester.measurement == measure.measurement(cfg.read_bytes())

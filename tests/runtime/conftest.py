@@ -13,6 +13,7 @@ import httpx
 import pytest
 import torch
 
+from sealedtorch.attest import measure
 from sealedtorch.attest.sim import init_platform
 from sealedtorch.format import seal
 from sealedtorch.keys import ModelKey, StaticKeys
@@ -163,16 +164,35 @@ class FixedUpstream:
         return self.released
 
 
+#: The sim measurement the keycaches of :func:`keycache_socket` attest their answers with.
+KEYCACHE_SOCKET_MEASUREMENT = measure.measurement(b"runtime tests: keycache_socket")
+
+
+def trusting_keycache_socket(sim_dir: Path, **settings: Any) -> RuntimeConfig:
+    """A runtime configuration (``settings`` plus a ``keycache`` rule) that accepts keys from
+    the keycaches :func:`keycache_socket` starts: tee sim, their measurement, the test
+    platform's key."""
+    from sealedtorch.attest.sim import SimPlatform
+
+    return RuntimeConfig.model_validate({**settings, "keycache": [{
+        "tee": "sim", "measurement": KEYCACHE_SOCKET_MEASUREMENT.hex(),
+        "platform_key": SimPlatform.load(sim_dir).public_key.hex()}]})
+
+
 @pytest.fixture
 def keycache_socket(sim_dir) -> Iterator[Callable[[list[tuple[ModelKey, Any]]], Path]]:
     """Start real keycaches (sim appraiser, Unix socket under a short /tmp path) holding the
-    given (key, policy) pairs; returns the socket path.  All are stopped at the end."""
+    given (key, policy) pairs; returns the socket path.  All are stopped at the end.  They
+    sign their answers with sim evidence under :data:`KEYCACHE_SOCKET_MEASUREMENT` (a
+    runtime trusts them with :func:`trusting_keycache_socket`)."""
     import shutil
     import tempfile
 
     from sealedtorch import crypto
     from sealedtorch.attest import VerifierConfig
-    from sealedtorch.keycache.local import EvidenceAppraiser
+    from sealedtorch.attest.attesters import SimAttester
+    from sealedtorch.attest.sim import SimPlatform
+    from sealedtorch.keycache.local import AnswerSigner, EvidenceAppraiser
     from sealedtorch.keycache.server import KeycacheServer
     from sealedtorch.keycache.service import Keycache
 
@@ -187,7 +207,9 @@ def keycache_socket(sim_dir) -> Iterator[Callable[[list[tuple[ModelKey, Any]]], 
                       EvidenceAppraiser(VerifierConfig(sim_platform_keys=(pub,)), tees=["sim"]),
                       refresh=3600, max_stale=3600)
         kc.refresh_once()
-        server = KeycacheServer(kc, d / "kc" / "keycache.sock").start()
+        signer = AnswerSigner(SimAttester(SimPlatform.load(sim_dir),
+                                          KEYCACHE_SOCKET_MEASUREMENT))
+        server = KeycacheServer(kc, d / "kc" / "keycache.sock", signer=signer).start()
         running.append((kc, server))
         return d / "kc" / "keycache.sock"
 

@@ -39,6 +39,8 @@ from sealedtorch.runtime.client import AttestedClient
 from sealedtorch.runtime.config import RuntimeConfig, runtime_measurement
 from sealedtorch.runtime.tls import peer_spki
 
+from .conftest import trusting_keycache_socket
+
 MLP_ARCH = "sealedtorch.runtime.architectures:mlp"
 WIDE = 1 << 20          # input features of the wide model (one row of JSON is ~4 MiB)
 ROWS = 15               # 15 rows of "0.5," ~ 60 MiB of JSON: just under max_request_bytes
@@ -143,7 +145,7 @@ def _wait_ready(url: str) -> None:
 @pytest.mark.slow
 def test_the_serve_process_is_not_dumpable_and_writes_no_core_files(
         keycache_socket, tiny, sim_dir, tmp_path, serve_process):
-    config = RuntimeConfig()
+    config = trusting_keycache_socket(sim_dir)
     sock = keycache_socket([(tiny.key, _allow(config))])
     proc = serve_process(_serve_args(tmp_path, sim_dir, tiny.path, sock, config))
     report = json.loads(proc.report.read_text())
@@ -181,7 +183,7 @@ def _big_json(rows: int) -> bytes:
 def test_four_concurrent_64_mib_json_bodies_stay_within_the_memory_budget(
         keycache_socket, wide, sim_dir, tmp_path, serve_process):
     path, key = wide
-    config = RuntimeConfig()
+    config = trusting_keycache_socket(sim_dir)
     sock = keycache_socket([(key, _allow(config))])
     proc = serve_process(_serve_args(tmp_path, sim_dir, path, sock, config, name="wide"))
     _wait_ready(proc.url)
@@ -344,7 +346,8 @@ def test_cli_client_infer_refuses_a_file_tls_key_unless_allowed(
     assert main(args) == 1
     assert "TLS key was loaded from a file" in capsys.readouterr().err
     assert main([*args, "--allow-file-tls-key"]) == 0
-    assert json.loads(capsys.readouterr().out)["outputs"]["output"]["shape"] == [2, 3]
+    printed = json.loads(capsys.readouterr().out)["outputs"]  # KServe layout: a list
+    assert [(o["name"], o["shape"]) for o in printed] == [("output", [2, 3])]
 
 
 def _slow_upload(url: str, path: str, length: int) -> Any:

@@ -24,7 +24,7 @@ from sealedtorch.runtime.loader import ModelSource
 from sealedtorch.runtime.server import SubprocessServer, write_certificate
 
 from .conftest import MLP_ARCH, MLP_KWARGS, sim_policy
-from .test_with_keycache import _serve_args, allow, keycache, short_dir  # noqa: F401 (fixtures)
+from .test_with_keycache import _serve_args, allow, keycache, short_dir, trusting  # noqa: F401 (fixtures)
 
 GOOD = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4],
                     "data": [1.0, 2.0, 3.0, 4.0]}]}
@@ -267,7 +267,7 @@ def test_pinned_context_refuses_a_certificate_whose_key_was_not_attested(start_s
 @pytest.mark.slow
 def test_serve_writes_its_certificate_and_it_pins_the_attested_key(
         keycache, tiny, sim_dir, tmp_path):  # noqa: F811
-    config = RuntimeConfig()
+    config = trusting(sim_dir)
     sock = keycache([(tiny.key, allow(config))])
     cert = tmp_path / "runtime-cert.pem"
     args = [*_serve_args(tmp_path, sim_dir, tiny.path, sock, config), "--write-cert", str(cert)]

@@ -19,12 +19,14 @@ import pytest
 import torch
 
 from sealedtorch import crypto
-from sealedtorch.attest import VerifierConfig
+from sealedtorch.attest import VerifierConfig, measure
+from sealedtorch.attest.attesters import SimAttester
 from sealedtorch.attest.policy import load_policy
+from sealedtorch.attest.sim import SimPlatform
 from sealedtorch.errors import KeyUnavailable
 from sealedtorch.format import seal
 from sealedtorch.keycache import KeycacheClient
-from sealedtorch.keycache.local import EvidenceAppraiser
+from sealedtorch.keycache.local import AnswerSigner, EvidenceAppraiser
 from sealedtorch.keycache.server import KeycacheServer
 from sealedtorch.keycache.service import Keycache
 from sealedtorch.keys import ModelKey
@@ -34,8 +36,18 @@ from sealedtorch.runtime.watch import KeyWatcher
 
 from .conftest import MLP_ARCH, MLP_KWARGS
 
-CONFIG = RuntimeConfig(key_watch_s=0, key_watch_grace_s=10, key_retries=1,
-                       key_retry_delay_s=0.01)
+SETTINGS: dict[str, Any] = {"key_watch_s": 0, "key_watch_grace_s": 10, "key_retries": 1,
+                            "key_retry_delay_s": 0.01}
+KEYCACHE_MEASUREMENT = measure.measurement(b"key-watch tests: keycache")
+
+
+def trusting(sim_dir: Path) -> RuntimeConfig:
+    """The watcher tests' runtime configuration, whose `keycache` rule names the test
+    keycache (its measurement, the sim platform): keys — on load and on every re-check —
+    come only from a keycache that proves itself (mutual attestation)."""
+    pub = crypto.load_ed25519_public((sim_dir / "platform.pub").read_bytes())
+    return RuntimeConfig.model_validate({**SETTINGS, "keycache": [{
+        "tee": "sim", "measurement": KEYCACHE_MEASUREMENT.hex(), "platform_key": pub.hex()}]})
 
 
 class Clock:
@@ -66,16 +78,19 @@ def short_dir() -> Iterator[Path]:
 class Host:
     def __init__(self, short: Path, sim_dir: Path, tmp: Path) -> None:
         pub = crypto.load_ed25519_public((sim_dir / "platform.pub").read_bytes())
+        self.config = trusting(sim_dir)
         self.policy = load_policy({"allow": [{"tee": "sim", "measurement":
-                                              runtime_measurement(CONFIG).hex()}]})
+                                              runtime_measurement(self.config).hex()}]})
         self.upstream = Upstream([])
         self.kc = Keycache(self.upstream, EvidenceAppraiser(
             VerifierConfig(sim_platform_keys=(pub,)), tees=["sim"]), refresh=3600,
             max_stale=3600)
         self.sock = short / "kc" / "keycache.sock"
-        self.server = KeycacheServer(self.kc, self.sock).start()
+        signer = AnswerSigner(SimAttester(SimPlatform.load(sim_dir), KEYCACHE_MEASUREMENT))
+        self.server = KeycacheServer(self.kc, self.sock, signer=signer).start()
         self.client = KeycacheClient(self.sock, tee="sim", sim_platform=sim_dir,
-                                     runtime_config=CONFIG.canonical_bytes(), timeout=5)
+                                     runtime_config=self.config.canonical_bytes(),
+                                     keycache_rules=self.config.keycache, timeout=5)
         self.tmp = tmp
         torch.manual_seed(0)
         from sealedtorch.runtime.architectures import mlp
@@ -108,7 +123,7 @@ def host(short_dir, sim_dir, tmp_path) -> Iterator[Host]:
 def _serving(host: Host, start_server: Any, key: ModelKey) -> tuple[Any, KeyWatcher, Clock]:
     host.hold(key)
     host.put_file(key)
-    srv = start_server([ModelSource("m", host.path)], keys=host.client, config=CONFIG)
+    srv = start_server([ModelSource("m", host.path)], keys=host.client, config=host.config)
     srv.wait_ready(60)
     clock = Clock()
     return srv, KeyWatcher(srv.runtime, clock=clock), clock
@@ -145,7 +160,7 @@ def test_an_unreachable_keycache_is_tolerated_for_the_grace_period_then_unloads(
     srv, watcher, clock = _serving(host, start_server, key)
     watcher.check_once()  # confirmed now
     host.server.stop()  # the host kills the keycache: its socket is gone
-    clock.t += CONFIG.key_watch_grace_s - 1
+    clock.t += host.config.key_watch_grace_s - 1
     watcher.check_once()
     assert srv.runtime.slots["m"].state == "ready"
     assert _infer(raw_client, srv).status_code == 200
@@ -174,7 +189,7 @@ def test_a_model_that_failed_to_load_for_want_of_its_key_loads_once_the_key_is_h
     key = ModelKey.generate("watched")
     host.hold()  # the keycache holds nothing yet
     host.put_file(key)
-    srv = start_server([ModelSource("m", host.path)], keys=host.client, config=CONFIG)
+    srv = start_server([ModelSource("m", host.path)], keys=host.client, config=host.config)
     with pytest.raises(KeyUnavailable):
         srv.wait_ready(60)
     watcher = KeyWatcher(srv.runtime, clock=Clock())
@@ -205,6 +220,28 @@ def test_a_newer_file_that_does_not_load_leaves_the_old_version_serving(
     # the KServe version is the serving version, stable across the key rotation
     assert _infer(raw_client, srv).json()["model_version"] == "1"
     assert raw_client(srv.url).get("/v2/models/m").json()["parameters"]["key_version"] == 2
+
+
+def test_a_re_check_answered_by_an_unattested_keycache_unloads_at_once(
+        host, start_server, raw_client, sim_dir):
+    """Mutual attestation applies to the watcher's re-checks too: a keycache on the socket
+    whose evidence matches no `keycache` rule (here: another program's measurement, still
+    holding the key) is refused, and the model is unloaded at once, not tolerated as an
+    unreachable keycache for the grace period."""
+    key = ModelKey.generate("watched")
+    srv, watcher, _ = _serving(host, start_server, key)
+    watcher.check_once()
+    assert srv.runtime.slots["m"].state == "ready"
+    host.server.stop()
+    impostor = AnswerSigner(SimAttester(SimPlatform.load(sim_dir),
+                                        measure.measurement(b"key-watch tests: impostor")))
+    host.server = KeycacheServer(host.kc, host.sock, signer=impostor).start()
+    watcher.check_once()
+    slot = srv.runtime.slots["m"]
+    assert slot.state == "unloaded" and slot.model is None
+    assert "KeycacheAttestationError" in str(slot.error)
+    assert "matches no keycache rule" in str(slot.error)
+    assert _infer(raw_client, srv).status_code == 503
 
 
 def test_key_watch_settings_are_validated_and_measured():

@@ -28,6 +28,8 @@ from sealedtorch.runtime.config import RuntimeConfig, load_config, runtime_measu
 from sealedtorch.runtime.loader import ModelSource, load_sealed
 from sealedtorch.runtime.server import SubprocessServer
 
+from .conftest import trusting_keycache_socket
+
 SRC = Path(__file__).resolve().parents[2] / "src" / "sealedtorch"
 
 
@@ -123,10 +125,11 @@ def test_a_sealed_export_program_with_a_pickled_weight_is_refused_and_runs_nothi
     victim = ModelKey.generate("victim-model")
     path = tmp_path / "evil.sealed"
     seal_program(malicious_program(sentinel, victim.model_id), path, attacker)
-    config = RuntimeConfig()
+    config = trusting_keycache_socket(sim_dir)
     sock = keycache_socket([(attacker, _allow(config)), (victim, _allow(config))])
     with KeycacheClient(sock, tee="sim", sim_platform=sim_dir,
-                        runtime_config=config.canonical_bytes()) as keys:
+                        runtime_config=config.canonical_bytes(),
+                        keycache_rules=config.keycache) as keys:
         srv = start_server([ModelSource("evil", path)], keys=keys, config=config)
         with pytest.raises(UnsafeModelError, match=r"torch\.export program"):
             srv.wait_ready(60)
