@@ -1,6 +1,7 @@
 """Load speed: plaintext baselines and sealed files, side by side in one process.
 
     .venv/bin/python bench/load.py [--rounds 5] [--synthetic-gib 2] [--skip-synthetic]
+                                   [--sharded-gib 8 --shards 8]
 
 Prints medians and ratios for a torchvision ResNet-50 (seeded random weights) and a
 synthetic state_dict, plus this machine's AES-256-GCM limit (``decrypt_into`` a
@@ -190,11 +191,80 @@ def bench_state_dict(label: str, sd: dict[str, torch.Tensor], work: Path,
     return size, results[f"sealed, {CORES} workers"]
 
 
+def _hwm() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def bench_sharded(gib: float, shards: int, work: Path, rounds: int) -> None:
+    """A sharded safetensors checkpoint of ``gib`` GiB: seal it streaming (peak memory),
+    then load it sealed next to safetensors and the fresh-memory floor."""
+    from sealedtorch.format.lazy import read_safetensors_lazily
+
+    per = int(gib * (1 << 30) / shards) // (64 << 20) * (64 << 20)  # whole 64 MiB tensors
+    files = []
+    for i in range(shards):
+        path = work / f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({f"layers.{i}.{j}.weight": torch.randn(16 << 20)
+                   for j in range(per // (64 << 20))}, str(path))
+        files.append(path)
+    size = per * shards
+    print(f"\n== sharded: {shards} safetensors shards x {per / 2**20:.0f} MiB = "
+          f"{size / 2**30:.2f} GiB ==")
+    lazy: dict[str, object] = {}
+    for path in files:
+        lazy.update(read_safetensors_lazily(path))
+    key = ModelKey.generate("sharded")
+    sealed = work / "sharded.sealed"
+    before = _hwm()
+    t = time.perf_counter()
+    sealedtorch.seal(lazy, sealed, key=key, progress=False)
+    seal_s = time.perf_counter() - t
+    print(f"seal (streaming, {CORES} workers): {seal_s:.1f} s = {size / seal_s / 1e9:.2f} GB/s;"
+          f" peak RSS growth {(_hwm() - before) / 2**20:.1f} MiB (largest shard "
+          f"{per / 2**20:.0f} MiB)")
+
+    def load_shards() -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for path in files:
+            out.update(load_file(path))
+        return out
+
+    def touched() -> dict[str, torch.Tensor]:
+        out = load_shards()
+        for t in out.values():
+            t.view(torch.uint8).max()
+        return out
+
+    rows = {"safetensors, every shard + read": median_ms(touched, rounds),
+            f"sealed, {CORES} workers": median_ms(
+                lambda: sealedtorch.load_state_dict(sealed, key=key, workers=CORES), rounds)}
+    for p in files:
+        p.unlink()
+    floor = fresh_memory_floor(size, work, rounds)
+    sealed_ms = rows[f"sealed, {CORES} workers"]
+    for name, ms in rows.items():
+        print(f"{name:<36}{ms:>10.1f} ms{size / ms / 1e6:>8.2f} GB/s")
+    print(f"{'floor: decrypt into fresh memory':<36}{floor:>10.1f} ms{size / floor / 1e6:>8.2f}"
+          f" GB/s   sealed load = {floor / sealed_ms:.2f} of the floor's speed (goal >= 0.9)")
+    extra, tensors = peak_extra_memory(
+        lambda: sealedtorch.load_state_dict(sealed, key=key, workers=CORES))
+    print(f"peak anonymous memory during the sealed load: {(extra - tensors) / 1e6:+.1f} MB "
+          "beyond the tensors")
+    sealed.unlink()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--synthetic-gib", type=float, default=2.0)
     ap.add_argument("--skip-synthetic", action="store_true")
+    ap.add_argument("--sharded-gib", type=float, default=0.0,
+                    help="also a sharded safetensors checkpoint of this size (e.g. 8)")
+    ap.add_argument("--shards", type=int, default=8)
     args = ap.parse_args()
     import cryptography
 
@@ -220,6 +290,8 @@ def main() -> int:
                                         max(2, args.rounds // 2))
             print(f"effective sealed throughput {size / ms / 1e6:.2f} GB/s = "
                   f"{size / ms / 1e6 / (one * CORES) * 100:.0f}% of limit x cores")
+        if args.sharded_gib:
+            bench_sharded(args.sharded_gib, args.shards, work, max(2, args.rounds // 2))
     return 0
 
 

@@ -29,6 +29,7 @@ from ..errors import ConfigError, UnsupportedTensorError
 from ..keys import ModelKey
 from ..progress import Progress
 from .header import AliasEntry, Header, TensorEntry
+from .lazy import FileReader, LazyTensor
 from .spec import (
     DEFAULT_CHUNK_SIZE,
     DTYPE_NAMES,
@@ -121,16 +122,28 @@ class SealResult:
 
 
 def _plan(state_dict: Mapping[str, Any]) -> tuple[list[TensorEntry | AliasEntry],
-                                                    list[tuple[int, memoryview]], int]:
-    """Lay tensors out back to back; detect tied tensors; refuse what we cannot seal."""
+                                                    list[tuple[int, memoryview | LazyTensor]],
+                                                    int]:
+    """Lay tensors out back to back; detect tied tensors; refuse what we cannot seal.
+
+    Values are tensors, or :class:`~sealedtorch.format.lazy.LazyTensor` (data still in its
+    file: read chunk by chunk while sealing, so memory stays bounded)."""
     entries: list[TensorEntry | AliasEntry] = []
-    sources: list[tuple[int, memoryview]] = []
+    sources: list[tuple[int, memoryview | LazyTensor]] = []
     seen_views: dict[tuple[Any, ...], str] = {}
     storage_ranges: dict[int, list[tuple[int, int, str]]] = {}
     offset = 0
     for name, t in state_dict.items():
         if not isinstance(name, str):
             raise UnsupportedTensorError(f"state_dict key {name!r} is not a string")
+        if isinstance(t, LazyTensor):
+            if t.dtype not in DTYPE_NAMES:
+                raise UnsupportedTensorError(f"{name!r}: dtype {t.dtype} is not supported")
+            entries.append(TensorEntry(name, DTYPE_NAMES[t.dtype], t.shape, offset, t.nbytes))
+            if t.nbytes:
+                sources.append((offset, t))
+            offset += t.nbytes
+            continue
         if not isinstance(t, torch.Tensor):
             raise UnsupportedTensorError(
                 f"{name!r} is a {type(t).__name__}, not a tensor; only tensors can be sealed")
@@ -201,11 +214,14 @@ def seal_state_dict(state_dict: Mapping[str, Any], path: str | os.PathLike[str],
 
     # Chunk i: (plaintext source slice, ciphertext file position).  Chunks never span two
     # tensors, so each is encrypted straight from that tensor's memory.
-    plan: list[tuple[memoryview, int]] = []
-    for off, mv in sources:
-        for k in range(chunks_of(len(mv), chunk_size)):
-            part = mv[k * chunk_size:(k + 1) * chunk_size]
-            plan.append((part, off + k * chunk_size + len(plan) * TAG_SIZE))
+    # Lazy tensors are read chunk by chunk, by the worker that encrypts the chunk.
+    plan: list[tuple[memoryview | tuple[LazyTensor, int, int], int]] = []
+    for off, src in sources:
+        size = src.nbytes if isinstance(src, LazyTensor) else len(src)
+        for k in range(chunks_of(size, chunk_size)):
+            lo, hi = k * chunk_size, min((k + 1) * chunk_size, size)
+            part = (src, lo, hi - lo) if isinstance(src, LazyTensor) else src[lo:hi]
+            plan.append((part, off + lo + len(plan) * TAG_SIZE))
     count = len(plan)
 
     salt = crypto.random_bytes(32)
@@ -227,21 +243,33 @@ def seal_state_dict(state_dict: Mapping[str, Any], path: str | os.PathLike[str],
 
         def work(indices: range, bar: Progress) -> None:
             sealed = bytearray(chunk_size + TAG_SIZE)
+            staging = memoryview(bytearray(chunk_size)) if lazy else None
             for i in indices:
-                part, pos = plan[i]
+                source, pos = plan[i]
+                if isinstance(source, tuple):
+                    tensor, start, length = source
+                    assert staging is not None
+                    part = reader.read_into(tensor, start, staging[:length])
+                else:
+                    part = source
                 sv = memoryview(sealed)[:len(part) + TAG_SIZE]
                 keys.data.encrypt_into(crypto.counter_nonce(i), part,
                                        chunk_aad(digest, i, i == count - 1), sv)
                 os.pwrite(fd, sv, base + pos)
                 bar.update(len(part))
 
+        lazy = any(isinstance(src, LazyTensor) for _, src in sources)
+        reader = FileReader()
         n_workers = max(1, min(workers or os.cpu_count() or 1, count or 1))
-        with Progress(data_length, f"sealing {target.name}", enabled=progress) as bar, \
-                ThreadPoolExecutor(n_workers) as pool:
-            futures = [pool.submit(work, range(w, count, n_workers), bar)
-                       for w in range(n_workers)]
-            for f in futures:
-                f.result()
+        try:
+            with Progress(data_length, f"sealing {target.name}", enabled=progress) as bar, \
+                    ThreadPoolExecutor(n_workers) as pool:
+                futures = [pool.submit(work, range(w, count, n_workers), bar)
+                           for w in range(n_workers)]
+                for f in futures:
+                    f.result()
+        finally:
+            reader.close()  # after every worker has finished
         os.fsync(fd)
         os.close(fd)
         fd = -1

@@ -26,8 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ...errors import FormatError
 
 __all__ = ["HF_METADATA_KEY", "HfDirectory", "is_hf_directory", "read_hf_directory"]
@@ -45,7 +43,8 @@ _BIN_INDEX = "pytorch_model.bin.index.json"
 class HfDirectory:
     """What :func:`read_hf_directory` found: tensors, metadata to seal, and where from."""
 
-    state_dict: dict[str, torch.Tensor]
+    #: tensors (``.bin``) or lazy tensors (safetensors shards, read while sealing)
+    state_dict: dict[str, Any]
     metadata: dict[str, Any]
     weight_files: tuple[str, ...]
     architecture: str
@@ -105,15 +104,14 @@ def _weight_files(root: Path) -> tuple[list[Path], dict[str, list[str]] | None, 
                       f"with {_SAFETENSORS_INDEX}, or pytorch_model*.bin)")
 
 
-def _read_shard(path: Path) -> dict[str, torch.Tensor]:
+def _read_shard(path: Path) -> dict[str, Any]:
+    """A shard's tensors: safetensors shards as :class:`~sealedtorch.format.lazy.LazyTensor`
+    (nothing read until the writer encrypts it, chunk by chunk: sealing an 8 GiB checkpoint
+    holds a few chunks in memory, not the checkpoint), ``.bin`` shards memory-mapped."""
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from ..lazy import read_safetensors_lazily
 
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise FormatError(f"{path}: not a readable safetensors file ({exc})") from None
+        return read_safetensors_lazily(path)
     from ..plainfiles import load_plain
 
     state, _ = load_plain(path)  # weights_only=True
@@ -121,7 +119,7 @@ def _read_shard(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _iter_shards(files: list[Path], shards: Mapping[str, list[str]] | None,
-                 index_name: str | None) -> Iterator[tuple[Path, dict[str, torch.Tensor]]]:
+                 index_name: str | None) -> Iterator[tuple[Path, dict[str, Any]]]:
     for path in files:
         tensors = _read_shard(path)
         if shards is not None:
@@ -201,7 +199,7 @@ def read_hf_directory(path: str | os.PathLike[str]) -> HfDirectory:
     generation = _read_json(root / "generation_config.json") \
         if (root / "generation_config.json").is_file() else None
     files, shards, index_name = _weight_files(root)
-    state: dict[str, torch.Tensor] = {}
+    state: dict[str, Any] = {}
     origin: dict[str, Path] = {}
     for shard, tensors in _iter_shards(files, shards, index_name):
         for name, tensor in tensors.items():
