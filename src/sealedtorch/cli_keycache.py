@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import grp
-import signal
 import json
 import logging
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Any
