@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from .cli import hidden_alias
+from .errors import ConfigError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,8 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                     "overwritten) and print its public key (hex), the value "
                                     "for models.NAME.manifest_keys in a runtime "
                                     "configuration.")
-    p.add_argument("-o", "--output", dest="out", type=Path, required=True, metavar="FILE",
-                   help="where to write the new signing key (PEM, mode 0600)")
+    p.add_argument("-o", "--output", dest="out", type=Path, metavar="FILE",
+                   help="where to write the new signing key (PEM, mode 0600; required)")
     hidden_alias(p, "--out", dest="out", type=Path)
     p.set_defaults(handler=_keygen)
     p = msub.add_parser("sign", help="sign FILE.sealed's manifest (FILE.sealed.manifest)",
@@ -35,6 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _keygen(args: argparse.Namespace) -> int:
     from .runtime.manifest import generate_signing_key
 
+    if args.out is None:  # not required= in argparse: the hidden old --out satisfies it too
+        raise ConfigError("manifest keygen needs --output FILE (the signing key to create)")
     print(generate_signing_key(args.out).public_bytes.hex())
     return 0
 

@@ -128,8 +128,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="sim: trust this sim platform's platform.pub (INSECURE, development "
                         "only; repeatable)")
     hidden_alias(p, "--sim-root", dest="sim_root", type=Path, action="append")
-    p.add_argument("-o", "--output", dest="out", type=Path, required=True, metavar="PATH",
-                   help="where to write the attested certificate (PEM)")
+    p.add_argument("-o", "--output", dest="out", type=Path, metavar="PATH",
+                   help="where to write the attested certificate (PEM; required)")
     hidden_alias(p, "--out", dest="out", type=Path)
     p.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
     p.set_defaults(handler=_client_cert)
@@ -266,8 +266,12 @@ def _client_cert(args: argparse.Namespace) -> int:
     import os
     import ssl
 
+    from .cli import check_https_url
     from .runtime.client import AttestedClient
 
+    if args.out is None:  # not required= in argparse: the hidden old --out satisfies it too
+        raise ConfigError("client cert needs --output FILE (where to write the certificate)")
+    check_https_url(args.url, "--url")
     with AttestedClient(args.url, policy=args.policy, sim_roots=args.sim_root,
                         timeout=args.timeout) as client:
         result = client.attest()
