@@ -25,6 +25,7 @@ import uvicorn
 from .. import attest
 from ..attest import sim
 from ..errors import ConfigError
+from ..listen import bind_tcp
 from . import tlog, tls
 from .app import RateLimit, create_app
 from .config import (
@@ -174,20 +175,8 @@ def run(data_dir: Path | str, listen: str, *, trust_sim_roots: Sequence[Path | s
 
 
 def bind_listen_socket(host: str, port: int) -> socket.socket:
-    """Bind (and listen on) ``host:port`` now, so that an address in use is one clear
-    :class:`ConfigError` ("cannot listen on ...: Address already in use", exit 2) before
-    the store is opened or "listening" is logged."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-        sock.listen(1024)
-    except OSError as exc:
-        sock.close()
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    sock.set_inheritable(True)
-    return sock
+    """Bind and listen on ``host:port`` now (see :mod:`sealedtorch.listen`)."""
+    return bind_tcp(host, port, backlog=1024)
 
 
 def _busy(connection: Any) -> bool:

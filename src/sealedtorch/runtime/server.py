@@ -54,6 +54,7 @@ from ..attest import binding
 from ..errors import ConfigError, SealedTorchError
 from ..hardening import harden_process
 from ..keys import KeySource
+from ..listen import bind_tcp
 from .attestation import RateLimiter, attestation_domain, evidence_document, parse_nonce
 from .batching import Batcher, InferenceFailed, QueueFull, ShuttingDown
 from .bodies import (
@@ -651,18 +652,7 @@ def parse_listen(listen: str) -> tuple[str, int]:
 
 
 def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # proto IPPROTO_TCP: asyncio then sets TCP_NODELAY on accepted connections (it checks
-    # the protocol number), so small responses are not held back by Nagle's algorithm
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    sock.set_inheritable(True)
-    return sock
+    return bind_tcp(host, port)
 
 
 def _url(host: str, port: int) -> str:
