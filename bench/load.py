@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from safetensors.torch import load_file, save_file
@@ -88,9 +89,11 @@ def fresh_memory_floor(size: int, work: Path, rounds: int, threads: int = CORES,
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     src = memoryview(mm)
 
-    def once() -> torch.Tensor:
-        out = torch.empty(size, dtype=torch.uint8)  # fresh: no page touched yet
-        dst = memoryview(out.numpy())
+    def once() -> np.ndarray:
+        # fresh, never touched, from the allocator the sealed reader uses for big tensors
+        # (NumPy: transparent huge pages), so first-touch faults cost what a load pays
+        out = np.empty(size, dtype=np.uint8)
+        dst = memoryview(out)
 
         def work_(k: int) -> None:
             for i in range(k, n, threads):
