@@ -99,10 +99,16 @@ def store_vcek(cache_dir: Path | None, product: str, chip_id: bytes, tcb: Mappin
     if cache_dir is None:
         return None
     path = cache_file(cache_dir, product, chip_id, tcb)
+    return _write_cached(path, der, prefix=".vcek-")
+
+
+def _write_cached(path: Path, der: bytes, *, prefix: str) -> Path | None:
+    """Write ``der`` to ``path`` atomically (temp file in the same directory, fsync,
+    rename); caching is an optimisation, so a failure returns None instead of raising."""
     tmp: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".vcek-", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             f.write(der)
             f.flush()
@@ -215,23 +221,7 @@ def store_crl(cache_dir: Path | None, product: str, der: bytes) -> Path | None:
     if cache_dir is None:
         return None
     path = crl_cache_file(cache_dir, product)
-    tmp: str | None = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".crl-", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(der)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-    except OSError:
-        return None
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-    return path
+    return _write_cached(path, der, prefix=".crl-")
 
 
 def fetch_crl(product: str, *, base_url: str | None = None, timeout: float = 10.0) -> bytes:

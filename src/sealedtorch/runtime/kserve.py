@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import struct
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -448,16 +449,58 @@ def _not_json(header: bytes | bytearray | memoryview, exc: Exception,
     return message
 
 
+# --- BYTES (text) ---------------------------------------------------------------------
+
+def encode_bytes(items: Sequence[bytes]) -> bytes:
+    """The binary extension's BYTES encoding: u32le length ‖ bytes, per element."""
+    return b"".join(struct.pack("<I", len(b)) + b for b in items)
+
+
+def decode_bytes(raw: memoryview | bytes | torch.Tensor, count: int,
+                 where: str = "tensor") -> list[bytes]:
+    """Split the BYTES encoding into ``count`` elements; anything else is refused."""
+    if isinstance(raw, torch.Tensor):  # the server may hand the body over as uint8 tensor
+        raw = raw.numpy().tobytes()
+    view = memoryview(raw).cast("B")
+    out: list[bytes] = []
+    pos = 0
+    for i in range(count):
+        if pos + 4 > len(view):
+            raise InvalidRequest(f"{where}: BYTES element {i} has no length prefix")
+        (n,) = struct.unpack_from("<I", view, pos)
+        if pos + 4 + n > len(view):
+            raise InvalidRequest(f"{where}: BYTES element {i} says {n} bytes, "
+                                 f"{len(view) - pos - 4} remain")
+        out.append(bytes(view[pos + 4:pos + 4 + n]))
+        pos += 4 + n
+    if pos != len(view):
+        raise InvalidRequest(f"{where}: {len(view) - pos} bytes follow the last BYTES element")
+    return out
+
+
+
 # --- server: responses ----------------------------------------------------------------
 
 def encode_infer_response(model_name: str, model_version: str | None, request_id: str | None,
-                          tensors: Mapping[str, torch.Tensor],
+                          tensors: Mapping[str, torch.Tensor | list[str]],
                           requested: Sequence[RequestedOutput]) -> tuple[bytes, dict[str, str]]:
-    """The response body and its extra headers (binary outputs set the header length)."""
+    """The response body and its extra headers (binary outputs set the header length).
+    A list of strings is a ``BYTES`` output of shape ``[len]`` (text models)."""
     outputs: list[dict[str, Any]] = []
     blobs: list[bytes] = []
     for r in requested:
-        t = tensors[r.name].detach().cpu().contiguous()
+        value = tensors[r.name]
+        if isinstance(value, list):
+            text: dict[str, Any] = {"name": r.name, "datatype": "BYTES", "shape": [len(value)]}
+            if r.binary:
+                raw = encode_bytes([v.encode() for v in value])
+                text["parameters"] = {"binary_data_size": len(raw)}
+                blobs.append(raw)
+            else:
+                text["data"] = value
+            outputs.append(text)
+            continue
+        t = value.detach().cpu().contiguous()
         entry: dict[str, Any] = {"name": r.name, "datatype": datatype_of(t.dtype),
                                  "shape": list(t.shape)}
         if r.binary:
@@ -566,8 +609,6 @@ def decode_infer_response(body: bytes, header_length: str | None) -> dict[str, A
         shape = [int(d) for d in entry["shape"]]
         size = (entry.get("parameters") or {}).get("binary_data_size")
         if entry["datatype"] == "BYTES":
-            from .text_kserve import decode_bytes
-
             if size is None:
                 out[entry["name"]] = [str(v) for v in entry["data"]]
             else:

@@ -22,7 +22,6 @@ request ``parameters`` ``max_tokens``, ``temperature`` (0, the default here, is 
 from __future__ import annotations
 
 import json
-import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +37,13 @@ from .kserve import (
     RequestedOutput,
     TensorSpec,
     datatype_of,
+    decode_bytes,
+    encode_bytes,
+    encode_infer_response,
 )
+
+#: Text answers are ordinary KServe responses (BYTES outputs are lists of strings).
+encode_text_response = encode_infer_response
 
 __all__ = ["TextRequest", "TextTask", "decode_bytes", "encode_bytes",
            "encode_text_response", "parse_text_request"]
@@ -47,33 +52,6 @@ BYTES = "BYTES"
 INPUT = "text"
 _GEN_PARAMS = {"max_tokens": int, "temperature": (int, float), "top_p": (int, float),
                "seed": int, "stop": (str, list)}
-
-
-def encode_bytes(items: Sequence[bytes]) -> bytes:
-    """The binary extension's BYTES encoding: u32le length ‖ bytes, per element."""
-    return b"".join(struct.pack("<I", len(b)) + b for b in items)
-
-
-def decode_bytes(raw: memoryview | bytes | torch.Tensor, count: int,
-                 where: str = "tensor") -> list[bytes]:
-    """Split the BYTES encoding into ``count`` elements; anything else is refused."""
-    if isinstance(raw, torch.Tensor):  # the server may hand the body over as uint8 tensor
-        raw = raw.numpy().tobytes()
-    view = memoryview(raw).cast("B")
-    out: list[bytes] = []
-    pos = 0
-    for i in range(count):
-        if pos + 4 > len(view):
-            raise InvalidRequest(f"{where}: BYTES element {i} has no length prefix")
-        (n,) = struct.unpack_from("<I", view, pos)
-        if pos + 4 + n > len(view):
-            raise InvalidRequest(f"{where}: BYTES element {i} says {n} bytes, "
-                                 f"{len(view) - pos - 4} remain")
-        out.append(bytes(view[pos + 4:pos + 4 + n]))
-        pos += 4 + n
-    if pos != len(view):
-        raise InvalidRequest(f"{where}: {len(view) - pos} bytes follow the last BYTES element")
-    return out
 
 
 @dataclass
@@ -184,44 +162,6 @@ def parse_text_request(header: bytes | bytearray | memoryview,
                 out.get("parameters") or {}, "binary_data", f"outputs[{i}].parameters",
                 default_binary)))
     return TextRequest(req_id, texts, params, requested)
-
-
-def encode_text_response(model_name: str, model_version: str | None, request_id: str | None,
-                         values: Mapping[str, torch.Tensor | list[str]],
-                         requested: Sequence[RequestedOutput]) -> tuple[bytes, dict[str, str]]:
-    """A response with numeric and BYTES outputs, JSON or binary per output."""
-    outputs: list[dict[str, Any]] = []
-    blobs: list[bytes] = []
-    for r in requested:
-        value = values[r.name]
-        if isinstance(value, list):
-            entry: dict[str, Any] = {"name": r.name, "datatype": BYTES, "shape": [len(value)]}
-            if r.binary:
-                raw = encode_bytes([v.encode() for v in value])
-                entry["parameters"] = {"binary_data_size": len(raw)}
-                blobs.append(raw)
-            else:
-                entry["data"] = value
-        else:
-            t = value.detach().cpu().contiguous()
-            entry = {"name": r.name, "datatype": datatype_of(t.dtype), "shape": list(t.shape)}
-            if r.binary:
-                raw = t.numpy().tobytes()
-                entry["parameters"] = {"binary_data_size": len(raw)}
-                blobs.append(raw)
-            else:
-                entry["data"] = t.reshape(-1).tolist()
-        outputs.append(entry)
-    doc: dict[str, Any] = {"model_name": model_name, "outputs": outputs}
-    if model_version is not None:
-        doc["model_version"] = model_version
-    if request_id is not None:
-        doc["id"] = request_id
-    header = json.dumps(doc, separators=(",", ":")).encode()
-    if not blobs:
-        return header, {"content-type": "application/json"}
-    return b"".join([header, *blobs]), {"content-type": "application/octet-stream",
-                                        HEADER_LENGTH: str(len(header))}
 
 
 def _generation_params(params: Mapping[str, Any]) -> GenerationParams:
