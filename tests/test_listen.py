@@ -39,7 +39,7 @@ def test_accepted_connections_have_tcp_nodelay():
 def test_an_address_in_use_is_one_config_error():
     first = bind_tcp("127.0.0.1", 0, backlog=1)
     try:
-        with pytest.raises(ConfigError, match="cannot listen on 127.0.0.1:.*in use"):
+        with pytest.raises(ConfigError, match=r"cannot listen on 127\.0\.0\.1:.*in use"):
             bind_tcp("127.0.0.1", first.getsockname()[1], backlog=1)
     finally:
         first.close()
