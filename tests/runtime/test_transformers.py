@@ -467,3 +467,22 @@ def test_tritonclient_sends_and_receives_text(served, tmp_path):
     expected = _kserve(served, "gpt2", {"inputs": [_text_input(["hello", "world"])],
                                         "parameters": {"max_tokens": 3}}).json()
     assert answer == expected["outputs"][0]["data"]
+
+
+def test_oversized_text_requests_are_refused_before_they_are_read(served):
+    from sealedtorch.runtime.openai_api import MAX_TEXT_REQUEST_BYTES
+
+    big = b'{"model": "gpt2", "prompt": "' + b"x" * (MAX_TEXT_REQUEST_BYTES + 1) + b'"}'
+    with httpx.Client(base_url=served.url, verify=False, timeout=60) as c:
+        declared = c.post("/v1/completions", content=big)
+
+        def chunks():
+            for i in range(0, len(big), 1 << 20):
+                yield big[i:i + (1 << 20)]
+
+        streamed = c.post("/v1/completions", content=chunks())  # chunked: no length given
+        after = c.post("/v1/completions", json={"model": "gpt2", "prompt": "hi",
+                                                "max_tokens": 1, "temperature": 0})
+    assert declared.status_code == 413 and "larger than the limit" in declared.text
+    assert streamed.status_code == 413 and "larger than the limit" in streamed.text
+    assert after.status_code == 200

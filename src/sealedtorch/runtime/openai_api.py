@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 __all__ = ["ChatRequest", "CompletionRequest", "openai_router"]
 
 _MAX_STOP = 4
+#: The largest OpenAI-API request body read (a long prompt is well under 1 MB of JSON).
+MAX_TEXT_REQUEST_BYTES = 4 << 20
 _UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "best_of", "suffix", "tools",
                 "tool_choice", "functions", "function_call", "logit_bias", "response_format")
 
@@ -128,9 +130,18 @@ class _Api:
         return generator
 
     async def parse(self, request: Request, cls: type[_Common]) -> _Common | JSONResponse:
-        body = await request.body()
-        if len(body) > self.runtime.config.max_request_bytes:
-            return _error(413, "request body too large")
+        # Bounded before and while reading: a text request is small, and an unbounded read
+        # would let any client make the runtime hold whatever it sends.
+        limit = min(self.runtime.config.max_request_bytes, MAX_TEXT_REQUEST_BYTES)
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            return _error(413, f"request body of {declared} bytes is larger than the limit of "
+                               f"{limit} bytes")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                return _error(413, f"request body is larger than the limit of {limit} bytes")
         try:
             data = json.loads(body)
         except ValueError:
