@@ -128,22 +128,29 @@ def fetch_vcek(product: str, chip_id: bytes, tcb: Mapping[str, int], *,
                base_url: str | None = None, timeout: float = 10.0) -> bytes:
     """Download the DER VCEK from the KDS (no cache).  Raises CollateralError on failure."""
     url = (base_url or DEFAULT_KDS_URL).rstrip("/") + vcek_path(product, chip_id, tcb)
+    return _fetch_der(url, f"{product} VCEK", accept="application/octet-stream",
+                      max_size=MAX_CERT_SIZE, timeout=timeout, shape="a DER certificate",
+                      hint="retry later or supply the VCEK with the evidence")
+
+
+def _fetch_der(url: str, what: str, *, accept: str, max_size: int, timeout: float = 10.0,
+               shape: str = "DER", hint: str | None = None) -> bytes:
+    """GET one DER object from the KDS; every failure is a CollateralError naming ``what``."""
     try:
         response = httpx.get(url, timeout=timeout, follow_redirects=False,
-                             headers={"Accept": "application/octet-stream"})
+                             headers={"Accept": accept})
     except httpx.HTTPError as exc:
-        raise CollateralError(f"AMD KDS unreachable fetching the {product} VCEK ({url}): "
+        raise CollateralError(f"AMD KDS unreachable fetching the {what} ({url}): "
                               f"{type(exc).__name__}: {exc}") from None
-    if response.status_code == 429:
-        raise CollateralError(f"AMD KDS rate-limited the {product} VCEK request ({url}); "
-                              "retry later or supply the VCEK with the evidence")
+    if response.status_code == 429 and hint is not None:
+        raise CollateralError(f"AMD KDS rate-limited the {what} request ({url}); {hint}")
     if response.status_code != 200:
         raise CollateralError(f"AMD KDS answered HTTP {response.status_code} for the "
-                              f"{product} VCEK ({url})")
+                              f"{what} ({url})")
     der = response.content
-    if len(der) > MAX_CERT_SIZE or not looks_like_der_certificate(der):
-        raise CollateralError(f"AMD KDS answer for the {product} VCEK is not a DER "
-                              f"certificate ({len(der)} bytes from {url})")
+    if len(der) > max_size or not looks_like_der_certificate(der):
+        raise CollateralError(f"AMD KDS answer for the {what} is not {shape} "
+                              f"({len(der)} bytes from {url})")
     return der
 
 
@@ -227,17 +234,5 @@ def store_crl(cache_dir: Path | None, product: str, der: bytes) -> Path | None:
 def fetch_crl(product: str, *, base_url: str | None = None, timeout: float = 10.0) -> bytes:
     """Download ``product``'s DER CRL from the KDS (no cache).  Raises CollateralError."""
     url = (base_url or DEFAULT_KDS_URL).rstrip("/") + crl_path(product)
-    try:
-        response = httpx.get(url, timeout=timeout, follow_redirects=False,
-                             headers={"Accept": "application/pkix-crl"})
-    except httpx.HTTPError as exc:
-        raise CollateralError(f"AMD KDS unreachable fetching the {product} CRL ({url}): "
-                              f"{type(exc).__name__}: {exc}") from None
-    if response.status_code != 200:
-        raise CollateralError(f"AMD KDS answered HTTP {response.status_code} for the "
-                              f"{product} CRL ({url})")
-    der = response.content
-    if len(der) > MAX_CRL_SIZE or not looks_like_der_certificate(der):
-        raise CollateralError(f"AMD KDS answer for the {product} CRL is not DER "
-                              f"({len(der)} bytes from {url})")
-    return der
+    return _fetch_der(url, f"{product} CRL", accept="application/pkix-crl",
+                      max_size=MAX_CRL_SIZE, timeout=timeout)
