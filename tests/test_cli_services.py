@@ -14,14 +14,14 @@ import stat
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from waiting import wait_for as _wait
 
 from sealedtorch.attest import measure, sim
 from sealedtorch.cli import main
@@ -32,20 +32,6 @@ from .test_cli_mistakes import one_error_line, run_cli
 
 HOLDER_CONFIG = b"cli-services: keycache configuration"
 RUNTIME_CONFIG = b"cli-services: runtime configuration"
-
-
-def _wait(cond: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = cond()
-            if last:
-                return last
-        except Exception as exc:  # the condition may raise until it holds
-            last = exc
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
 
 
 @dataclass

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 import pytest
 import torch
+from waiting import wait_for as _wait
 
 import sealedtorch
 from sealedtorch import cli
@@ -50,20 +51,6 @@ KEYCACHE_CONFIG = b"lease-e2e: holder configuration"
 HOLDER_MEASUREMENT = measure.measurement(KEYCACHE_CONFIG)
 #: CPU slack on a contended 2-core machine: added to every bound, never a timing claim.
 SLACK = 4.0
-
-
-def _wait(cond: Callable[[], Any], timeout: float, what: str, step: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = cond()
-            if last:
-                return last
-        except Exception as exc:  # the condition may raise until it holds
-            last = exc
-        time.sleep(step)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
 
 
 class Proxy:

@@ -17,13 +17,12 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 import torch
+from waiting import wait_for as _wait
 
 import sealedtorch
 from sealedtorch import cli
@@ -44,20 +43,6 @@ REFRESH = 0.3
 MAX_STALE = 4.0
 
 pytestmark = pytest.mark.slow
-
-
-def _wait(cond: Callable[[], Any], timeout: float, what: str, step: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = cond()
-            if last:
-                return last
-        except Exception as exc:  # the condition may raise until it holds
-            last = exc
-        time.sleep(step)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
 
 
 class Procs:
