@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
-import contextlib
 import json
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -20,6 +18,7 @@ import time
 import httpx
 import psycopg
 import pytest
+from tcp_proxy import Proxy
 
 from sealedtorch import crypto, errors
 from sealedtorch.attest import measure, sim
@@ -257,69 +256,8 @@ def test_two_replicas_one_truth(pg_url, replicas):
 
 # ------------------------------------------------------------------------- outage
 
-class _Proxy:
-    """A TCP forwarder to PostgreSQL that the test can cut (every connection reset, the
-    port closed) and restore on the same port."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.port = server.free_port()
-        self._conns: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._listener: socket.socket | None = None
-        self.start()
-
-    def start(self) -> None:
-        ls = socket.socket()
-        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        ls.bind(("127.0.0.1", self.port))
-        ls.listen(64)
-        self._listener = ls
-        threading.Thread(target=self._accept, args=(ls,), daemon=True).start()
-
-    def _accept(self, ls: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = ls.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                client.close()
-                continue
-            upstream.settimeout(None)
-            with self._lock:
-                self._conns += [client, upstream]
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-
-    def cut(self) -> None:
-        assert self._listener is not None
-        with contextlib.suppress(OSError):  # wakes the thread blocked in accept()
-            self._listener.shutdown(socket.SHUT_RDWR)
-        self._listener.close()
-        with self._lock:
-            conns, self._conns = self._conns, []
-        for s in conns:
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            s.close()
-
-
 def test_database_outage_answers_503_and_recovers(pg_url, tmp_path):
-    proxy = _Proxy(("127.0.0.1", 5432))
+    proxy = Proxy(("127.0.0.1", 5432))
     via_proxy = pg_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
     init = config.init_data_dir(tmp_path / "data", now=time.time(), database=via_proxy)
     platform = sim.init_platform(tmp_path / "sim")
@@ -349,7 +287,7 @@ def test_database_outage_answers_503_and_recovers(pg_url, tmp_path):
         with pytest.raises(errors.ServiceUnavailable):  # the client sees a typed error
             AttestedKeyClient(srv.url, ks.ca, ks.attester()).fetch("outage-model")
 
-        proxy.start()  # the database is back: no restart
+        proxy.restore()  # the database is back: no restart
         deadline = time.monotonic() + 10
         with ks.http() as http:
             while http.get("/readyz").status_code != 200:
