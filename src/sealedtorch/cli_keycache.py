@@ -188,7 +188,7 @@ def build_with_signer(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def _run(args: argparse.Namespace) -> int:
     from .keycache.server import KeycacheServer, bind_unix_socket, harden_process
-    from .keyserver.server import configure_logging
+    from .logs import configure_logging
 
     configure_logging(args.log_format)
     harden_process()

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .atomicfile import write_atomically
 from .cli import hidden_alias
 from .errors import ConfigError
 
@@ -263,7 +264,6 @@ def _client_infer(args: argparse.Namespace) -> int:
 
 
 def _client_cert(args: argparse.Namespace) -> int:
-    import os
     import ssl
 
     from .cli import check_https_url
@@ -277,13 +277,9 @@ def _client_cert(args: argparse.Namespace) -> int:
         result = client.attest()
         der = client.certificate_der
     assert der is not None
-    tmp = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(ssl.DER_cert_to_PEM_cert(der))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, args.out)
+        write_atomically(args.out, ssl.DER_cert_to_PEM_cert(der).encode(), mode=0o644)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise ConfigError(f"--output: cannot write {args.out}: {exc.strerror}") from None
     print(f"attested: {result.claims.tee} runtime at {args.url}; "
           f"{result.decision.reasons[0]}; wrote its TLS certificate to {args.out}",

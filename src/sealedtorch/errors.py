@@ -2,26 +2,109 @@
 
 Every failure a user can cause (a bad file, a wrong key, forged evidence, a policy miss)
 raises a subclass of :class:`SealedTorchError`, so callers can catch the whole family or a
-single reason.  Each class names *what* failed; the message says *why*.  Services map these
-classes to stable problem types (``problem_type``) so HTTP clients see the same taxonomy.
+single reason.  Each class names *what* failed; the message says *why*.  Every class lives
+in this module, and each one declares what services need to answer with it: a stable
+``problem_type`` (the RFC 9457 problem ``type`` suffix, also used in audit records and
+metrics) and a default ``http_status``.  Context that varies per raise (a more specific
+status, a ``Retry-After``, reasons kept for the audit log only) is passed to the
+constructor as keywords, never attached afterwards.  Code decides with ``isinstance``,
+never by comparing ``problem_type`` strings.
+
+The tree (default HTTP status in brackets)::
+
+    SealedTorchError [400]
+    ├── ConfigError [400]
+    │   └── MeasurementError
+    ├── FormatError
+    │   └── UnsafeModelError
+    ├── IntegrityError [500]
+    │   ├── StoreIntegrityError
+    │   ├── TransparencyError
+    │   │   └── LogInconsistent
+    │   ├── LeaseInvalid
+    │   └── ModelMismatch
+    ├── KeyFileError [422]
+    ├── UnsupportedTensorError
+    ├── AttestationError [403]
+    │   ├── CollateralError
+    │   ├── BindingError
+    │   │   └── PinMismatch (also an ssl.SSLError: raised inside the TLS handshake)
+    │   ├── NonceError
+    │   └── KeycacheAttestationError
+    ├── PolicyDenied [403]
+    ├── PolicyError [422]
+    ├── KeyUnavailable [404]
+    │   ├── ServiceUnavailable [503]
+    │   │   ├── RateLimited [429]
+    │   │   ├── KekUnavailable
+    │   │   │   ├── KekLoginError
+    │   │   │   ├── KekTokenNotFound
+    │   │   │   └── KekObjectNotFound
+    │   │   └── StoreUnavailable
+    │   ├── LeaseExpired [503, transient]
+    │   ├── ModelUnloaded [503, transient]
+    │   ├── KeycacheUnavailable [503, transient]
+    │   ├── UpstreamUnavailable [503, transient]
+    │   ├── KeysStale [503, transient]
+    │   └── TlsVerificationError
+    ├── AuthenticationError [401]
+    │   └── ForbiddenError [403]
+    ├── RequestError [400]
+    │   ├── InvalidRequest
+    │   ├── PayloadTooLarge [413]
+    │   ├── InferenceFailed
+    │   └── InferenceError (client side: carries the runtime's HTTP status)
+    ├── ConflictError [409]
+    ├── QueueFull [503]
+    ├── ShuttingDown [503]
+    └── BudgetTimeout [503]
+
+The public classes are re-exported from :mod:`sealedtorch`.
 """
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Sequence
+from typing import Any
 
 
 class SealedTorchError(Exception):
-    """Base class of every error sealedtorch raises on purpose."""
+    """Base class of every error sealedtorch raises on purpose.
 
-    #: Short stable identifier, used as the RFC 7807 problem ``type`` suffix and in audit logs.
+    Keyword arguments carry the context a service needs to answer with this error; they
+    are optional so that ``cls(message)`` always works (a client rebuilds errors that way
+    from problem responses).
+    """
+
+    #: Short stable identifier, used as the RFC 9457 problem ``type`` suffix and in audit logs.
     problem_type: str = "error"
+    #: The HTTP status a service answers with (a raiser may pass a more specific one).
+    http_status: int = 400
+    #: Worth retrying: the source is unreachable or stale, not an answer that says no.
+    transient: bool = False
+
+    def __init__(self, message: str = "", *, http_status: int | None = None,
+                 retry_after: float | None = None,
+                 audit_reasons: Sequence[str] | None = None,
+                 problem: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        if http_status is not None:
+            self.http_status = http_status
+        #: seconds after which a retry may succeed (sent as ``Retry-After``)
+        self.retry_after: float | None = retry_after
+        #: why it was refused, for the audit log only (never shown to the client)
+        self.audit_reasons: tuple[str, ...] | None = (
+            None if audit_reasons is None else tuple(str(r) for r in audit_reasons))
+        #: the problem document this error was rebuilt from (client side), if any
+        self.problem: dict[str, Any] | None = problem
 
 
 class ConfigError(SealedTorchError):
     """A setting, path or command-line option is missing or invalid."""
 
     problem_type = "config"
+    http_status = 400
 
 
 class MeasurementError(ConfigError):
@@ -54,6 +137,7 @@ class IntegrityError(SealedTorchError):
     """
 
     problem_type = "integrity"
+    http_status = 500
 
 
 class StoreIntegrityError(IntegrityError):
@@ -65,8 +149,8 @@ class StoreIntegrityError(IntegrityError):
     #: which table the refused row is in (``models``, ``key_versions``, ``admin_tokens``)
     table: str = ""
 
-    def __init__(self, message: str, *, table: str = "") -> None:
-        super().__init__(message)
+    def __init__(self, message: str = "", *, table: str = "", **context: Any) -> None:
+        super().__init__(message, **context)
         self.table = table
 
 
@@ -90,6 +174,7 @@ class KeyFileError(SealedTorchError):
     """A key file is missing, unreadable, malformed, or would be overwritten."""
 
     problem_type = "key-file"
+    http_status = 422
 
 
 class UnsupportedTensorError(SealedTorchError):
@@ -103,6 +188,7 @@ class AttestationError(SealedTorchError):
     wrong size, or a report_data binding that does not match."""
 
     problem_type = "attestation"
+    http_status = 403
 
 
 class CollateralError(AttestationError):
@@ -127,29 +213,33 @@ class PolicyDenied(SealedTorchError):
     """Verified claims do not satisfy the policy; ``reasons`` lists every mismatch."""
 
     problem_type = "policy-denied"
+    http_status = 403
 
-    def __init__(self, message: str, reasons: Sequence[str] = ()) -> None:
+    def __init__(self, message: str = "", reasons: Sequence[str] = (), **context: Any) -> None:
         self.reasons: tuple[str, ...] = tuple(reasons)
         detail = message if not self.reasons else f"{message}: " + "; ".join(self.reasons)
-        super().__init__(detail)
+        super().__init__(detail, **context)
 
 
 class PolicyError(SealedTorchError):
     """A policy document is malformed (this is the author's mistake, not a denial)."""
 
     problem_type = "policy-invalid"
+    http_status = 422
 
 
 class KeyUnavailable(SealedTorchError):
     """No key can be had for this model/version: unknown, revoked, retired, or source down."""
 
     problem_type = "key-unavailable"
+    http_status = 404
 
 
 class AuthenticationError(SealedTorchError):
     """A bearer token (admin or attestation result) is missing, forged, expired or revoked."""
 
     problem_type = "unauthorized"
+    http_status = 401
 
 
 class RequestError(SealedTorchError):
@@ -157,6 +247,7 @@ class RequestError(SealedTorchError):
     that is too large.  The caller's (or client library's) mistake, never a denial."""
 
     problem_type = "bad-request"
+    http_status = 400
 
 
 class ConflictError(SealedTorchError):
@@ -164,6 +255,7 @@ class ConflictError(SealedTorchError):
     or a key version that is already revoked or retired."""
 
     problem_type = "conflict"
+    http_status = 409
 
 
 class ForbiddenError(AuthenticationError):
@@ -171,6 +263,7 @@ class ForbiddenError(AuthenticationError):
     register a model, an owner managing tokens)."""
 
     problem_type = "forbidden"
+    http_status = 403
 
 
 class ServiceUnavailable(KeyUnavailable):
@@ -178,12 +271,14 @@ class ServiceUnavailable(KeyUnavailable):
     nothing was decided; retry later."""
 
     problem_type = "unavailable"
+    http_status = 503
 
 
 class RateLimited(ServiceUnavailable):
     """Too many requests from this client; retry after the time the service names."""
 
     problem_type = "rate-limited"
+    http_status = 429
 
 
 class LeaseInvalid(IntegrityError):
@@ -201,6 +296,7 @@ class LeaseExpired(KeyUnavailable):
 
     problem_type = "lease-expired"
     http_status = 503
+    transient = True
 
 
 class ModelUnloaded(KeyUnavailable):
@@ -209,6 +305,7 @@ class ModelUnloaded(KeyUnavailable):
 
     problem_type = "model-unloaded"
     http_status = 503
+    transient = True
 
 
 class TlsVerificationError(KeyUnavailable):
@@ -228,10 +325,10 @@ class KeycacheAttestationError(AttestationError):
 
     problem_type = "keycache-attestation"
 
-    def __init__(self, message: str, reasons: Sequence[str] = ()) -> None:
+    def __init__(self, message: str = "", reasons: Sequence[str] = (), **context: Any) -> None:
         self.reasons: tuple[str, ...] = tuple(reasons)
         detail = message if not self.reasons else f"{message}: " + "; ".join(self.reasons)
-        super().__init__(detail)
+        super().__init__(detail, **context)
 
 
 class ModelMismatch(IntegrityError):
@@ -240,3 +337,119 @@ class ModelMismatch(IntegrityError):
     minimum, or another file digest.  Raised before any key is requested or data decrypted."""
 
     problem_type = "model-mismatch"
+
+
+class PinMismatch(BindingError, ssl.SSLError):
+    """The server presented a TLS key other than the pinned (attested) one.  Also an
+    :class:`ssl.SSLError`, because it is raised inside the TLS handshake, where HTTP
+    clients expect one; nothing is sent on such a connection."""
+
+    problem_type = "tls-pin-mismatch"
+    __str__ = BaseException.__str__  # the message, not OSError's (errno, strerror) tuple
+
+
+# --- the keyserver's KEK and store --------------------------------------------------------
+
+class KekUnavailable(ServiceUnavailable):
+    """A KEK cannot be used: its provider is misconfigured, unreachable or refuses us.
+    Nothing is released or stored when this is raised (HTTP 503: retry once the operator
+    has fixed it)."""
+
+
+class KekLoginError(KekUnavailable):
+    """The token refused the PIN (wrong, locked or expired)."""
+
+
+class KekTokenNotFound(KekUnavailable):
+    """No token (or PKCS#11 module) matches the KEK's URI."""
+
+
+class KekObjectNotFound(KekUnavailable):
+    """The token holds no key object matching the KEK's URI, or more than one."""
+
+
+class StoreUnavailable(ServiceUnavailable):
+    """The database did not answer (same problem type as its parent, HTTP 503): nothing
+    was decided, and there is no point trying to audit the refusal in it."""
+
+
+# --- the keycache -------------------------------------------------------------------------
+
+class KeycacheUnavailable(KeyUnavailable):
+    """The keycache cannot be reached on its socket, or answered outside the protocol."""
+
+    problem_type = "keycache-unavailable"
+    http_status = 503
+    transient = True
+
+
+class UpstreamUnavailable(KeyUnavailable):
+    """The keyserver could not be reached, or answered something that is not the protocol."""
+
+    problem_type = "keyserver-unavailable"
+    http_status = 503
+    transient = True
+
+
+class KeysStale(KeyUnavailable):
+    """The keycache refuses to serve: it has not refreshed from the keyserver for longer than
+    its max-stale limit (or has never managed to fetch anything)."""
+
+    problem_type = "keycache-stale"
+    http_status = 503
+    transient = True
+
+
+# --- the runtime --------------------------------------------------------------------------
+
+class InvalidRequest(RequestError):
+    """A malformed inference request (HTTP 400)."""
+
+
+class PayloadTooLarge(RequestError):
+    """A request over the configured size limits (HTTP 413)."""
+
+    problem_type = "payload-too-large"
+    http_status = 413
+
+
+class InferenceFailed(RequestError):
+    """The model raised on this input (shapes the signature allows but the model does not,
+    token ids out of range, ...).  HTTP 400."""
+
+    problem_type = "inference-failed"
+
+
+class QueueFull(SealedTorchError):
+    """Too many requests are waiting for this model (HTTP 503, retry later)."""
+
+    problem_type = "queue-full"
+    http_status = 503
+
+
+class ShuttingDown(SealedTorchError):
+    """The runtime is draining for shutdown (HTTP 503)."""
+
+    problem_type = "shutting-down"
+    http_status = 503
+
+
+class BudgetTimeout(SealedTorchError):
+    """No room in the request-body byte budget within the wait; the request gets 503 and
+    ``Retry-After``."""
+
+    problem_type = "busy"
+    http_status = 503
+
+
+class InferenceError(RequestError):
+    """The runtime refused or failed a request (client side); ``http_status`` is the HTTP
+    status it answered with (0 when no answer came)."""
+
+    def __init__(self, status: int, message: str, **context: Any) -> None:
+        super().__init__(f"HTTP {status}: {message}", http_status=status, **context)
+
+    @property
+    def status(self) -> int:
+        """The HTTP status (``http_status``), under the name earlier releases used."""
+        return self.http_status

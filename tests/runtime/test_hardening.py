@@ -155,7 +155,7 @@ def test_the_serve_process_is_not_dumpable_and_writes_no_core_files(
     assert core.split()[4:6] == ["0", "0"]
     records = [json.loads(line) for line in proc.log_text().splitlines()
                if line.startswith("{")]
-    listening = next(r for r in records if r["msg"].startswith("runtime listening"))
+    listening = next(r for r in records if r["message"].startswith("runtime listening"))
     assert listening["hardened"] is True
 
 

@@ -28,13 +28,11 @@ source failed, or which item expired and when.
 from __future__ import annotations
 
 import binascii
-import contextlib
 import functools
 import hashlib
 import json
 import logging
 import os
-import tempfile
 import threading
 import urllib.parse
 from collections.abc import Mapping
@@ -48,6 +46,7 @@ import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from ..atomicfile import write_atomically
 from ..errors import CollateralError
 from .evidence import Tee
 
@@ -700,25 +699,11 @@ class CollateralCache:
         }, indent=1).encode()
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            _atomic_write(path, body)
+            write_atomically(path, body)
         except OSError as exc:
             # A cache that cannot be written costs a round trip next time, nothing more.
             log.warning("cannot write DCAP collateral cache entry %s: %s", path, exc)
         return path
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 # --- where collateral comes from ---------------------------------------------------------

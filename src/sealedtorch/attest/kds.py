@@ -18,13 +18,12 @@ This module only fetches and caches bytes: it trusts nothing it fetches.  The ca
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import httpx
 
+from ..atomicfile import write_atomically
 from ..errors import CollateralError
 
 DEFAULT_KDS_URL = "https://kdsintf.amd.com"
@@ -99,29 +98,17 @@ def store_vcek(cache_dir: Path | None, product: str, chip_id: bytes, tcb: Mappin
     if cache_dir is None:
         return None
     path = cache_file(cache_dir, product, chip_id, tcb)
-    return _write_cached(path, der, prefix=".vcek-")
+    return _write_cached(path, der)
 
 
-def _write_cached(path: Path, der: bytes, *, prefix: str) -> Path | None:
-    """Write ``der`` to ``path`` atomically (temp file in the same directory, fsync,
-    rename); caching is an optimisation, so a failure returns None instead of raising."""
-    tmp: str | None = None
+def _write_cached(path: Path, der: bytes) -> Path | None:
+    """Write ``der`` to ``path`` atomically; caching is an optimisation, so a failure
+    returns None instead of raising."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(der)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
+        return write_atomically(path, der)
     except OSError:
         return None
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-    return path
 
 
 def fetch_vcek(product: str, chip_id: bytes, tcb: Mapping[str, int], *,
@@ -228,7 +215,7 @@ def store_crl(cache_dir: Path | None, product: str, der: bytes) -> Path | None:
     if cache_dir is None:
         return None
     path = crl_cache_file(cache_dir, product)
-    return _write_cached(path, der, prefix=".crl-")
+    return _write_cached(path, der)
 
 
 def fetch_crl(product: str, *, base_url: str | None = None, timeout: float = 10.0) -> bytes:

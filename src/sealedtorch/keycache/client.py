@@ -45,7 +45,7 @@ from ..errors import (
     ConfigError,
     IntegrityError,
     KeycacheAttestationError,
-    KeyUnavailable,
+    KeycacheUnavailable,
     NonceError,
     SealedTorchError,
 )
@@ -87,13 +87,6 @@ def default_keycache_rules() -> tuple[Rule, ...] | None:
 
     path = os.environ.get(ENV_RUNTIME_CONFIG)
     return load_config(path).keycache if path else None
-
-
-class KeycacheUnavailable(KeyUnavailable):
-    """The keycache cannot be reached on its socket, or answered outside the protocol."""
-
-    problem_type = "keycache-unavailable"
-    http_status = 503
 
 
 class KeycacheClient:

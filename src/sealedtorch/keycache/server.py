@@ -89,14 +89,14 @@ def _problem(exc: SealedTorchError, headers: dict[str, str] | None = None) -> Re
 async def _read_json(request: Request) -> Any:
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > protocol.MAX_BODY):
-        raise problems.with_status(RequestError(
-            f"request body too large (limit {protocol.MAX_BODY} bytes)"), 413)
+        raise RequestError(
+            f"request body too large (limit {protocol.MAX_BODY} bytes)", http_status=413)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > protocol.MAX_BODY:
-            raise problems.with_status(RequestError(
-                f"request body too large (limit {protocol.MAX_BODY} bytes)"), 413)
+            raise RequestError(
+                f"request body too large (limit {protocol.MAX_BODY} bytes)", http_status=413)
         chunks.append(chunk)
     try:
         return json.loads(b"".join(chunks))

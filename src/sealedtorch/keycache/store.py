@@ -41,7 +41,11 @@ from typing import TYPE_CHECKING, Any
 
 from .. import crypto
 from ..attest.policy import Policy
-from ..errors import KeyUnavailable, LeaseExpired
+from ..errors import (
+    KeysStale,
+    KeyUnavailable,
+    LeaseExpired,
+)
 from ..keys import ModelKey
 
 if TYPE_CHECKING:
@@ -52,14 +56,6 @@ __all__ = ["Changes", "Entry", "EntryInfo", "KeyStore", "KeysStale"]
 Clock = Callable[[], float]
 
 log = logging.getLogger("sealedtorch.keycache")
-
-
-class KeysStale(KeyUnavailable):
-    """The keycache refuses to serve: it has not refreshed from the keyserver for longer than
-    its max-stale limit (or has never managed to fetch anything)."""
-
-    problem_type = "keycache-stale"
-    http_status = 503
 
 
 @dataclass(eq=False)

@@ -37,7 +37,6 @@ from ..errors import (
     AttestationError,
     AuthenticationError,
     IntegrityError,
-    KeyUnavailable,
     LeaseInvalid,
     LogInconsistent,
     NonceError,
@@ -45,6 +44,7 @@ from ..errors import (
     PolicyError,
     RequestError,
     SealedTorchError,
+    UpstreamUnavailable,
 )
 from ..keys import ModelKey
 from ..keyserver.leases import Lease, check_lease, verify_lease
@@ -65,16 +65,8 @@ def _explicit_refusal(exc: SealedTorchError) -> bool:
     """A problem answer in which the keyserver decided against this keycache (4xx other
     than 408 timeout and 429 rate limit), as opposed to an outage (transport errors, 5xx,
     503, garbage): the former wipes keys at once, the latter keeps them to lease end."""
-    status = getattr(exc, "http_status", None)
-    return isinstance(status, int) and 400 <= status < 500 and status not in (408, 429) \
-        and getattr(exc, "problem", None) is not None
-class UpstreamUnavailable(KeyUnavailable):
-    """The keyserver could not be reached, or answered something that is not the protocol."""
-
-    problem_type = "keyserver-unavailable"
-    http_status = 503
-
-
+    status = exc.http_status
+    return exc.problem is not None and 400 <= status < 500 and status not in (408, 429)
 class Released(NamedTuple):
     """One key released to this keycache, with the policy it was released under."""
 

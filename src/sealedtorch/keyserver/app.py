@@ -42,7 +42,7 @@ from ..errors import RateLimited, RequestError, SealedTorchError
 from . import protocol
 from .audit import iso
 from .metrics import CONTENT_TYPE
-from .problems import internal_problem, problem_for, with_status
+from .problems import internal_problem, problem_for
 from .protocol import PROBLEM_MEDIA_TYPE
 from .service import Keyserver, RequestContext
 from .store import KeyState
@@ -181,14 +181,15 @@ class _Envelope:
                 endpoint, wait = over
                 self.service.metrics.rate_limited.inc(endpoint=endpoint)
                 exc_rl = RateLimited(f"too many attestation requests from this address; "
-                                     f"retry in {wait:.1f} s")
-                response = _problem_response(problem_for(exc_rl, request_id=request_id), wait)
+                                     f"retry in {wait:.1f} s", retry_after=wait)
+                response = _problem_response(problem_for(exc_rl, request_id=request_id),
+                                             exc_rl.retry_after)
                 await response(scope, receive, send_wrapper)
                 return
             body = await self._read_body(scope, receive)
             if body is None:
-                exc = with_status(RequestError(
-                    f"request body exceeds the limit of {self.max_body} bytes"), 413)
+                exc = RequestError(
+                    f"request body exceeds the limit of {self.max_body} bytes", http_status=413)
                 ctx = RequestContext(client_addr, request_id)
                 event = _event_for(scope.get("path", ""))
                 await _run_sync(self.service.record_request_error, ctx, event, exc)
@@ -269,7 +270,7 @@ def create_app(service: Keyserver, *, max_body: int = 1 << 20,
     @app.exception_handler(SealedTorchError)
     async def _sealedtorch_error(request: Request, exc: SealedTorchError) -> JSONResponse:
         return _problem_response(problem_for(exc, request_id=_ctx(request).request_id),
-                                 getattr(exc, "retry_after", None))
+                                 exc.retry_after)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import crypto, secretfile
+from ..atomicfile import write_atomically
 from ..attest.policy import DeploymentPolicy, load_deployment_policy
 from ..errors import ConfigError, PolicyError
 from . import tlog, tls, tokens
@@ -185,7 +186,6 @@ def open_store(cfg: KeyserverConfig) -> Store:
 def set_setting(cfg: KeyserverConfig, key: str, value: Any) -> None:
     """Set one top-level setting of ``keyserver.json`` atomically (temp file, fsync,
     rename); every other setting is kept as it is."""
-    import os
 
     path = cfg.data_dir / CONFIG_FILE
     try:
@@ -193,15 +193,7 @@ def set_setting(cfg: KeyserverConfig, key: str, value: Any) -> None:
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from None
     raw[key] = value
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, (json.dumps(raw, indent=2) + "\n").encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    write_atomically(path, (json.dumps(raw, indent=2) + "\n").encode())
 
 
 def open_kek(cfg: KeyserverConfig) -> KekProvider:

@@ -35,33 +35,22 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from .. import crypto, secretfile
-from ..errors import ConfigError, IntegrityError, KeyFileError, ServiceUnavailable
+from ..errors import (  # noqa: F401 (re-exported)
+    ConfigError,
+    IntegrityError,
+    KekLoginError,
+    KekObjectNotFound,
+    KekTokenNotFound,
+    KekUnavailable,
+    KeyFileError,
+    ServiceUnavailable,
+)
 
 log = logging.getLogger("sealedtorch.keyserver.kek")
 
 KEK_FILE_TYPE = "sealedtorch-keyserver-kek"
 _AAD_LABEL = b"sealedtorch/model-key/v1\x00"
 _ROW_MAC_INFO = b"sealedtorch/keyserver/row-mac/v1"
-
-
-# --------------------------------------------------------------------------- errors
-
-class KekUnavailable(ServiceUnavailable):
-    """A KEK cannot be used: its provider is misconfigured, unreachable or refuses us.
-    Nothing is released or stored when this is raised (HTTP 503: retry once the operator
-    has fixed it)."""
-
-
-class KekLoginError(KekUnavailable):
-    """The token refused the PIN (wrong, locked or expired)."""
-
-
-class KekTokenNotFound(KekUnavailable):
-    """No token (or PKCS#11 module) matches the KEK's URI."""
-
-
-class KekObjectNotFound(KekUnavailable):
-    """The token holds no key object matching the KEK's URI, or more than one."""
 
 
 # --------------------------------------------------------------------------- protocol

@@ -18,26 +18,6 @@ TYPE_PREFIX = "urn:sealedtorch:problem:"
 #: Unexpected server failures: no detail is disclosed, only the request id.
 INTERNAL = "internal"
 
-_STATUS: dict[str, int] = {
-    errors.RequestError.problem_type: 400,
-    errors.ConfigError.problem_type: 400,
-    errors.AuthenticationError.problem_type: 401,
-    errors.ForbiddenError.problem_type: 403,
-    errors.AttestationError.problem_type: 403,
-    errors.CollateralError.problem_type: 403,
-    errors.BindingError.problem_type: 403,
-    errors.NonceError.problem_type: 403,
-    errors.PolicyDenied.problem_type: 403,
-    errors.KeyUnavailable.problem_type: 404,
-    errors.ConflictError.problem_type: 409,
-    errors.PolicyError.problem_type: 422,
-    errors.KeyFileError.problem_type: 422,
-    errors.RateLimited.problem_type: 429,
-    errors.IntegrityError.problem_type: 500,
-    INTERNAL: 500,
-    errors.ServiceUnavailable.problem_type: 503,
-}
-
 _TITLE: dict[str, str] = {
     "bad-request": "Malformed request",
     "config": "Invalid parameter",
@@ -64,18 +44,9 @@ def type_uri(problem_type: str) -> str:
 
 
 def http_status(exc: SealedTorchError) -> int:
-    """The HTTP status for ``exc``: an ``http_status`` attribute set by the raiser wins
-    (e.g. 410 for a revoked key, 413 for an oversized body), else the type's default."""
-    explicit = getattr(exc, "http_status", None)
-    if isinstance(explicit, int):
-        return explicit
-    return _STATUS.get(exc.problem_type, 400)
-
-
-def with_status(exc: SealedTorchError, status: int) -> SealedTorchError:
-    """Attach a more specific HTTP status to ``exc`` (same problem type) and return it."""
-    exc.http_status = status  # type: ignore[attr-defined]
-    return exc
+    """The HTTP status for ``exc``: what its class declares, or what its raiser passed
+    (e.g. 410 for a revoked key, 413 for an oversized body)."""
+    return exc.http_status
 
 
 def public_detail(exc: SealedTorchError) -> str:
@@ -95,9 +66,6 @@ def problem_for(exc: SealedTorchError, *, request_id: str | None) -> dict[str, A
     }
     if isinstance(exc, errors.PolicyDenied):
         body["reasons"] = list(exc.reasons)
-    extra = getattr(exc, "problem_extra", None)
-    if isinstance(extra, dict):
-        body.update({k: v for k, v in extra.items() if k not in body})
     return body
 
 
@@ -133,6 +101,7 @@ def error_from_problem(body: Any, status: int) -> SealedTorchError:
     suffix = f" (request {request_id})" if request_id else ""
     cls = _error_classes().get(kind) if kind else None
     exc: SealedTorchError
+    context: dict[str, Any] = {"http_status": status, "problem": body}
     if cls is errors.PolicyDenied:
         raw = body.get("reasons")
         reasons = [str(r) for r in raw] if isinstance(raw, list) else []
@@ -140,12 +109,10 @@ def error_from_problem(body: Any, status: int) -> SealedTorchError:
         listed = ": " + "; ".join(reasons)
         if reasons and message.endswith(listed):  # PolicyDenied appends them itself
             message = message[:-len(listed)]
-        exc = errors.PolicyDenied(message + suffix, reasons)
+        exc = errors.PolicyDenied(message + suffix, reasons, **context)
     elif cls is not None:
-        exc = cls(f"{detail}{suffix}")
+        exc = cls(f"{detail}{suffix}", **context)
     else:
         exc = SealedTorchError(f"keyserver error {uri or 'unknown'} (HTTP {status}): "
-                               f"{detail}{suffix}")
-    exc.http_status = status  # type: ignore[attr-defined]
-    exc.problem = body  # type: ignore[attr-defined]
+                               f"{detail}{suffix}", **context)
     return exc

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..atomicfile import write_atomically
 from ..errors import ConfigError, ConflictError, SealedTorchError
 from .audit import ERROR, OK
 from .config import CONFIG_FILE, KeyserverConfig, load_config, open_store, with_database
@@ -93,22 +94,8 @@ def write_kek_section(cfg: KeyserverConfig, section: dict[str, Any]) -> None:
     rename, fsync of the directory); every other setting is kept as it is."""
     raw = _read_raw(cfg)
     raw["kek"] = section
-    path = cfg.data_dir / CONFIG_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    data = (json.dumps(raw, indent=2) + "\n").encode()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(cfg.data_dir, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    write_atomically(cfg.data_dir / CONFIG_FILE, (json.dumps(raw, indent=2) + "\n").encode(),
+                     sync_dir=True)
 
 
 def _with_id(spec: dict[str, Any], kek_id: str) -> dict[str, Any]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import signal
 import socket
@@ -26,6 +25,7 @@ from .. import attest
 from ..attest import sim
 from ..errors import ConfigError
 from ..listen import bind_tcp
+from ..logs import configure_logging
 from . import tlog, tls
 from .app import RateLimit, create_app
 from .config import (
@@ -41,45 +41,6 @@ from .service import Clock, Keyserver
 from .tokens import TokenSigner
 
 log = logging.getLogger("sealedtorch.keyserver")
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message and the record's ``fields``.
-    Callers put only non-secret values in ``fields`` (ids, digests, decisions)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
-                               "level": record.levelname, "logger": record.name,
-                               "message": record.getMessage()}
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            out.update({k: v for k, v in fields.items() if k not in out})
-        if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
-
-
-class TextFormatter(logging.Formatter):
-    """``time level logger: message key=value ...`` for people reading a terminal."""
-
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, dict) and fields:
-            text += " " + " ".join(f"{k}={v}" for k, v in fields.items())
-        return text
-
-
-def configure_logging(fmt: str = "json", level: int = logging.INFO) -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
-    root = logging.getLogger("sealedtorch")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
 
 
 def build_keyserver(cfg: KeyserverConfig, *, trust_sim_roots: Sequence[Path | str] = (),

@@ -42,7 +42,9 @@ from ..errors import (
     AuthenticationError,
     ConflictError,
     ForbiddenError,
+    IntegrityError,
     KeyUnavailable,
+    NonceError,
     PolicyDenied,
     RequestError,
     SealedTorchError,
@@ -55,7 +57,6 @@ from .audit import ALLOW, DENY, ERROR, OK
 from .kek import KekProvider
 from .leases import issue_lease
 from .metrics import KeyserverMetrics
-from .problems import with_status
 from .protocol import AdminRole, Role, b64decode
 from .rowmac import META_KEY, RowIntegrity, seal_all
 from .store import (
@@ -202,9 +203,8 @@ class _Grant:
 
 
 def _fail_reasons(exc: SealedTorchError) -> list[str]:
-    private = getattr(exc, "audit_reasons", None)  # for the audit log only, not the client
-    if isinstance(private, list):
-        return [str(r) for r in private]
+    if exc.audit_reasons is not None:  # for the audit log only, not the client
+        return list(exc.audit_reasons)
     if isinstance(exc, PolicyDenied) and exc.reasons:
         return list(exc.reasons)
     return [str(exc)]
@@ -214,10 +214,9 @@ def _not_released(model_id: str, reasons: Any) -> PolicyDenied:
     """The one answer a caller gets for "unknown model" and for "not allowed": same status,
     same problem type, same text, no reference values (so an attested caller cannot probe
     which model ids exist, nor read a policy).  ``reasons`` go to the audit record only."""
-    exc = PolicyDenied("no key of the requested model is released to this attested "
-                       "identity (unknown model, or the model's policy does not allow it)")
-    exc.audit_reasons = [str(r) for r in reasons]  # type: ignore[attr-defined]
-    return exc
+    return PolicyDenied("no key of the requested model is released to this attested "
+                        "identity (unknown model, or the model's policy does not allow it)",
+                        audit_reasons=[str(r) for r in reasons])
 
 
 class Keyserver:
@@ -302,7 +301,7 @@ class Keyserver:
             tx.append_audit(entry)
 
     def _audit_failure(self, entry: dict[str, Any], exc: SealedTorchError) -> None:
-        entry.update(decision=ERROR if exc.problem_type in ("integrity", "internal") else DENY,
+        entry.update(decision=ERROR if isinstance(exc, IntegrityError) else DENY,
                      problem=exc.problem_type, reasons=_fail_reasons(exc))
         if isinstance(exc, StoreUnavailable):
             # nothing was decided, and the store cannot take a record anyway
@@ -437,7 +436,7 @@ class Keyserver:
                 tx.consume_nonce(nonce, tee.value, self.clock())
                 tx.append_audit(entry)
         except SealedTorchError as exc:
-            if nonce and exc.problem_type not in ("nonce", "bad-request", "unavailable"):
+            if nonce and not isinstance(exc, (NonceError, RequestError, ServiceUnavailable)):
                 self._burn(nonce)
             self._audit_failure(entry, exc)
             raise
@@ -452,11 +451,9 @@ class Keyserver:
             claims, sim_trusted=bool(self.verifier.sim_platform_keys))
         if decision.allowed:
             return decision
-        exc = PolicyDenied("the evidence does not satisfy this keyserver's attestation policy "
+        raise PolicyDenied("the evidence does not satisfy this keyserver's attestation policy "
                            "(the operator can read the reasons in the audit log, request id "
-                           "in this answer)")
-        exc.audit_reasons = list(decision.reasons)  # type: ignore[attr-defined]
-        raise exc
+                           "in this answer)", audit_reasons=decision.reasons)
 
     def _burn(self, nonce: bytes) -> None:
         """A nonce is spent by any attempt that got as far as verification."""
@@ -561,8 +558,9 @@ class Keyserver:
 
     def _unwrap(self, key: KeyRecord) -> bytes:
         if key.wrapped is None:
-            raise with_status(KeyUnavailable(
-                f"model {key.model_id!r} version {key.version}: key material erased"), 410)
+            raise KeyUnavailable(
+                f"model {key.model_id!r} version {key.version}: key material erased",
+                http_status=410)
         return self.kek.unwrap(key.wrapped, model_id=key.model_id, version=key.version,
                                kek_id=key.kek_id)
 
@@ -577,7 +575,7 @@ class Keyserver:
                     entry["decision"] = ALLOW
                 except SealedTorchError as exc:
                     failure = exc
-                    entry.update(decision=ERROR if exc.problem_type == "integrity" else DENY,
+                    entry.update(decision=ERROR if isinstance(exc, IntegrityError) else DENY,
                                  problem=exc.problem_type, reasons=_fail_reasons(exc))
                 written = tx.append_audit(entry)
                 if failure is None:
@@ -608,16 +606,16 @@ class Keyserver:
             if key is None:
                 raise KeyUnavailable(f"model {model_id!r} has no key version {version}")
             if key.state is not KeyState.ACTIVE:
-                raise with_status(KeyUnavailable(
+                raise KeyUnavailable(
                     f"model {model_id!r} key version {version} is {key.state.value}"
-                    + (f": {key.reason}" if key.reason else "")), 410)
+                    + (f": {key.reason}" if key.reason else ""), http_status=410)
         else:
             active = [k for k in keys if k.state is KeyState.ACTIVE]
             if not active:
                 states = sorted({k.state.value for k in keys})
-                raise with_status(KeyUnavailable(
+                raise KeyUnavailable(
                     f"model {model_id!r} has no active key: every version is "
-                    f"{' or '.join(states)}"), 410)
+                    f"{' or '.join(states)}", http_status=410)
             key = active[-1]
         entry["version"] = key.version
         self.rows.check_key(key)
@@ -744,11 +742,9 @@ class Keyserver:
                                   or model.owner_id == _principal(who)):
             entry["owner"] = model.owner_id
             return self.rows.check_model(model)
-        exc = KeyUnavailable(f"unknown model {str(model_id)[:128]!r}")
-        if model is not None:
-            exc.audit_reasons = [  # type: ignore[attr-defined]
-                f"model {model_id!r} belongs to another owner; answered as unknown"]
-        raise exc
+        raise KeyUnavailable(f"unknown model {str(model_id)[:128]!r}", audit_reasons=None
+                             if model is None else [f"model {model_id!r} belongs to another "
+                                                    f"owner; answered as unknown"])
 
     def register(self, admin: AdminTokenRecord, ctx: RequestContext,
                  req: protocol.RegisterRequest) -> protocol.ModelInfo:
@@ -764,15 +760,13 @@ class Keyserver:
                 if admin.role != AdminRole.OWNER:
                     raise ConflictError(f"model {model_id!r} is already registered; use "
                                         f"`keys rotate` for a new key or `keys policy set`")
-                exc = ConflictError(
-                    f"model id {model_id!r} is already registered (model ids are unique on "
-                    f"a keyserver: if it is not yours, choose another)")
-                if existing.owner_id == _principal(admin):
+                mine = existing.owner_id == _principal(admin)
+                if mine:
                     entry["owner"] = existing.owner_id
-                else:
-                    exc.audit_reasons = [  # type: ignore[attr-defined]
-                        f"model {model_id!r} belongs to another owner"]
-                raise exc
+                raise ConflictError(
+                    f"model id {model_id!r} is already registered (model ids are unique on "
+                    f"a keyserver: if it is not yours, choose another)", audit_reasons=None
+                    if mine else [f"model {model_id!r} belongs to another owner"])
             now = self.clock()
             owner = admin.name if admin.role == AdminRole.OWNER else None
             owner_id = _principal(admin) if admin.role == AdminRole.OWNER else None

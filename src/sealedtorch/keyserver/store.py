@@ -34,7 +34,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .. import crypto
-from ..errors import ConfigError, IntegrityError, NonceError, ServiceUnavailable
+from ..errors import (
+    ConfigError,
+    IntegrityError,
+    NonceError,
+    StoreUnavailable,
+)
 from . import audit, schema, tlog
 
 log = logging.getLogger("sealedtorch.keyserver")
@@ -49,11 +54,6 @@ _KEY_COLUMNS = ("model_id, version, state, wrapped, kek_id, created_at, changed_
                 "row_mac, mac_kek")
 _TOKEN_COLUMNS = ("token_id, name, role, created_at, revoked_at, principal_id, "  # noqa: S105
                   "expires_at, token_hash, rotated_from, row_mac, mac_kek")
-
-
-class StoreUnavailable(ServiceUnavailable):
-    """The database did not answer (same problem type as its parent, HTTP 503): nothing
-    was decided, and there is no point trying to audit the refusal in it."""
 
 
 class KeyState(StrEnum):
@@ -228,7 +228,6 @@ class Store(Protocol):
 
 
 # --------------------------------------------------------------------------- SQLite
-
 
 
 class SqlTx:

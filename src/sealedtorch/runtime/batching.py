@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..errors import RequestError, SealedTorchError
+from ..errors import InferenceFailed, QueueFull, RequestError, SealedTorchError, ShuttingDown  # noqa: F401 (re-exported)
 from .kserve import InferRequest
 from .loader import LoadedModel
 from .metrics import RuntimeMetrics
@@ -30,28 +30,6 @@ from .metrics import RuntimeMetrics
 __all__ = ["Batcher", "InferenceFailed", "QueueFull", "ShuttingDown"]
 
 log = logging.getLogger("sealedtorch.runtime.batching")
-
-
-class QueueFull(SealedTorchError):
-    """Too many requests are waiting for this model (HTTP 503, retry later)."""
-
-    problem_type = "queue-full"
-    status = 503
-
-
-class ShuttingDown(SealedTorchError):
-    """The runtime is draining for shutdown (HTTP 503)."""
-
-    problem_type = "shutting-down"
-    status = 503
-
-
-class InferenceFailed(RequestError):
-    """The model raised on this input (shapes the signature allows but the model does not,
-    token ids out of range, ...).  HTTP 400."""
-
-    problem_type = "inference-failed"
-    status = 400
 
 
 @dataclass

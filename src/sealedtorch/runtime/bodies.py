@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import BudgetTimeout
 from .kserve import InvalidRequest, PayloadTooLarge, TensorSpec
 
 __all__ = ["LARGE_JSON_BYTES", "SMALL_BODY_BYTES", "BudgetTimeout", "ByteBudget",
@@ -58,10 +59,6 @@ _FLOAT_TOKEN = re.compile(_FLOAT)
 _INT_TOKEN = re.compile(_INT)
 _INTEGER_TYPES = {"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"}
 _FLOAT_TYPES = {"FP16", "BF16", "FP32", "FP64"}
-
-
-class BudgetTimeout(Exception):
-    """No room in the byte budget within the wait; the request gets 503 + Retry-After."""
 
 
 class ByteBudget:

@@ -40,7 +40,13 @@ from .. import crypto
 from ..attest import VerifierConfig
 from ..attest.policy import Policy, load_policy
 from ..attest.sim import load_platform_keys
-from ..errors import AttestationError, BindingError, ConfigError, ModelMismatch, RequestError
+from ..errors import (
+    AttestationError,
+    BindingError,
+    ConfigError,
+    InferenceError,
+    ModelMismatch,
+)
 from .attestation import AttestationResult, encode_nonce, verify_document
 from .kserve import (
     DATATYPES,
@@ -53,14 +59,6 @@ from .tls import PinMismatch, capture_context, peer_spki, pinned_context
 
 __all__ = ["AttestedClient", "InferenceError", "ModelExpectation", "attested_ssl_context",
            "check_expectations", "parse_expectations", "pinned_ssl_context"]
-
-
-class InferenceError(RequestError):
-    """The runtime refused or failed a request; ``status`` is the HTTP status."""
-
-    def __init__(self, status: int, message: str) -> None:
-        self.status = status
-        super().__init__(f"HTTP {status}: {message}")
 
 
 @dataclass(frozen=True)

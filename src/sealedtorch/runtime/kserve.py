@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ConfigError, RequestError
+from ..errors import ConfigError, InvalidRequest, PayloadTooLarge, RequestError  # noqa: F401 (re-exported)
 
 __all__ = [
     "DATATYPES", "HEADER_LENGTH", "REQUEST_FIELDS", "InferRequest", "InvalidRequest",
@@ -54,19 +54,6 @@ _NAMES: dict[torch.dtype, str] = {v: k for k, v in DATATYPES.items()}
 # JSON data: which numpy kinds each datatype accepts (b=bool, i/u=integer, f=float).
 _KINDS = {"BOOL": "b", "FP16": "iuf", "BF16": "iuf", "FP32": "iuf", "FP64": "iuf"}
 _LITTLE = sys.byteorder == "little"
-
-
-class InvalidRequest(RequestError):
-    """A malformed inference request (HTTP 400)."""
-
-    status = 400
-
-
-class PayloadTooLarge(RequestError):
-    """A request over the configured size limits (HTTP 413)."""
-
-    problem_type = "payload-too-large"
-    status = 413
 
 
 _VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -476,7 +463,6 @@ def decode_bytes(raw: memoryview | bytes | torch.Tensor, count: int,
     if pos != len(view):
         raise InvalidRequest(f"{where}: {len(view) - pos} bytes follow the last BYTES element")
     return out
-
 
 
 # --- server: responses ----------------------------------------------------------------

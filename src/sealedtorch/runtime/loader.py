@@ -160,7 +160,7 @@ def resolve_device(config: RuntimeConfig) -> torch.device:
 def _transient(exc: BaseException) -> bool:
     """Worth retrying: the key source is unreachable or stale (HTTP 503-style), as opposed
     to an answer that it does not hold the key."""
-    return isinstance(exc, KeyUnavailable) and getattr(type(exc), "http_status", None) == 503
+    return isinstance(exc, KeyUnavailable) and type(exc).transient
 
 
 def _same_kind(exc: KeyUnavailable, message: str) -> KeyUnavailable:

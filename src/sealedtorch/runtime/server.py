@@ -50,11 +50,13 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
+from ..atomicfile import write_atomically
 from ..attest import binding
 from ..errors import ConfigError, SealedTorchError
 from ..hardening import harden_process
 from ..keys import KeySource
 from ..listen import bind_tcp
+from ..logs import configure_logging
 from .attestation import RateLimiter, attestation_domain, evidence_document, parse_nonce
 from .batching import Batcher, InferenceFailed, QueueFull, ShuttingDown
 from .bodies import (
@@ -89,34 +91,6 @@ class Source(Protocol):
 
     def load(self, keys: KeySource | None, config: RuntimeConfig,
              device: torch.device | None = None) -> LoadedModel: ...
-
-
-# --- logging ----------------------------------------------------------------------------
-
-class JsonLogFormatter(logging.Formatter):
-    """One JSON object per line; a record's ``extra={"fields": {...}}`` is merged in.
-    Only ids, sizes, timings and decisions are ever logged, never tensors or keys."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        doc: dict[str, Any] = {"ts": round(record.created, 3), "level": record.levelname,
-                               "logger": record.name, "msg": record.getMessage()}
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            for k, v in fields.items():
-                doc.setdefault(k, v)
-        if record.exc_info and record.exc_info[0] is not None:
-            doc["error"] = f"{record.exc_info[0].__name__}: {record.exc_info[1]}"
-        return json.dumps(doc, default=str)
-
-
-def configure_logging(fmt: str = "json", level: int = logging.INFO) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonLogFormatter() if fmt == "json" else logging.Formatter(
-        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("sealedtorch")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
 
 
 # --- the runtime's state ----------------------------------------------------------------
@@ -579,7 +553,7 @@ def create_app(runtime: Runtime) -> FastAPI:
             metrics.rejected.inc(model=name, reason=reason)
             log.info("rejected request for %s: %s", name, exc,
                      extra={"fields": {"model": name, "reason": reason}})
-            return _error(exc.status, str(exc))
+            return _error(exc.http_status, str(exc))
         except (QueueFull, ShuttingDown) as exc:
             return _error(503, str(exc), {"retry-after": "1"})
 
@@ -882,14 +856,9 @@ def write_certificate(tls: ServerTls, path: str | os.PathLike[str]) -> Path:
     it only after checking that its key is the one ``/v1/attestation`` binds (see
     docs/runtime.md); the file itself proves nothing."""
     target = Path(path)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_bytes(tls.trust_pem)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
+        write_atomically(target, tls.trust_pem, mode=0o644)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         raise ConfigError(f"--write-cert: cannot write {target}: {exc.strerror}") from None
     log.info("wrote the TLS certificate to %s", target,
              extra={"fields": {"path": str(target), "tls_spki_sha256": tls.spki_sha256}})
@@ -903,9 +872,7 @@ def _sha256(data: bytes) -> str:
 
 
 def _announce(path: Path, doc: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc))
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(doc).encode(), mode=0o644)
 
 
 # --- a runtime in a child process -------------------------------------------------------

@@ -24,15 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from .. import crypto
-from ..errors import BindingError, ConfigError
+from ..errors import (
+    BindingError,
+    ConfigError,
+    PinMismatch,
+)
 
 __all__ = [
     "PinMismatch", "ServerTls", "capture_context", "peer_spki", "pinned_context",
 ]
-
-
-class PinMismatch(ssl.SSLError):
-    """The server presented a TLS key other than the pinned (attested) one."""
 
 
 @dataclass(frozen=True)
