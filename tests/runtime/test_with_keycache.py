@@ -154,7 +154,7 @@ def test_sealedtorch_serve_process_end_to_end(keycache, tiny, sim_dir, tmp_path,
         assert srv.stop() == 0  # SIGTERM: drained and stopped cleanly
     records = [json.loads(line) for line in srv.log_text().splitlines()
                if line.startswith("{")]
-    messages = [r["msg"] for r in records]
+    messages = [r["message"] for r in records]
     assert any(m.startswith("runtime listening on https://127.0.0.1:") for m in messages)
     assert "model tiny ready" in messages and "runtime stopped" in messages
     assert all(tiny.key.secret.hex() not in line for line in srv.log_text().splitlines())
