@@ -38,9 +38,7 @@ from typing import TYPE_CHECKING
 from uuid import UUID
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID, SignatureAlgorithmOID
+from cryptography.x509.oid import NameOID
 
 from .. import crypto
 from ..errors import AttestationError, CollateralError
@@ -304,7 +302,7 @@ def parse_certificates(blob: bytes | None) -> CertificateSet:
     blob = bytes(blob)
     seen: set[bytes] = set()
     for hint, cert in _split(blob):
-        der = cert.public_bytes(serialization.Encoding.DER)
+        der = crypto.certificate_der(cert)
         if der in seen:
             continue
         seen.add(der)
@@ -426,7 +424,7 @@ def _cn(name: x509.Name) -> str:
 
 def fingerprint(cert: x509.Certificate) -> str:
     """SHA-256 of the certificate's DER, lower-case hex (what :data:`ARK_SHA256` pins)."""
-    return cert.fingerprint(hashes.SHA256()).hex()
+    return crypto.certificate_sha256(cert)
 
 
 @functools.cache
@@ -515,21 +513,15 @@ def _verify_chain(leaf: x509.Certificate, kind: str, given: CertificateSet,
     for cert, name in ((ark, "ARK"), (mid, mid_name)):
         if not _is_ca(cert):
             raise AttestationError(f"{name} {_cn(cert.subject)!r} is not a CA certificate")
-        if not isinstance(cert.public_key(), rsa.RSAPublicKey):
+        if not crypto.holds_rsa_key(cert):
             raise AttestationError(f"{name} {_cn(cert.subject)!r} does not hold an RSA key")
-    key = leaf.public_key()
-    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP384R1):
+    if not crypto.holds_ecdsa_p384_key(leaf):
         raise AttestationError(f"{leaf_name} does not hold an ECDSA P-384 public key")
     return _Chain(product=product, leaf=leaf, intermediate=mid, ark=ark)
 
 
 def _check_algorithm(cert: x509.Certificate, name: str) -> None:
-    try:
-        ok = (cert.signature_algorithm_oid == SignatureAlgorithmOID.RSASSA_PSS
-              and isinstance(cert.signature_hash_algorithm, hashes.SHA384))
-    except Exception:  # an unsupported algorithm raises; either way it is not ours
-        ok = False
-    if not ok:
+    if not crypto.signed_with_rsa_pss_sha384(cert):
         raise AttestationError(f"{name} certificate is not signed with RSA-PSS/SHA-384 "
                                f"({cert.signature_algorithm_oid.dotted_string})")
 
