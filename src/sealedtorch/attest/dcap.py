@@ -117,6 +117,25 @@ def parse_quote(data: bytes, *, expected_tee: Tee | None = None) -> QuoteLayout:
     Raises :class:`AttestationError` naming the first problem (size, header field, TEE
     mismatch, length field, certification data).
     """
+    data = _sized(data)
+    r = _Reader(data)
+    version, tee = _header(r, expected_tee)
+    want_size, kind = _body_layout(r, version, tee)
+    body = r.take(want_size, "report body")
+    chain_pem = _signature_data(r, version)
+    end = r.pos
+    padding = data[end:]
+    if padding.strip(b"\0"):
+        raise AttestationError(
+            f"quote parse error: {len(padding)} bytes after the end of the quote (offset "
+            f"{end}) are not zero padding (wrong size or appended data)")
+    chain = _pck_chain(chain_pem)
+    return QuoteLayout(version=version, tee=tee, body_kind=kind, body=body,
+                       pck_chain=chain, size=end, regions=r.regions)
+
+
+def _sized(data: bytes) -> bytes:
+    """``data`` as bytes, refused before parsing when it cannot be a quote by size alone."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise AttestationError(f"quote must be bytes, not {type(data).__name__}")
     data = bytes(data)
@@ -130,7 +149,12 @@ def parse_quote(data: bytes, *, expected_tee: Tee | None = None) -> QuoteLayout:
         raise AttestationError(
             f"quote is {len(data)} bytes, shorter than the smallest possible DCAP quote "
             f"({_MIN_QUOTE_SIZE} bytes before the signature; wrong size)")
-    r = _Reader(data)
+    return data
+
+
+def _header(r: _Reader, expected_tee: Tee | None) -> tuple[int, Tee]:
+    """The quote header: version, TEE (which must be the evidence's label), key type, QE
+    vendor."""
     header = r.take(HEADER_SIZE, "header")
     version, key_type, tee_type = struct.unpack_from("<HHI", header)
     if version not in (3, 4, 5):
@@ -151,26 +175,31 @@ def parse_quote(data: bytes, *, expected_tee: Tee | None = None) -> QuoteLayout:
     if header[12:28] != INTEL_QE_VENDOR_ID:
         raise AttestationError(f"quote parse error: QE vendor ID {header[12:28].hex()} is "
                                "not Intel's")
+    return int(version), tee
 
-    if version == 5:
-        body_type = r.u16("report body type")
-        body_size = r.u32("report body size")
-        if body_type not in _V5_BODY:
-            raise AttestationError(f"quote parse error: unknown v5 report body type "
-                                   f"{body_type}")
-        body_tee, want_size, kind = _V5_BODY[body_type]
-        if body_tee is not tee:
-            raise AttestationError(f"quote parse error: report body type {body_type} does "
-                                   f"not belong to {_a(tee)} quote")
-        if body_size != want_size:
-            raise AttestationError(f"quote parse error: report body size {body_size} for "
-                                   f"body type {body_type}, expected {want_size} (wrong size)")
-    elif tee is Tee.SGX:
-        want_size, kind = SGX_REPORT_SIZE, "sgx"
-    else:
-        want_size, kind = TD10_REPORT_SIZE, "td10"
-    body = r.take(want_size, "report body")
 
+def _body_layout(r: _Reader, version: int, tee: Tee) -> tuple[int, str]:
+    """Size and kind of the report body: declared by a v5 quote, implied by v3/v4's TEE."""
+    if version != 5:
+        return (SGX_REPORT_SIZE, "sgx") if tee is Tee.SGX else (TD10_REPORT_SIZE, "td10")
+    body_type = r.u16("report body type")
+    body_size = r.u32("report body size")
+    if body_type not in _V5_BODY:
+        raise AttestationError(f"quote parse error: unknown v5 report body type "
+                               f"{body_type}")
+    body_tee, want_size, kind = _V5_BODY[body_type]
+    if body_tee is not tee:
+        raise AttestationError(f"quote parse error: report body type {body_type} does "
+                               f"not belong to {_a(tee)} quote")
+    if body_size != want_size:
+        raise AttestationError(f"quote parse error: report body size {body_size} for "
+                               f"body type {body_type}, expected {want_size} (wrong size)")
+    return want_size, kind
+
+
+def _signature_data(r: _Reader, version: int) -> bytes:
+    """The signature data (quote signature, attestation key, certification data), every
+    length field checked against what it covers; returns the PCK chain's bytes."""
     sig_len = r.u32("signature data length")
     sig_start = r.pos
     r.take(ECDSA_SIG_SIZE, "quote signature")
@@ -194,15 +223,7 @@ def parse_quote(data: bytes, *, expected_tee: Tee | None = None) -> QuoteLayout:
         raise AttestationError(
             f"quote parse error: signature data length field says {sig_len} bytes but the "
             f"signature data is {r.pos - sig_start} bytes")
-    end = r.pos
-    padding = data[end:]
-    if padding.strip(b"\0"):
-        raise AttestationError(
-            f"quote parse error: {len(padding)} bytes after the end of the quote (offset "
-            f"{end}) are not zero padding (wrong size or appended data)")
-    chain = _pck_chain(chain_pem)
-    return QuoteLayout(version=version, tee=tee, body_kind=kind, body=body,
-                       pck_chain=chain, size=end, regions=r.regions)
+    return chain_pem
 
 
 def _qe_certification(r: _Reader, *, outer_end: int | None) -> bytes:

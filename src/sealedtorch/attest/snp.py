@@ -460,10 +460,28 @@ def _pinned_product(cert: x509.Certificate) -> str | None:
 
 def _verify_chain(leaf: x509.Certificate, kind: str, given: CertificateSet,
                   at: int) -> _Chain:
+    """leaf → ASK/ASVK → pinned ARK, every signature, algorithm, validity and key type
+    checked (step 3 of the module docstring)."""
     leaf_name, mid_name = _KIND_NAMES[kind], _INTERMEDIATE_NAMES[kind]
+    _refuse_unpinned_roots(given)
+    mid = _intermediate(leaf, given, leaf_name, mid_name)
+    ark, product = _pinned_ark(mid, given, mid_name)
+    for cert, name in ((ark, "ARK"), (mid, mid_name), (leaf, leaf_name)):
+        _check_algorithm(cert, name)
+        _check_validity(cert, name, at)
+    for cert, name in ((ark, "ARK"), (mid, mid_name)):
+        if not _is_ca(cert):
+            raise AttestationError(f"{name} {_cn(cert.subject)!r} is not a CA certificate")
+        if not crypto.holds_rsa_key(cert):
+            raise AttestationError(f"{name} {_cn(cert.subject)!r} does not hold an RSA key")
+    if not crypto.holds_ecdsa_p384_key(leaf):
+        raise AttestationError(f"{leaf_name} does not hold an ECDSA P-384 public key")
+    return _Chain(product=product, leaf=leaf, intermediate=mid, ark=ark)
 
-    # Any root the evidence presents must be one of AMD's pinned ARKs: a self-made root is a
-    # forgery attempt, not something to skip over.
+
+def _refuse_unpinned_roots(given: CertificateSet) -> None:
+    """Any root the evidence presents must be one of AMD's pinned ARKs: a self-made root is
+    a forgery attempt, not something to skip over."""
     for root in given.roots:
         if _pinned_product(root) is None:
             raise AttestationError(
@@ -471,7 +489,11 @@ def _verify_chain(leaf: x509.Certificate, kind: str, given: CertificateSet,
                 f"{_cn(root.subject)!r} (SHA-256 {fingerprint(root)}) that is not a pinned "
                 f"AMD ARK ({', '.join(ARK_SHA256)}); ARK not pinned")
 
-    # The intermediate: the evidence's own, else the shipped one with the right name.
+
+def _intermediate(leaf: x509.Certificate, given: CertificateSet, leaf_name: str,
+                  mid_name: str) -> x509.Certificate:
+    """The ASK/ASVK that signed ``leaf``: the evidence's own, else the shipped one with the
+    right name."""
     candidates = [c for c in given.intermediates if c.subject == leaf.issuer]
     source = "evidence"
     if not candidates:
@@ -487,8 +509,12 @@ def _verify_chain(leaf: x509.Certificate, kind: str, given: CertificateSet,
             f"{leaf_name} signature does not verify under the {mid_name} "
             f"{_cn(leaf.issuer)!r} (from the {source}): {leaf_name} certificate is forged "
             "or damaged")
-    mid = signed[0]
+    return signed[0]
 
+
+def _pinned_ark(mid: x509.Certificate, given: CertificateSet,
+                mid_name: str) -> tuple[x509.Certificate, str]:
+    """The pinned, self-signed ARK that signed ``mid``, and its product line."""
     roots = [c for c in given.roots if c.subject == mid.issuer]
     if not roots:
         roots = [c for c in shipped_roots().roots if c.subject == mid.issuer]
@@ -506,18 +532,7 @@ def _verify_chain(leaf: x509.Certificate, kind: str, given: CertificateSet,
         raise AttestationError(f"{mid_name} signature does not verify under ARK "
                                f"{_cn(ark.subject)!r}: {mid_name} certificate is forged or "
                                "damaged")
-
-    for cert, name in ((ark, "ARK"), (mid, mid_name), (leaf, leaf_name)):
-        _check_algorithm(cert, name)
-        _check_validity(cert, name, at)
-    for cert, name in ((ark, "ARK"), (mid, mid_name)):
-        if not _is_ca(cert):
-            raise AttestationError(f"{name} {_cn(cert.subject)!r} is not a CA certificate")
-        if not crypto.holds_rsa_key(cert):
-            raise AttestationError(f"{name} {_cn(cert.subject)!r} does not hold an RSA key")
-    if not crypto.holds_ecdsa_p384_key(leaf):
-        raise AttestationError(f"{leaf_name} does not hold an ECDSA P-384 public key")
-    return _Chain(product=product, leaf=leaf, intermediate=mid, ark=ark)
+    return ark, product
 
 
 def _check_algorithm(cert: x509.Certificate, name: str) -> None:
