@@ -26,8 +26,9 @@ import base64
 import binascii
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import AttestationError, CollateralError
 from . import collateral as _collateral
@@ -63,6 +64,8 @@ _CERT_PCK_CHAIN = 5
 _CERT_QE_REPORT = 6
 _V5_BODY = {1: (Tee.SGX, SGX_REPORT_SIZE, "sgx"), 2: (Tee.TDX, TD10_REPORT_SIZE, "td10"),
             3: (Tee.TDX, TD15_REPORT_SIZE, "td15")}
+
+_R = TypeVar("_R")
 
 _PEM_BEGIN = "-----BEGIN CERTIFICATE-----"
 _PEM_END = "-----END CERTIFICATE-----"
@@ -351,7 +354,7 @@ def _library_error(exc: BaseException) -> AttestationError:
                             "(dcap-qvl)")
 
 
-def _call(fn, *args, context: str | None = None):  # type: ignore[no-untyped-def]
+def _call(fn: Callable[..., _R], *args: Any, context: str | None = None) -> _R:
     """Call into dcap-qvl; whatever it raises (ValueError, a Rust panic) becomes ours.
 
     pyo3 turns Rust panics into ``PanicException``, which derives from BaseException.

@@ -33,12 +33,15 @@ import threading
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .. import crypto
 from ..attest import Claims, Evidence, Tee, VerifierConfig, appraise, binding
 from ..errors import AttestationError, NonceError, PolicyDenied
 from . import protocol
+
+if TYPE_CHECKING:
+    from ..attest.attesters import Attester
 
 __all__ = [
     "AnswerSigner", "EvidenceAppraiser", "LocalRequest", "NonceRegistry", "PeerAppraiser",
@@ -220,11 +223,11 @@ class PeerAppraiser:
         return self.vm_claims
 
 
-def self_claims(attester: object, config: VerifierConfig) -> Claims:
+def self_claims(attester: Attester, config: VerifierConfig) -> Claims:
     """Attest this process's own TEE and verify the result (for :class:`PeerAppraiser`)."""
     nonce = crypto.random_bytes(NONCE_SIZE)
     public_key = crypto.EphemeralKeyPair.generate().public_bytes
-    evidence = attester.evidence(binding.report_data(nonce, public_key))  # type: ignore[attr-defined]
+    evidence = attester.evidence(binding.report_data(nonce, public_key))
     return appraise(evidence, nonce=nonce, public_key=public_key, config=config)
 
 
