@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import AttestationError, CollateralError
 from . import collateral as _collateral
+from . import layout
 from .evidence import Evidence, SgxClaims, TdxClaims, Tee
 
 if TYPE_CHECKING:
@@ -372,53 +373,39 @@ def _call(fn: Callable[..., _R], *args: Any, context: str | None = None) -> _R:
 
 # --- claims ------------------------------------------------------------------------------
 
+# SGX REPORTBODY and TDX TDREPORT (1.0; TD 1.5 bodies extend it at the end) offsets.
+_SGX_BLOBS: dict[str, layout.Span] = {
+    "cpu_svn": (0, 16), "isv_ext_prod_id": (32, 48), "attributes": (48, 64),
+    "mr_enclave": (64, 96), "mr_signer": (128, 160), "config_id": (192, 256),
+    "isv_family_id": (304, 320), "report_data": (320, 384),
+}
+_SGX_UINTS: dict[str, layout.Span] = {
+    "isv_prod_id": (256, 258), "isv_svn": (258, 260), "config_svn": (260, 262),
+}
+_TDX_BLOBS: dict[str, layout.Span] = {
+    "tee_tcb_svn": (0, 16), "mr_seam": (16, 64), "td_attributes": (120, 128),
+    "xfam": (128, 136), "mr_td": (136, 184), "mr_config_id": (184, 232),
+    "mr_owner": (232, 280), "mr_owner_config": (280, 328), "rtmr0": (328, 376),
+    "rtmr1": (376, 424), "rtmr2": (424, 472), "rtmr3": (472, 520), "report_data": (520, 584),
+}
+_SGX_DEBUG = (48, 0x02)   # ATTRIBUTES.DEBUG: (byte offset, bit mask)
+_TDX_DEBUG = (120, 0x01)  # TDATTRIBUTES.TUD.DEBUG
+
+
 def _sgx_claims(body: bytes, *, status: str, advisories: tuple[str, ...],
                 fmspc: str) -> SgxClaims:
-    attributes = body[48:64]
-    return SgxClaims(
-        tee=Tee.SGX,
-        report_data=body[320:384],
-        debug=bool(attributes[0] & 0x02),  # ATTRIBUTES.DEBUG
-        tcb_status=status,
-        advisory_ids=advisories,
-        mr_enclave=body[64:96],
-        mr_signer=body[128:160],
-        isv_prod_id=int.from_bytes(body[256:258], "little"),
-        isv_svn=int.from_bytes(body[258:260], "little"),
-        attributes=attributes,
-        cpu_svn=body[0:16],
-        fmspc=fmspc,
-        isv_ext_prod_id=body[32:48],
-        isv_family_id=body[304:320],
-        config_id=body[192:256],
-        config_svn=int.from_bytes(body[260:262], "little"),
-    )
+    offset, mask = _SGX_DEBUG
+    return SgxClaims(tee=Tee.SGX, debug=bool(body[offset] & mask), tcb_status=status,
+                     advisory_ids=advisories, fmspc=fmspc,
+                     **layout.read(body, blobs=_SGX_BLOBS, uints=_SGX_UINTS))
 
 
 def _tdx_claims(body: bytes, *, status: str, advisories: tuple[str, ...],
                 fmspc: str) -> TdxClaims:
-    # TDREPORT 1.0 layout; TD 1.5 bodies extend it (tee_tcb_svn2, mr_servicetd) at the end.
-    td_attributes = body[120:128]
-    return TdxClaims(
-        tee=Tee.TDX,
-        report_data=body[520:584],
-        debug=bool(td_attributes[0] & 0x01),  # TUD.DEBUG
-        tcb_status=status,
-        advisory_ids=advisories,
-        mr_td=body[136:184],
-        rtmr0=body[328:376],
-        rtmr1=body[376:424],
-        rtmr2=body[424:472],
-        rtmr3=body[472:520],
-        mr_config_id=body[184:232],
-        mr_owner=body[232:280],
-        mr_owner_config=body[280:328],
-        mr_seam=body[16:64],
-        td_attributes=td_attributes,
-        tee_tcb_svn=body[0:16],
-        fmspc=fmspc,
-        xfam=body[128:136],
-    )
+    offset, mask = _TDX_DEBUG
+    return TdxClaims(tee=Tee.TDX, debug=bool(body[offset] & mask), tcb_status=status,
+                     advisory_ids=advisories, fmspc=fmspc,
+                     **layout.read(body, blobs=_TDX_BLOBS))
 
 
 # --- collateral ----------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from cryptography.x509.oid import NameOID
 
 from .. import crypto
 from ..errors import AttestationError, CollateralError
-from . import kds
+from . import kds, layout
 from .evidence import Evidence, SnpClaims, Tee
 
 if TYPE_CHECKING:
@@ -63,6 +63,21 @@ SIG_ALGO_ECDSA_P384_SHA384 = 1
 _R_OFFSET, _S_OFFSET, _SIG_COMPONENT_SIZE = 0x2A0, 0x2E8, 72
 _SIG_RESERVED = slice(0x330, REPORT_SIZE)
 POLICY_DEBUG_BIT = 19
+# ATTESTATION_REPORT fields read as they are (bytes) and as little-endian integers.
+_REPORT_BLOBS: dict[str, layout.Span] = {
+    "family_id": (0x10, 0x20), "image_id": (0x20, 0x30), "current_tcb_raw": (0x38, 0x40),
+    "report_data": (0x50, 0x90), "measurement": (0x90, 0xC0), "host_data": (0xC0, 0xE0),
+    "id_key_digest": (0xE0, 0x110), "author_key_digest": (0x110, 0x140),
+    "report_id": (0x140, 0x160), "report_id_ma": (0x160, 0x180),
+    "reported_tcb_raw": (0x180, 0x188), "chip_id": (0x1A0, 0x1E0),
+    "committed_tcb_raw": (0x1E0, 0x1E8), "launch_tcb_raw": (0x1F0, 0x1F8),
+}
+_REPORT_UINTS: dict[str, layout.Span] = {
+    "guest_svn": (0x04, 0x08), "policy": (0x08, 0x10), "vmpl": (0x30, 0x34),
+    "platform_info": (0x40, 0x48),
+    "r": (_R_OFFSET, _R_OFFSET + _SIG_COMPONENT_SIZE),
+    "s": (_S_OFFSET, _S_OFFSET + _SIG_COMPONENT_SIZE),
+}
 
 #: SHA-256 of the DER of AMD's root keys (ARK), per product.  These pins, not the PEM files
 #: in attest/roots/, are what makes a chain trusted.  Sources: see docs/tee-snp.md.
@@ -227,9 +242,6 @@ def parse_report(data: bytes) -> Report:
     def u32(off: int) -> int:
         return int.from_bytes(raw[off:off + 4], "little")
 
-    def u64(off: int) -> int:
-        return int.from_bytes(raw[off:off + 8], "little")
-
     version = u32(0x00)
     if version not in SUPPORTED_VERSIONS:
         raise AttestationError(f"unsupported SEV-SNP report version {version} "
@@ -244,37 +256,14 @@ def parse_report(data: bytes) -> Report:
     if any(raw[_SIG_RESERVED]):
         raise AttestationError("report signature block is malformed: reserved bytes after "
                                "r and s (0x330-0x49F) are not zero")
+    v3 = version >= 3  # CPUID fields exist from version 3 on; zero before
     return Report(
-        raw=raw,
-        version=version,
-        guest_svn=u32(0x04),
-        policy=u64(0x08),
-        family_id=raw[0x10:0x20],
-        image_id=raw[0x20:0x30],
-        vmpl=u32(0x30),
-        signature_algo=sig_algo,
-        current_tcb_raw=raw[0x38:0x40],
-        platform_info=u64(0x40),
-        author_key_en=bool(flags & 1),
-        mask_chip_key=bool(flags >> 1 & 1),
+        raw=raw, version=version, signature_algo=sig_algo,
+        author_key_en=bool(flags & 1), mask_chip_key=bool(flags >> 1 & 1),
         signing_key_sel=flags >> 2 & 0b111,
-        report_data=raw[0x50:0x90],
-        measurement=raw[0x90:0xC0],
-        host_data=raw[0xC0:0xE0],
-        id_key_digest=raw[0xE0:0x110],
-        author_key_digest=raw[0x110:0x140],
-        report_id=raw[0x140:0x160],
-        report_id_ma=raw[0x160:0x180],
-        reported_tcb_raw=raw[0x180:0x188],
-        cpuid_family=raw[0x188] if version >= 3 else 0,
-        cpuid_model=raw[0x189] if version >= 3 else 0,
-        cpuid_stepping=raw[0x18A] if version >= 3 else 0,
-        chip_id=raw[0x1A0:0x1E0],
-        committed_tcb_raw=raw[0x1E0:0x1E8],
-        launch_tcb_raw=raw[0x1F0:0x1F8],
-        r=int.from_bytes(raw[_R_OFFSET:_R_OFFSET + _SIG_COMPONENT_SIZE], "little"),
-        s=int.from_bytes(raw[_S_OFFSET:_S_OFFSET + _SIG_COMPONENT_SIZE], "little"),
-    )
+        cpuid_family=raw[0x188] if v3 else 0, cpuid_model=raw[0x189] if v3 else 0,
+        cpuid_stepping=raw[0x18A] if v3 else 0,
+        **layout.read(raw, blobs=_REPORT_BLOBS, uints=_REPORT_UINTS))
 
 
 # --- certificates ---------------------------------------------------------------------------
