@@ -109,6 +109,9 @@ _T = TypeVar("_T")
 AnyOf: TypeAlias = Annotated[list[_T], BeforeValidator(_as_list), Field(min_length=1),
                              AfterValidator(_dedupe)]
 
+#: A list of named strict checks a rule gives up (``waive``), duplicates dropped.
+Waivers: TypeAlias = Annotated[list[_T], AfterValidator(_dedupe)]
+
 #: Lower-case hex of exactly N bytes (``0x`` prefix, upper case and raw bytes accepted).
 Hex8: TypeAlias = Annotated[str, BeforeValidator(_hex_of(8))]
 Hex16: TypeAlias = Annotated[str, BeforeValidator(_hex_of(16))]
@@ -205,8 +208,7 @@ class SgxRule(_DcapRule):
     config_id: AnyOf64 | None = None
     min_config_svn: U16 | None = None
     #: Strict checks this rule explicitly gives up (see docs/policy.md, "Waivers").
-    waive: Annotated[list[Literal["kss"]], AfterValidator(_dedupe)] = \
-        Field(default_factory=list)
+    waive: Waivers[Literal["kss"]] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _identity(self) -> SgxRule:
@@ -232,8 +234,7 @@ class TdxRule(_DcapRule):
     #: Strict checks this rule explicitly gives up: ``rtmr0``..``rtmr3`` (that RTMR is not
     #: pinned), ``xfam`` (any XFAM), ``sept_ve_disable`` (accept a TD that lets the host
     #: inject #VE on EPT violations).
-    waive: Annotated[list[Literal["rtmr0", "rtmr1", "rtmr2", "rtmr3", "xfam",
-                                  "sept_ve_disable"]], AfterValidator(_dedupe)] = \
+    waive: Waivers[Literal["rtmr0", "rtmr1", "rtmr2", "rtmr3", "xfam", "sept_ve_disable"]] = \
         Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -275,8 +276,7 @@ class SnpRule(_RuleBase):
     #: Strict checks this rule explicitly gives up: ``smt`` (guest policy allows SMT or the
     #: platform runs with SMT on), ``migrate_ma`` (a migration agent may be associated),
     #: ``min_tcb`` (no TCB floor in this rule).
-    waive: Annotated[list[Literal["smt", "migrate_ma", "min_tcb"]],
-                     AfterValidator(_dedupe)] = Field(default_factory=list)
+    waive: Waivers[Literal["smt", "migrate_ma", "min_tcb"]] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _identity(self) -> SnpRule:
