@@ -154,7 +154,7 @@ def build_with_signer(args: argparse.Namespace) -> tuple[Any, Any]:
                             runtime_config=measured)
     tee = Tee(attester.tee)
     roots = load_platform_keys(args.trust_sim_root)
-    if tee is Tee.SIM and not roots:
+    if tee is Tee.SIM and not roots and attester.platform is not None:
         roots = (attester.platform.public_key,)  # runtimes share this host's sim platform
     verifier = VerifierConfig(sim_platform_keys=roots, pccs_url=args.pccs_url,
                               kds_url=args.kds_url, cache_dir=args.cache_dir)

@@ -12,6 +12,16 @@ Algorithms (fixed, no negotiation):
   HKDF-SHA256 and AES-256-GCM;
 - signatures: Ed25519 (sim platform keys, tokens, keycache answers over a length-prefixed
   transcript).
+
+Vendor attestation (SEV-SNP reports, AMD and Intel certificates) uses the vendors' fixed
+algorithms; their primitives are here too: ECDSA P-384/SHA-384 over a raw ``r``/``s``
+report signature, X.509 issuer signatures of certificates and CRLs (RSA-PSS/SHA-384 for
+AMD), the algorithm and key-type checks of a certificate, and its DER encoding and SHA-256
+fingerprint.  What is *not* here is X.509 structure: parsing certificates and CRLs
+(``cryptography.x509``), reading names and extensions, choosing issuers and pinning roots.
+That is chain logic, owned by :mod:`sealedtorch.attest.snp` and the DCAP collateral
+modules, which call the functions below for every signature, digest and key check; no
+module but this one imports ``cryptography.hazmat``.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import hashlib
 import hmac
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, hpke, serialization
@@ -29,6 +40,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .errors import AttestationError, IntegrityError
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 KEY_SIZE = 32
 NONCE_SIZE = 12
@@ -405,6 +419,49 @@ def crl_signed_by(crl: object, issuer: object) -> bool:
         return bool(crl.is_signature_valid(key))
     except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
         return False
+
+
+def certificate_der(cert: x509.Certificate) -> bytes:
+    """The DER encoding of an X.509 certificate (what fingerprints and pins are over)."""
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def crl_der(crl: x509.CertificateRevocationList) -> bytes:
+    """The DER encoding of an X.509 CRL."""
+    return crl.public_bytes(serialization.Encoding.DER)
+
+
+def certificate_sha256(cert: x509.Certificate) -> str:
+    """SHA-256 of the certificate's DER, lower-case hex."""
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def signed_with_rsa_pss_sha384(cert: x509.Certificate) -> bool:
+    """True iff the certificate declares an RSA-PSS signature with SHA-384 (AMD's choice for
+    every certificate of an SEV-SNP chain).  Never raises: an algorithm ``cryptography``
+    does not support is not this one."""
+    from cryptography.x509.oid import SignatureAlgorithmOID
+
+    try:
+        return (cert.signature_algorithm_oid == SignatureAlgorithmOID.RSASSA_PSS
+                and isinstance(cert.signature_hash_algorithm, hashes.SHA384))
+    except Exception:  # an unsupported algorithm raises; either way it is not ours
+        return False
+
+
+def holds_rsa_key(cert: x509.Certificate) -> bool:
+    """True iff the certificate's subject public key is an RSA key."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    return isinstance(cert.public_key(), rsa.RSAPublicKey)
+
+
+def holds_ecdsa_p384_key(cert: x509.Certificate) -> bool:
+    """True iff the certificate's subject public key is an ECDSA key on P-384."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = cert.public_key()
+    return isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP384R1)
 
 
 # --- X.509 for the keyserver's TLS (a private CA and one server certificate) ----------

@@ -66,7 +66,10 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .attest.evidence import Claims
 
 
 class SealedTorchError(Exception):
@@ -198,9 +201,17 @@ class CollateralError(AttestationError):
 
 
 class BindingError(AttestationError):
-    """Evidence verified, but its report_data does not bind the expected nonce and public key."""
+    """Evidence verified, but its report_data does not bind the expected nonce and public key.
+
+    ``claims`` are the verified claims when the evidence was appraised here (for the audit
+    record: the evidence was genuine, it answered another challenge); None otherwise."""
 
     problem_type = "binding"
+
+    def __init__(self, message: str = "", *, claims: Claims | None = None,
+                 **context: Any) -> None:
+        super().__init__(message, **context)
+        self.claims = claims
 
 
 class NonceError(AttestationError):

@@ -25,6 +25,8 @@ from hypothesis import strategies as st
 from sealedtorch.attest import Evidence, Tee, VerifierConfig, dcap
 from sealedtorch.attest import collateral as C
 from sealedtorch.attest import verify as front_door_verify
+from sealedtorch.attest.collateral import model as collateral_model
+from sealedtorch.attest.collateral import pccs as collateral_pccs
 from sealedtorch.errors import AttestationError, CollateralError
 
 
@@ -345,11 +347,11 @@ def test_pccs_client_refuses_collateral_for_another_platform(make_pccs):
 
 def test_raw_json_members_are_cut_out_verbatim():
     body = ' { "tcbInfo" : {"b":1, "a" : [1, 2]} ,\n "signature":"ab" } '
-    parts = C._top_level_raw(body, "TCB info")
+    parts = collateral_pccs._top_level_raw(body, "TCB info")
     assert parts == {"tcbInfo": '{"b":1, "a" : [1, 2]}', "signature": '"ab"'}
     for bad in ["", "[]", '{"a" 1}', '{"a":1 "b":2}', '{"a":1} x', "{1:2}"]:
         with pytest.raises(CollateralError):
-            C._top_level_raw(bad, "TCB info")
+            collateral_pccs._top_level_raw(bad, "TCB info")
 
 
 # --- fetch, cache, refresh, outage (through the real verifier) ----------------------------
@@ -669,7 +671,7 @@ def test_every_collateral_parse_failure_is_a_collateral_error(mutation):
     name, position, kind, value = mutation
     col = SGX.collateral
     text = col[name]
-    if name in C._HEX_FIELDS and kind == "flip":
+    if name in collateral_model._HEX_FIELDS and kind == "flip":
         raw = bytearray(bytes.fromhex(text))
         raw[position % len(raw)] ^= value or 1
         text = raw.hex()

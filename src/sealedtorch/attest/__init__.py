@@ -1,23 +1,36 @@
 """Attestation: one front door for every TEE.
 
-Services call :func:`verify` (evidence → claims) and :func:`sealedtorch.attest.policy.decide`
-(claims → decision); they never import a particular verifier.  Verifiers are imported lazily
-so a sim-only deployment does not load the DCAP library.
+Services call :func:`appraise` (evidence → claims bound to one challenge and one key) and
+:func:`sealedtorch.attest.policy.decide` (claims → decision).  They never import a
+particular verifier and never check the binding themselves:
+
+- :func:`appraise` = :func:`verify` + :func:`.binding.check_claims`.  It returns claims only
+  when the evidence verified *and* its report_data binds ``nonce`` and ``public_key`` under
+  ``domain``; otherwise it raises :class:`~sealedtorch.errors.AttestationError` (or a
+  subclass: :class:`~sealedtorch.errors.BindingError` carries the verified claims, for the
+  audit record).
+- :func:`verify` appraises evidence without a binding (for callers that bind something else,
+  or nothing: tests, ``sealedtorch attest verify``).
+- A :class:`Verifier` is one TEE family's appraisal (evidence → claims, no policy, no
+  binding).  The implementations are the modules :mod:`.dcap` (SGX, TDX), :mod:`.snp` and
+  :mod:`.sim`, chosen by ``evidence.tee`` in :func:`verifier_for` and imported lazily, so a
+  sim-only deployment does not load the DCAP library.
 """
 
 from __future__ import annotations
 
-import importlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from ..errors import AttestationError
+from . import binding
 from .evidence import Claims, Evidence, SgxClaims, SimClaims, SnpClaims, TdxClaims, Tee
 
 __all__ = [
     "Claims", "Evidence", "SgxClaims", "SimClaims", "SnpClaims", "TdxClaims", "Tee",
-    "VerifierConfig", "verify",
+    "Verifier", "VerifierConfig", "appraise", "verifier_for", "verify",
 ]
 
 
@@ -49,7 +62,33 @@ class VerifierConfig:
     fetch_amd_crl: bool = False
 
 
-_MODULES = {Tee.SGX: "dcap", Tee.TDX: "dcap", Tee.SNP: "snp", Tee.SIM: "sim"}
+class Verifier(Protocol):
+    """One TEE family's appraisal: evidence → claims, or an error naming what failed.
+
+    A verifier checks signatures, certificate chains and collateral at Unix time ``at``; it
+    applies no policy (TCB status, debug mode and measurements are the policy's) and does not
+    check the binding (:func:`appraise` does, the same way for every TEE).  Implemented by
+    the modules :mod:`.dcap`, :mod:`.snp` and :mod:`.sim` (a module is a protocol
+    implementation when its functions match)."""
+
+    def verify(self, evidence: Evidence, *, at: int, config: VerifierConfig) -> Claims:
+        ...
+
+
+def verifier_for(tee: Tee | str) -> Verifier:
+    """The verifier for evidence labelled ``tee``, imported on first use."""
+    try:
+        kind = Tee(tee)
+    except ValueError:
+        raise AttestationError(f"unknown TEE type {tee!r}") from None
+    if kind is Tee.SIM:
+        from . import sim
+        return sim
+    if kind is Tee.SNP:
+        from . import snp
+        return snp
+    from . import dcap  # SGX and TDX: DCAP quotes
+    return dcap
 
 
 def verify(evidence: Evidence, *, at: float | None = None,
@@ -57,12 +96,23 @@ def verify(evidence: Evidence, *, at: float | None = None,
     """Appraise ``evidence`` at Unix time ``at`` (default: now) and return its claims.
 
     Raises :class:`~sealedtorch.errors.AttestationError` (or a subclass) naming what failed.
-    Does not apply any policy: TCB status, debug mode and measurements are the policy's.
+    Does not apply any policy and does not check the binding: use :func:`appraise` for
+    evidence that must answer a challenge.
     """
-    try:
-        tee = Tee(evidence.tee)
-    except ValueError:
-        raise AttestationError(f"unknown TEE type {evidence.tee!r}") from None
-    module = importlib.import_module(f".{_MODULES[tee]}", __name__)
+    verifier = verifier_for(evidence.tee)
     when = int(time.time() if at is None else at)
-    return module.verify(evidence, at=when, config=config or VerifierConfig())
+    return verifier.verify(evidence, at=when, config=config or VerifierConfig())
+
+
+def appraise(evidence: Evidence, *, nonce: bytes, public_key: bytes, at: float | None = None,
+             config: VerifierConfig | None = None, domain: bytes = binding.DOMAIN) -> Claims:
+    """Verify ``evidence`` and that it binds ``nonce`` and ``public_key`` (under ``domain``).
+
+    The one way services turn evidence into claims they act on: evidence that verifies but
+    answers another challenge, or names another key, is as good as none.  Raises what
+    :func:`verify` raises, or :class:`~sealedtorch.errors.BindingError` (carrying the
+    verified claims in ``.claims``) when the binding does not match.
+    """
+    claims = verify(evidence, at=at, config=config)
+    binding.check_claims(claims, nonce, public_key, domain=domain)
+    return claims

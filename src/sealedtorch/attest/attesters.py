@@ -44,9 +44,18 @@ TSM_PROVIDERS = {Tee.TDX: "tdx_guest", Tee.SNP: "sev_guest"}
 
 @runtime_checkable
 class Attester(Protocol):
-    """Produces evidence from inside one TEE."""
+    """Produces evidence from inside one TEE.
+
+    ``platform`` is the local sim platform whose key signs the evidence (a relying party on
+    the same host may choose to trust its public key); None for the hardware TEEs, whose
+    signing keys live in the CPU and are vouched for by the vendor's certificate chain."""
 
     tee: Tee
+
+    @property
+    def platform(self) -> SimPlatform | None:
+        """The sim platform that signs this attester's evidence, or None (hardware)."""
+        ...
 
     def evidence(self, report_data: bytes) -> Evidence:
         """Evidence binding ``report_data`` (exactly 64 bytes)."""
@@ -141,6 +150,7 @@ class GramineSgxAttester:
     """SGX DCAP quotes through Gramine's ``/dev/attestation`` pseudo-files."""
 
     tee = Tee.SGX
+    platform: SimPlatform | None = None
 
     def __init__(self, root: Path | str = DEFAULT_SGX_ROOT) -> None:
         self.root = Path(root)
@@ -176,6 +186,8 @@ class ConfigfsTsmAttester:
     """TDX / SEV-SNP evidence through Linux configfs-tsm (``Documentation/ABI/testing/
     configfs-tsm``): one fresh report entry per request, with the ``generation`` counter
     checked so that a concurrent writer to the same entry cannot go unnoticed."""
+
+    platform: SimPlatform | None = None
 
     def __init__(self, tee: Tee | str, root: Path | str = DEFAULT_TSM_ROOT, *,
                  privlevel: int | None = None) -> None:

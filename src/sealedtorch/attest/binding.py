@@ -16,8 +16,13 @@ never be replayed as key-release evidence, or the other way round.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .. import crypto
 from ..errors import BindingError
+
+if TYPE_CHECKING:
+    from .evidence import Claims
 
 DOMAIN = b"sealedtorch/attest/v1"
 NONCE_SIZE = 32
@@ -50,9 +55,25 @@ def check(actual: bytes, nonce: bytes, public_key: bytes, *,
           field_size: int = REPORT_DATA_SIZE, domain: bytes = DOMAIN) -> None:
     """Raise :class:`BindingError` unless ``actual`` binds exactly this nonce and key
     (under ``domain``)."""
+    if not _binds(actual, nonce, public_key, field_size=field_size, domain=domain):
+        raise BindingError(_NOT_BOUND)
+
+
+def check_claims(claims: Claims, nonce: bytes, public_key: bytes, *,
+                 domain: bytes = DOMAIN) -> None:
+    """Raise :class:`BindingError` unless verified ``claims`` bind this nonce and key (under
+    ``domain``).  The error carries ``claims``: they verified, and an audit record says so."""
+    if not _binds(claims.report_data, nonce, public_key, field_size=REPORT_DATA_SIZE,
+                  domain=domain):
+        raise BindingError(_NOT_BOUND, claims=claims)
+
+
+_NOT_BOUND = ("evidence is not bound to this challenge: report_data does not match "
+              "SHA-512(domain ‖ nonce ‖ public key) (wrong nonce, wrong public key, or "
+              "evidence produced for another request)")
+
+
+def _binds(actual: bytes, nonce: bytes, public_key: bytes, *, field_size: int,
+           domain: bytes) -> bool:
     expected = report_data(nonce, public_key, field_size=field_size, domain=domain)
-    if len(actual) != REPORT_DATA_SIZE or not crypto.constant_time_equal(actual, expected):
-        raise BindingError(
-            "evidence is not bound to this challenge: report_data does not match "
-            "SHA-512(domain ‖ nonce ‖ public key) (wrong nonce, wrong public key, or "
-            "evidence produced for another request)")
+    return len(actual) == REPORT_DATA_SIZE and crypto.constant_time_equal(actual, expected)

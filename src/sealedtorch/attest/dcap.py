@@ -26,11 +26,13 @@ import base64
 import binascii
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import AttestationError, CollateralError
 from . import collateral as _collateral
+from . import layout
 from .evidence import Evidence, SgxClaims, TdxClaims, Tee
 
 if TYPE_CHECKING:
@@ -63,6 +65,8 @@ _CERT_PCK_CHAIN = 5
 _CERT_QE_REPORT = 6
 _V5_BODY = {1: (Tee.SGX, SGX_REPORT_SIZE, "sgx"), 2: (Tee.TDX, TD10_REPORT_SIZE, "td10"),
             3: (Tee.TDX, TD15_REPORT_SIZE, "td15")}
+
+_R = TypeVar("_R")
 
 _PEM_BEGIN = "-----BEGIN CERTIFICATE-----"
 _PEM_END = "-----END CERTIFICATE-----"
@@ -117,6 +121,25 @@ def parse_quote(data: bytes, *, expected_tee: Tee | None = None) -> QuoteLayout:
     Raises :class:`AttestationError` naming the first problem (size, header field, TEE
     mismatch, length field, certification data).
     """
+    data = _sized(data)
+    r = _Reader(data)
+    version, tee = _header(r, expected_tee)
+    want_size, kind = _body_layout(r, version, tee)
+    body = r.take(want_size, "report body")
+    chain_pem = _signature_data(r, version)
+    end = r.pos
+    padding = data[end:]
+    if padding.strip(b"\0"):
+        raise AttestationError(
+            f"quote parse error: {len(padding)} bytes after the end of the quote (offset "
+            f"{end}) are not zero padding (wrong size or appended data)")
+    chain = _pck_chain(chain_pem)
+    return QuoteLayout(version=version, tee=tee, body_kind=kind, body=body,
+                       pck_chain=chain, size=end, regions=r.regions)
+
+
+def _sized(data: bytes) -> bytes:
+    """``data`` as bytes, refused before parsing when it cannot be a quote by size alone."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise AttestationError(f"quote must be bytes, not {type(data).__name__}")
     data = bytes(data)
@@ -130,7 +153,12 @@ def parse_quote(data: bytes, *, expected_tee: Tee | None = None) -> QuoteLayout:
         raise AttestationError(
             f"quote is {len(data)} bytes, shorter than the smallest possible DCAP quote "
             f"({_MIN_QUOTE_SIZE} bytes before the signature; wrong size)")
-    r = _Reader(data)
+    return data
+
+
+def _header(r: _Reader, expected_tee: Tee | None) -> tuple[int, Tee]:
+    """The quote header: version, TEE (which must be the evidence's label), key type, QE
+    vendor."""
     header = r.take(HEADER_SIZE, "header")
     version, key_type, tee_type = struct.unpack_from("<HHI", header)
     if version not in (3, 4, 5):
@@ -151,26 +179,31 @@ def parse_quote(data: bytes, *, expected_tee: Tee | None = None) -> QuoteLayout:
     if header[12:28] != INTEL_QE_VENDOR_ID:
         raise AttestationError(f"quote parse error: QE vendor ID {header[12:28].hex()} is "
                                "not Intel's")
+    return int(version), tee
 
-    if version == 5:
-        body_type = r.u16("report body type")
-        body_size = r.u32("report body size")
-        if body_type not in _V5_BODY:
-            raise AttestationError(f"quote parse error: unknown v5 report body type "
-                                   f"{body_type}")
-        body_tee, want_size, kind = _V5_BODY[body_type]
-        if body_tee is not tee:
-            raise AttestationError(f"quote parse error: report body type {body_type} does "
-                                   f"not belong to {_a(tee)} quote")
-        if body_size != want_size:
-            raise AttestationError(f"quote parse error: report body size {body_size} for "
-                                   f"body type {body_type}, expected {want_size} (wrong size)")
-    elif tee is Tee.SGX:
-        want_size, kind = SGX_REPORT_SIZE, "sgx"
-    else:
-        want_size, kind = TD10_REPORT_SIZE, "td10"
-    body = r.take(want_size, "report body")
 
+def _body_layout(r: _Reader, version: int, tee: Tee) -> tuple[int, str]:
+    """Size and kind of the report body: declared by a v5 quote, implied by v3/v4's TEE."""
+    if version != 5:
+        return (SGX_REPORT_SIZE, "sgx") if tee is Tee.SGX else (TD10_REPORT_SIZE, "td10")
+    body_type = r.u16("report body type")
+    body_size = r.u32("report body size")
+    if body_type not in _V5_BODY:
+        raise AttestationError(f"quote parse error: unknown v5 report body type "
+                               f"{body_type}")
+    body_tee, want_size, kind = _V5_BODY[body_type]
+    if body_tee is not tee:
+        raise AttestationError(f"quote parse error: report body type {body_type} does "
+                               f"not belong to {_a(tee)} quote")
+    if body_size != want_size:
+        raise AttestationError(f"quote parse error: report body size {body_size} for "
+                               f"body type {body_type}, expected {want_size} (wrong size)")
+    return want_size, kind
+
+
+def _signature_data(r: _Reader, version: int) -> bytes:
+    """The signature data (quote signature, attestation key, certification data), every
+    length field checked against what it covers; returns the PCK chain's bytes."""
     sig_len = r.u32("signature data length")
     sig_start = r.pos
     r.take(ECDSA_SIG_SIZE, "quote signature")
@@ -194,15 +227,7 @@ def parse_quote(data: bytes, *, expected_tee: Tee | None = None) -> QuoteLayout:
         raise AttestationError(
             f"quote parse error: signature data length field says {sig_len} bytes but the "
             f"signature data is {r.pos - sig_start} bytes")
-    end = r.pos
-    padding = data[end:]
-    if padding.strip(b"\0"):
-        raise AttestationError(
-            f"quote parse error: {len(padding)} bytes after the end of the quote (offset "
-            f"{end}) are not zero padding (wrong size or appended data)")
-    chain = _pck_chain(chain_pem)
-    return QuoteLayout(version=version, tee=tee, body_kind=kind, body=body,
-                       pck_chain=chain, size=end, regions=r.regions)
+    return chain_pem
 
 
 def _qe_certification(r: _Reader, *, outer_end: int | None) -> bytes:
@@ -330,7 +355,7 @@ def _library_error(exc: BaseException) -> AttestationError:
                             "(dcap-qvl)")
 
 
-def _call(fn, *args, context: str | None = None):  # type: ignore[no-untyped-def]
+def _call(fn: Callable[..., _R], *args: Any, context: str | None = None) -> _R:
     """Call into dcap-qvl; whatever it raises (ValueError, a Rust panic) becomes ours.
 
     pyo3 turns Rust panics into ``PanicException``, which derives from BaseException.
@@ -348,53 +373,39 @@ def _call(fn, *args, context: str | None = None):  # type: ignore[no-untyped-def
 
 # --- claims ------------------------------------------------------------------------------
 
+# SGX REPORTBODY and TDX TDREPORT (1.0; TD 1.5 bodies extend it at the end) offsets.
+_SGX_BLOBS: dict[str, layout.Span] = {
+    "cpu_svn": (0, 16), "isv_ext_prod_id": (32, 48), "attributes": (48, 64),
+    "mr_enclave": (64, 96), "mr_signer": (128, 160), "config_id": (192, 256),
+    "isv_family_id": (304, 320), "report_data": (320, 384),
+}
+_SGX_UINTS: dict[str, layout.Span] = {
+    "isv_prod_id": (256, 258), "isv_svn": (258, 260), "config_svn": (260, 262),
+}
+_TDX_BLOBS: dict[str, layout.Span] = {
+    "tee_tcb_svn": (0, 16), "mr_seam": (16, 64), "td_attributes": (120, 128),
+    "xfam": (128, 136), "mr_td": (136, 184), "mr_config_id": (184, 232),
+    "mr_owner": (232, 280), "mr_owner_config": (280, 328), "rtmr0": (328, 376),
+    "rtmr1": (376, 424), "rtmr2": (424, 472), "rtmr3": (472, 520), "report_data": (520, 584),
+}
+_SGX_DEBUG = (48, 0x02)   # ATTRIBUTES.DEBUG: (byte offset, bit mask)
+_TDX_DEBUG = (120, 0x01)  # TDATTRIBUTES.TUD.DEBUG
+
+
 def _sgx_claims(body: bytes, *, status: str, advisories: tuple[str, ...],
                 fmspc: str) -> SgxClaims:
-    attributes = body[48:64]
-    return SgxClaims(
-        tee=Tee.SGX,
-        report_data=body[320:384],
-        debug=bool(attributes[0] & 0x02),  # ATTRIBUTES.DEBUG
-        tcb_status=status,
-        advisory_ids=advisories,
-        mr_enclave=body[64:96],
-        mr_signer=body[128:160],
-        isv_prod_id=int.from_bytes(body[256:258], "little"),
-        isv_svn=int.from_bytes(body[258:260], "little"),
-        attributes=attributes,
-        cpu_svn=body[0:16],
-        fmspc=fmspc,
-        isv_ext_prod_id=body[32:48],
-        isv_family_id=body[304:320],
-        config_id=body[192:256],
-        config_svn=int.from_bytes(body[260:262], "little"),
-    )
+    offset, mask = _SGX_DEBUG
+    return SgxClaims(tee=Tee.SGX, debug=bool(body[offset] & mask), tcb_status=status,
+                     advisory_ids=advisories, fmspc=fmspc,
+                     **layout.read(body, blobs=_SGX_BLOBS, uints=_SGX_UINTS))
 
 
 def _tdx_claims(body: bytes, *, status: str, advisories: tuple[str, ...],
                 fmspc: str) -> TdxClaims:
-    # TDREPORT 1.0 layout; TD 1.5 bodies extend it (tee_tcb_svn2, mr_servicetd) at the end.
-    td_attributes = body[120:128]
-    return TdxClaims(
-        tee=Tee.TDX,
-        report_data=body[520:584],
-        debug=bool(td_attributes[0] & 0x01),  # TUD.DEBUG
-        tcb_status=status,
-        advisory_ids=advisories,
-        mr_td=body[136:184],
-        rtmr0=body[328:376],
-        rtmr1=body[376:424],
-        rtmr2=body[424:472],
-        rtmr3=body[472:520],
-        mr_config_id=body[184:232],
-        mr_owner=body[232:280],
-        mr_owner_config=body[280:328],
-        mr_seam=body[16:64],
-        td_attributes=td_attributes,
-        tee_tcb_svn=body[0:16],
-        fmspc=fmspc,
-        xfam=body[128:136],
-    )
+    offset, mask = _TDX_DEBUG
+    return TdxClaims(tee=Tee.TDX, debug=bool(body[offset] & mask), tcb_status=status,
+                     advisory_ids=advisories, fmspc=fmspc,
+                     **layout.read(body, blobs=_TDX_BLOBS))
 
 
 # --- collateral ----------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeAlias, TypeVar
 
 import yaml
 from pydantic import (
@@ -103,30 +103,32 @@ def _dedupe(values: list[Any]) -> list[Any]:
     return list(dict.fromkeys(values))
 
 
-def _any_of_hex(nbytes: int) -> Any:
-    item = Annotated[str, BeforeValidator(_hex_of(nbytes))]
-    return Annotated[list[item], BeforeValidator(_as_list), Field(min_length=1),  # type: ignore[valid-type]
-                     AfterValidator(_dedupe)]
+_T = TypeVar("_T")
 
+#: ``x`` or ``[x, ...]``: a non-empty list of allowed values, duplicates dropped.
+AnyOf: TypeAlias = Annotated[list[_T], BeforeValidator(_as_list), Field(min_length=1),
+                             AfterValidator(_dedupe)]
 
-def _exact_hex(nbytes: int) -> Any:
-    return Annotated[str, BeforeValidator(_hex_of(nbytes))]
+#: A list of named strict checks a rule gives up (``waive``), duplicates dropped.
+Waivers: TypeAlias = Annotated[list[_T], AfterValidator(_dedupe)]
 
+#: Lower-case hex of exactly N bytes (``0x`` prefix, upper case and raw bytes accepted).
+Hex8: TypeAlias = Annotated[str, BeforeValidator(_hex_of(8))]
+Hex16: TypeAlias = Annotated[str, BeforeValidator(_hex_of(16))]
+Hex32: TypeAlias = Annotated[str, BeforeValidator(_hex_of(32))]
+Hex48: TypeAlias = Annotated[str, BeforeValidator(_hex_of(48))]
+Hex64: TypeAlias = Annotated[str, BeforeValidator(_hex_of(64))]
+AnyOf8: TypeAlias = AnyOf[Hex8]
+AnyOf16: TypeAlias = AnyOf[Hex16]
+AnyOf32: TypeAlias = AnyOf[Hex32]
+AnyOf48: TypeAlias = AnyOf[Hex48]
+AnyOf64: TypeAlias = AnyOf[Hex64]
 
-Hex16 = _exact_hex(16)
-AnyOf8 = _any_of_hex(8)
-AnyOf16 = _any_of_hex(16)
-AnyOf64 = _any_of_hex(64)
-AnyOf32 = _any_of_hex(32)
-AnyOf48 = _any_of_hex(48)
-
-
-def _uint(bits: int) -> Any:
-    return Annotated[StrictInt, Field(ge=0, le=(1 << bits) - 1)]
-
-
-AnyOfU16 = Annotated[list[_uint(16)], BeforeValidator(_as_list), Field(min_length=1),  # type: ignore[valid-type]
-                     AfterValidator(_dedupe)]
+#: Unsigned integers of N bits (a JSON/YAML integer, never a bool, float or string).
+U8: TypeAlias = Annotated[StrictInt, Field(ge=0, le=(1 << 8) - 1)]
+U16: TypeAlias = Annotated[StrictInt, Field(ge=0, le=(1 << 16) - 1)]
+U32: TypeAlias = Annotated[StrictInt, Field(ge=0, le=(1 << 32) - 1)]
+AnyOfU16: TypeAlias = AnyOf[U16]
 
 
 def _check_statuses(values: list[str]) -> list[str]:
@@ -149,9 +151,10 @@ def _check_advisories(values: list[str]) -> list[str]:
     return _dedupe(out)
 
 
-TcbStatusList = Annotated[list[str], BeforeValidator(_as_list), Field(min_length=1),
-                          AfterValidator(_check_statuses)]
-AdvisoryList = Annotated[list[str], BeforeValidator(_as_list), AfterValidator(_check_advisories)]
+TcbStatusList: TypeAlias = Annotated[list[str], BeforeValidator(_as_list), Field(min_length=1),
+                                     AfterValidator(_check_statuses)]
+AdvisoryList: TypeAlias = Annotated[list[str], BeforeValidator(_as_list),
+                                    AfterValidator(_check_advisories)]
 
 
 def _rtmr_keys(value: Any) -> Any:
@@ -171,7 +174,7 @@ def _rtmr_keys(value: Any) -> Any:
     return dict(sorted(out.items()))
 
 
-RtmrMap = Annotated[dict[int, AnyOf48], BeforeValidator(_rtmr_keys)]
+RtmrMap: TypeAlias = Annotated[dict[int, AnyOf48], BeforeValidator(_rtmr_keys)]
 
 
 # --------------------------------------------------------------------------- rules
@@ -197,16 +200,15 @@ class SgxRule(_DcapRule):
     mr_enclave: AnyOf32 | None = None
     mr_signer: AnyOf32 | None = None
     isv_prod_id: AnyOfU16 | None = None
-    min_isv_svn: _uint(16) | None = None
+    min_isv_svn: U16 | None = None
     #: Key Separation and Sharing identity.  Unpinned fields must be all zero (no KSS
     #: identity is accepted silently) unless the rule waives ``kss``.
     isv_ext_prod_id: AnyOf16 | None = None
     isv_family_id: AnyOf16 | None = None
     config_id: AnyOf64 | None = None
-    min_config_svn: _uint(16) | None = None
+    min_config_svn: U16 | None = None
     #: Strict checks this rule explicitly gives up (see docs/policy.md, "Waivers").
-    waive: Annotated[list[Literal["kss"]], AfterValidator(_dedupe)] = \
-        Field(default_factory=list)
+    waive: Waivers[Literal["kss"]] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _identity(self) -> SgxRule:
@@ -232,8 +234,7 @@ class TdxRule(_DcapRule):
     #: Strict checks this rule explicitly gives up: ``rtmr0``..``rtmr3`` (that RTMR is not
     #: pinned), ``xfam`` (any XFAM), ``sept_ve_disable`` (accept a TD that lets the host
     #: inject #VE on EPT violations).
-    waive: Annotated[list[Literal["rtmr0", "rtmr1", "rtmr2", "rtmr3", "xfam",
-                                  "sept_ve_disable"]], AfterValidator(_dedupe)] = \
+    waive: Waivers[Literal["rtmr0", "rtmr1", "rtmr2", "rtmr3", "xfam", "sept_ve_disable"]] = \
         Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -251,11 +252,11 @@ class TdxRule(_DcapRule):
 class SnpTcb(_Strict):
     """Minimum SEV-SNP TCB component versions (each 0..255); unset components are free."""
 
-    bootloader: _uint(8) | None = None
-    tee: _uint(8) | None = None
-    snp: _uint(8) | None = None
-    microcode: _uint(8) | None = None
-    fmc: _uint(8) | None = None
+    bootloader: U8 | None = None
+    tee: U8 | None = None
+    snp: U8 | None = None
+    microcode: U8 | None = None
+    fmc: U8 | None = None
 
 
 class SnpRule(_RuleBase):
@@ -266,7 +267,7 @@ class SnpRule(_RuleBase):
     host_data: AnyOf32 | None = None
     id_key_digest: AnyOf48 | None = None
     author_key_digest: AnyOf48 | None = None
-    min_guest_svn: _uint(32) | None = None
+    min_guest_svn: U32 | None = None
     #: The highest (least privileged) VMPL accepted; 0 by default: only the guest's own
     #: most privileged level, never an SVSM-less lower level that a paravisor controls.
     vmpl: Annotated[StrictInt, Field(ge=0, le=3)] = 0
@@ -275,8 +276,7 @@ class SnpRule(_RuleBase):
     #: Strict checks this rule explicitly gives up: ``smt`` (guest policy allows SMT or the
     #: platform runs with SMT on), ``migrate_ma`` (a migration agent may be associated),
     #: ``min_tcb`` (no TCB floor in this rule).
-    waive: Annotated[list[Literal["smt", "migrate_ma", "min_tcb"]],
-                     AfterValidator(_dedupe)] = Field(default_factory=list)
+    waive: Waivers[Literal["smt", "migrate_ma", "min_tcb"]] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _identity(self) -> SnpRule:
@@ -294,7 +294,7 @@ class SimRule(_RuleBase):
 
     tee: Literal["sim"]
     measurement: AnyOf48
-    min_svn: _uint(32) | None = None
+    min_svn: U32 | None = None
     platform_key: AnyOf32 | None = None
 
 
@@ -393,7 +393,7 @@ class CollateralPolicy(_Strict):
     #: attester's collateral is used when it sends one.
     prefer: Literal["verifier", "evidence"] = "verifier"
     #: Refuse DCAP collateral (TCB info and QE identity) older than this TCB recovery.
-    min_tcb_evaluation_data_number: _uint(32) | None = None
+    min_tcb_evaluation_data_number: U32 | None = None
 
 
 _TEE_NAMES = Literal["sgx", "tdx", "snp", "sim"]

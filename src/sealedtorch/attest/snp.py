@@ -38,13 +38,11 @@ from typing import TYPE_CHECKING
 from uuid import UUID
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID, SignatureAlgorithmOID
+from cryptography.x509.oid import NameOID
 
 from .. import crypto
 from ..errors import AttestationError, CollateralError
-from . import kds
+from . import kds, layout
 from .evidence import Evidence, SnpClaims, Tee
 
 if TYPE_CHECKING:
@@ -65,6 +63,21 @@ SIG_ALGO_ECDSA_P384_SHA384 = 1
 _R_OFFSET, _S_OFFSET, _SIG_COMPONENT_SIZE = 0x2A0, 0x2E8, 72
 _SIG_RESERVED = slice(0x330, REPORT_SIZE)
 POLICY_DEBUG_BIT = 19
+# ATTESTATION_REPORT fields read as they are (bytes) and as little-endian integers.
+_REPORT_BLOBS: dict[str, layout.Span] = {
+    "family_id": (0x10, 0x20), "image_id": (0x20, 0x30), "current_tcb_raw": (0x38, 0x40),
+    "report_data": (0x50, 0x90), "measurement": (0x90, 0xC0), "host_data": (0xC0, 0xE0),
+    "id_key_digest": (0xE0, 0x110), "author_key_digest": (0x110, 0x140),
+    "report_id": (0x140, 0x160), "report_id_ma": (0x160, 0x180),
+    "reported_tcb_raw": (0x180, 0x188), "chip_id": (0x1A0, 0x1E0),
+    "committed_tcb_raw": (0x1E0, 0x1E8), "launch_tcb_raw": (0x1F0, 0x1F8),
+}
+_REPORT_UINTS: dict[str, layout.Span] = {
+    "guest_svn": (0x04, 0x08), "policy": (0x08, 0x10), "vmpl": (0x30, 0x34),
+    "platform_info": (0x40, 0x48),
+    "r": (_R_OFFSET, _R_OFFSET + _SIG_COMPONENT_SIZE),
+    "s": (_S_OFFSET, _S_OFFSET + _SIG_COMPONENT_SIZE),
+}
 
 #: SHA-256 of the DER of AMD's root keys (ARK), per product.  These pins, not the PEM files
 #: in attest/roots/, are what makes a chain trusted.  Sources: see docs/tee-snp.md.
@@ -229,9 +242,6 @@ def parse_report(data: bytes) -> Report:
     def u32(off: int) -> int:
         return int.from_bytes(raw[off:off + 4], "little")
 
-    def u64(off: int) -> int:
-        return int.from_bytes(raw[off:off + 8], "little")
-
     version = u32(0x00)
     if version not in SUPPORTED_VERSIONS:
         raise AttestationError(f"unsupported SEV-SNP report version {version} "
@@ -246,37 +256,14 @@ def parse_report(data: bytes) -> Report:
     if any(raw[_SIG_RESERVED]):
         raise AttestationError("report signature block is malformed: reserved bytes after "
                                "r and s (0x330-0x49F) are not zero")
+    v3 = version >= 3  # CPUID fields exist from version 3 on; zero before
     return Report(
-        raw=raw,
-        version=version,
-        guest_svn=u32(0x04),
-        policy=u64(0x08),
-        family_id=raw[0x10:0x20],
-        image_id=raw[0x20:0x30],
-        vmpl=u32(0x30),
-        signature_algo=sig_algo,
-        current_tcb_raw=raw[0x38:0x40],
-        platform_info=u64(0x40),
-        author_key_en=bool(flags & 1),
-        mask_chip_key=bool(flags >> 1 & 1),
+        raw=raw, version=version, signature_algo=sig_algo,
+        author_key_en=bool(flags & 1), mask_chip_key=bool(flags >> 1 & 1),
         signing_key_sel=flags >> 2 & 0b111,
-        report_data=raw[0x50:0x90],
-        measurement=raw[0x90:0xC0],
-        host_data=raw[0xC0:0xE0],
-        id_key_digest=raw[0xE0:0x110],
-        author_key_digest=raw[0x110:0x140],
-        report_id=raw[0x140:0x160],
-        report_id_ma=raw[0x160:0x180],
-        reported_tcb_raw=raw[0x180:0x188],
-        cpuid_family=raw[0x188] if version >= 3 else 0,
-        cpuid_model=raw[0x189] if version >= 3 else 0,
-        cpuid_stepping=raw[0x18A] if version >= 3 else 0,
-        chip_id=raw[0x1A0:0x1E0],
-        committed_tcb_raw=raw[0x1E0:0x1E8],
-        launch_tcb_raw=raw[0x1F0:0x1F8],
-        r=int.from_bytes(raw[_R_OFFSET:_R_OFFSET + _SIG_COMPONENT_SIZE], "little"),
-        s=int.from_bytes(raw[_S_OFFSET:_S_OFFSET + _SIG_COMPONENT_SIZE], "little"),
-    )
+        cpuid_family=raw[0x188] if v3 else 0, cpuid_model=raw[0x189] if v3 else 0,
+        cpuid_stepping=raw[0x18A] if v3 else 0,
+        **layout.read(raw, blobs=_REPORT_BLOBS, uints=_REPORT_UINTS))
 
 
 # --- certificates ---------------------------------------------------------------------------
@@ -304,7 +291,7 @@ def parse_certificates(blob: bytes | None) -> CertificateSet:
     blob = bytes(blob)
     seen: set[bytes] = set()
     for hint, cert in _split(blob):
-        der = cert.public_bytes(serialization.Encoding.DER)
+        der = crypto.certificate_der(cert)
         if der in seen:
             continue
         seen.add(der)
@@ -426,7 +413,7 @@ def _cn(name: x509.Name) -> str:
 
 def fingerprint(cert: x509.Certificate) -> str:
     """SHA-256 of the certificate's DER, lower-case hex (what :data:`ARK_SHA256` pins)."""
-    return cert.fingerprint(hashes.SHA256()).hex()
+    return crypto.certificate_sha256(cert)
 
 
 @functools.cache
@@ -462,10 +449,28 @@ def _pinned_product(cert: x509.Certificate) -> str | None:
 
 def _verify_chain(leaf: x509.Certificate, kind: str, given: CertificateSet,
                   at: int) -> _Chain:
+    """leaf → ASK/ASVK → pinned ARK, every signature, algorithm, validity and key type
+    checked (step 3 of the module docstring)."""
     leaf_name, mid_name = _KIND_NAMES[kind], _INTERMEDIATE_NAMES[kind]
+    _refuse_unpinned_roots(given)
+    mid = _intermediate(leaf, given, leaf_name, mid_name)
+    ark, product = _pinned_ark(mid, given, mid_name)
+    for cert, name in ((ark, "ARK"), (mid, mid_name), (leaf, leaf_name)):
+        _check_algorithm(cert, name)
+        _check_validity(cert, name, at)
+    for cert, name in ((ark, "ARK"), (mid, mid_name)):
+        if not _is_ca(cert):
+            raise AttestationError(f"{name} {_cn(cert.subject)!r} is not a CA certificate")
+        if not crypto.holds_rsa_key(cert):
+            raise AttestationError(f"{name} {_cn(cert.subject)!r} does not hold an RSA key")
+    if not crypto.holds_ecdsa_p384_key(leaf):
+        raise AttestationError(f"{leaf_name} does not hold an ECDSA P-384 public key")
+    return _Chain(product=product, leaf=leaf, intermediate=mid, ark=ark)
 
-    # Any root the evidence presents must be one of AMD's pinned ARKs: a self-made root is a
-    # forgery attempt, not something to skip over.
+
+def _refuse_unpinned_roots(given: CertificateSet) -> None:
+    """Any root the evidence presents must be one of AMD's pinned ARKs: a self-made root is
+    a forgery attempt, not something to skip over."""
     for root in given.roots:
         if _pinned_product(root) is None:
             raise AttestationError(
@@ -473,7 +478,11 @@ def _verify_chain(leaf: x509.Certificate, kind: str, given: CertificateSet,
                 f"{_cn(root.subject)!r} (SHA-256 {fingerprint(root)}) that is not a pinned "
                 f"AMD ARK ({', '.join(ARK_SHA256)}); ARK not pinned")
 
-    # The intermediate: the evidence's own, else the shipped one with the right name.
+
+def _intermediate(leaf: x509.Certificate, given: CertificateSet, leaf_name: str,
+                  mid_name: str) -> x509.Certificate:
+    """The ASK/ASVK that signed ``leaf``: the evidence's own, else the shipped one with the
+    right name."""
     candidates = [c for c in given.intermediates if c.subject == leaf.issuer]
     source = "evidence"
     if not candidates:
@@ -489,8 +498,12 @@ def _verify_chain(leaf: x509.Certificate, kind: str, given: CertificateSet,
             f"{leaf_name} signature does not verify under the {mid_name} "
             f"{_cn(leaf.issuer)!r} (from the {source}): {leaf_name} certificate is forged "
             "or damaged")
-    mid = signed[0]
+    return signed[0]
 
+
+def _pinned_ark(mid: x509.Certificate, given: CertificateSet,
+                mid_name: str) -> tuple[x509.Certificate, str]:
+    """The pinned, self-signed ARK that signed ``mid``, and its product line."""
     roots = [c for c in given.roots if c.subject == mid.issuer]
     if not roots:
         roots = [c for c in shipped_roots().roots if c.subject == mid.issuer]
@@ -508,28 +521,11 @@ def _verify_chain(leaf: x509.Certificate, kind: str, given: CertificateSet,
         raise AttestationError(f"{mid_name} signature does not verify under ARK "
                                f"{_cn(ark.subject)!r}: {mid_name} certificate is forged or "
                                "damaged")
-
-    for cert, name in ((ark, "ARK"), (mid, mid_name), (leaf, leaf_name)):
-        _check_algorithm(cert, name)
-        _check_validity(cert, name, at)
-    for cert, name in ((ark, "ARK"), (mid, mid_name)):
-        if not _is_ca(cert):
-            raise AttestationError(f"{name} {_cn(cert.subject)!r} is not a CA certificate")
-        if not isinstance(cert.public_key(), rsa.RSAPublicKey):
-            raise AttestationError(f"{name} {_cn(cert.subject)!r} does not hold an RSA key")
-    key = leaf.public_key()
-    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP384R1):
-        raise AttestationError(f"{leaf_name} does not hold an ECDSA P-384 public key")
-    return _Chain(product=product, leaf=leaf, intermediate=mid, ark=ark)
+    return ark, product
 
 
 def _check_algorithm(cert: x509.Certificate, name: str) -> None:
-    try:
-        ok = (cert.signature_algorithm_oid == SignatureAlgorithmOID.RSASSA_PSS
-              and isinstance(cert.signature_hash_algorithm, hashes.SHA384))
-    except Exception:  # an unsupported algorithm raises; either way it is not ours
-        ok = False
-    if not ok:
+    if not crypto.signed_with_rsa_pss_sha384(cert):
         raise AttestationError(f"{name} certificate is not signed with RSA-PSS/SHA-384 "
                                f"({cert.signature_algorithm_oid.dotted_string})")
 

@@ -7,8 +7,8 @@ verified :class:`~sealedtorch.attest.Claims`, which the model's policy (``allow`
 
 :class:`EvidenceAppraiser` — the runtime sends evidence from its own TEE with
     ``report_data = binding.report_data(nonce, public_key)``; it is verified through the
-    attestation front door (:func:`sealedtorch.attest.verify`) and the binding is checked with
-    :func:`sealedtorch.attest.binding.check`, exactly as the keyserver does.  Used for ``sim``
+    attestation front door (:func:`sealedtorch.attest.appraise`, which also checks the
+    binding), exactly as the keyserver does.  Used for ``sim``
     (statements signed by a trusted sim platform key; insecure) and for ``sgx`` (the runtime
     enclave's DCAP quote — see docs/keycache.md for why this is a quote and not an EREPORT),
     and usable for ``tdx``/``snp`` when collateral is reachable.
@@ -33,12 +33,15 @@ import threading
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .. import crypto
-from ..attest import Claims, Evidence, Tee, VerifierConfig, binding, verify
+from ..attest import Claims, Evidence, Tee, VerifierConfig, appraise, binding
 from ..errors import AttestationError, NonceError, PolicyDenied
 from . import protocol
+
+if TYPE_CHECKING:
+    from ..attest.attesters import Attester
 
 __all__ = [
     "AnswerSigner", "EvidenceAppraiser", "LocalRequest", "NonceRegistry", "PeerAppraiser",
@@ -193,9 +196,8 @@ class EvidenceAppraiser:
             raise AttestationError(
                 f"this keycache accepts local evidence from {', '.join(sorted(self.tees))}, "
                 f"not {evidence.tee}")
-        claims = verify(evidence, config=self.config)
-        binding.check(claims.report_data, request.nonce, request.public_key)
-        return claims
+        return appraise(evidence, nonce=request.nonce, public_key=request.public_key,
+                        config=self.config)
 
 
 class PeerAppraiser:
@@ -221,14 +223,12 @@ class PeerAppraiser:
         return self.vm_claims
 
 
-def self_claims(attester: object, config: VerifierConfig) -> Claims:
+def self_claims(attester: Attester, config: VerifierConfig) -> Claims:
     """Attest this process's own TEE and verify the result (for :class:`PeerAppraiser`)."""
     nonce = crypto.random_bytes(NONCE_SIZE)
     public_key = crypto.EphemeralKeyPair.generate().public_bytes
-    evidence = attester.evidence(binding.report_data(nonce, public_key))  # type: ignore[attr-defined]
-    claims = verify(evidence, config=config)
-    binding.check(claims.report_data, nonce, public_key)
-    return claims
+    evidence = attester.evidence(binding.report_data(nonce, public_key))
+    return appraise(evidence, nonce=nonce, public_key=public_key, config=config)
 
 
 IDENTITY_FIELDS: dict[Tee, tuple[str, ...]] = {

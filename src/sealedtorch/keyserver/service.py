@@ -40,6 +40,7 @@ from ..attest.policy import Decision, DeploymentPolicy, Policy, load_policy
 from ..errors import (
     AttestationError,
     AuthenticationError,
+    BindingError,
     ConflictError,
     ForbiddenError,
     IntegrityError,
@@ -421,10 +422,7 @@ class Keyserver:
             now = self.clock()
             with self.store.snapshot() as tx:  # cheap refusal before expensive verification
                 tx.check_nonce(nonce, tee.value, now)
-            claims = self._verify(evidence, now)
-            entry["claims"] = claims.to_json()
-            entry["insecure"] = claims.insecure
-            binding.check(claims.report_data, nonce, public_key)
+            claims = self._verify(evidence, nonce, public_key, now, entry)
             deployment = self._check_deployment_policy(claims)
             token, info = self.signer.issue(
                 claims=claims, public_key=public_key, role=req.role,
@@ -463,9 +461,17 @@ class Keyserver:
         except Exception:
             log.exception("could not burn a nonce after a failed attestation")
 
-    def _verify(self, evidence: Evidence, now: float) -> Claims:
+    def _verify(self, evidence: Evidence, nonce: bytes, public_key: bytes, now: float,
+                entry: dict[str, Any]) -> Claims:
+        """Appraise evidence bound to ``nonce`` and ``public_key``; the verified claims go
+        into the audit ``entry``, also when the binding refuses them."""
         try:
-            return attest.verify(evidence, at=now, config=self.verifier)
+            claims = attest.appraise(evidence, nonce=nonce, public_key=public_key, at=now,
+                                     config=self.verifier)
+        except BindingError as exc:
+            if exc.claims is not None:
+                entry.update(claims=exc.claims.to_json(), insecure=exc.claims.insecure)
+            raise
         except SealedTorchError:
             raise
         except ImportError as exc:
@@ -477,6 +483,8 @@ class Keyserver:
                         type(exc).__name__, exc)
             raise AttestationError(
                 f"{evidence.tee} evidence could not be parsed ({type(exc).__name__})") from None
+        entry.update(claims=claims.to_json(), insecure=claims.insecure)
+        return claims
 
     def _policy(self, model: ModelRecord) -> Policy:
         policy = self._policies.get(model.policy_digest)

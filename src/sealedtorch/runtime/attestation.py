@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import __version__
-from ..attest import Claims, Evidence, Tee, VerifierConfig, binding, verify
+from ..attest import Claims, Evidence, Tee, VerifierConfig, appraise, binding
 from ..attest.policy import Decision, Policy
 from ..errors import AttestationError, BindingError, PolicyDenied
 from .config import RuntimeConfig
@@ -178,11 +178,11 @@ def _b64field(doc: dict[str, Any], key: str) -> bytes:
 def _evidence_from_json(data: Any) -> Evidence:
     if not isinstance(data, dict):
         raise AttestationError("attestation document: 'evidence' is not an object")
+    name = data.get("tee")
     try:
-        tee = Tee(data.get("tee"))
+        tee = Tee(name if isinstance(name, str) else repr(name))
     except ValueError:
-        raise AttestationError(f"attestation document: unknown TEE {data.get('tee')!r}") \
-            from None
+        raise AttestationError(f"attestation document: unknown TEE {name!r}") from None
     blobs = {}
     for key in ("evidence", "collateral", "certificates"):
         if data.get(key) is not None:
@@ -213,9 +213,8 @@ def verify_document(doc: Any, *, nonce: bytes, connection_spki: bytes, policy: P
         raise AttestationError(f"attestation document: 'tls_key_origin' is {origin!r}, not "
                                f"one of {', '.join(TLS_KEY_ORIGINS)}")
     evidence = _evidence_from_json(doc.get("evidence"))
-    claims = verify(evidence, at=at, config=verifier)
-    binding.check(claims.report_data, nonce, connection_spki,
-                  domain=attestation_domain(origin))
+    claims = appraise(evidence, nonce=nonce, public_key=connection_spki, at=at,
+                      config=verifier, domain=attestation_domain(origin))
     decision = policy.decide_use(claims)
     decision.raise_if_denied()
     if origin == "file" and not allow_file_tls_key:
