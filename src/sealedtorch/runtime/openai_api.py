@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -99,6 +99,9 @@ class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
 
 
+_Request = TypeVar("_Request", bound=_Common)
+
+
 def _error(status: int, message: str, *, param: str | None = None,
            kind: str = "invalid_request_error", code: str | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "param": param,
@@ -130,7 +133,23 @@ class _Api:
                                "KServe v2 API only)", param="model")
         return generator
 
-    async def parse(self, request: Request, cls: type[_Common]) -> _Common | JSONResponse:
+    async def answer(self, request: Request, cls: type[_Request],
+                     encode: Callable[[TextGenerator, _Request], list[int] | JSONResponse],
+                     form: _Format) -> Response:
+        """One endpoint's whole handling: parse and check the body, find the model, encode
+        the prompt (``encode``), generate and answer in ``form``; or the error on the way."""
+        req = await self.parse(request, cls)
+        if isinstance(req, JSONResponse):
+            return req
+        gen = self.generator(req.model)
+        if isinstance(gen, JSONResponse):
+            return gen
+        ids = encode(gen, req)
+        if isinstance(ids, JSONResponse):
+            return ids
+        return await self.run(gen, ids, req, form)
+
+    async def parse(self, request: Request, cls: type[_Request]) -> _Request | JSONResponse:
         # Bounded before and while reading: a text request is small, and an unbounded read
         # would let any client make the runtime hold whatever it sends.
         limit = min(self.runtime.config.max_request_bytes, MAX_TEXT_REQUEST_BYTES)
@@ -205,6 +224,17 @@ class _Api:
                                  headers={"cache-control": "no-store"})
 
 
+def _encode_prompt(gen: TextGenerator, req: CompletionRequest) -> list[int]:
+    return gen.encode(req.prompt if isinstance(req.prompt, str) else req.prompt[0])
+
+
+def _encode_messages(gen: TextGenerator, req: ChatRequest) -> list[int] | JSONResponse:
+    try:
+        return gen.encode_chat([m.model_dump(exclude_none=True) for m in req.messages])
+    except ConfigError as exc:  # no chat template
+        return _error(400, str(exc), param="messages")
+
+
 def _generator_of(model: Any) -> TextGenerator | None:
     task = getattr(model, "text", None) if model is not None else None
     return getattr(task, "generator", None)
@@ -276,29 +306,10 @@ def openai_router(runtime: Runtime) -> APIRouter:
 
     @router.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        req = await api.parse(request, CompletionRequest)
-        if isinstance(req, JSONResponse):
-            return req
-        assert isinstance(req, CompletionRequest)
-        gen = api.generator(req.model)
-        if isinstance(gen, JSONResponse):
-            return gen
-        prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
-        return await api.run(gen, gen.encode(prompt), req, _COMPLETION)
+        return await api.answer(request, CompletionRequest, _encode_prompt, _COMPLETION)
 
     @router.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
-        req = await api.parse(request, ChatRequest)
-        if isinstance(req, JSONResponse):
-            return req
-        assert isinstance(req, ChatRequest)
-        gen = api.generator(req.model)
-        if isinstance(gen, JSONResponse):
-            return gen
-        try:
-            ids = gen.encode_chat([m.model_dump(exclude_none=True) for m in req.messages])
-        except ConfigError as exc:
-            return _error(400, str(exc), param="messages")
-        return await api.run(gen, ids, req, _CHAT)
+        return await api.answer(request, ChatRequest, _encode_messages, _CHAT)
 
     return router
