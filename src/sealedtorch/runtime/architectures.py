@@ -34,7 +34,7 @@ import io
 import itertools
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -222,7 +222,8 @@ def _first_float_dtype(module: torch.nn.Module) -> torch.dtype:
 def _signature(spec: ArchSpec, factory: Callable[..., Any], module: torch.nn.Module,
                source: str) -> Signature:
     default: Signature | None = None
-    describe = _SIGNATURES.get(factory)
+    # an allow-listed factory may be any callable, hashable or not
+    describe = _SIGNATURES.get(factory) if isinstance(factory, Hashable) else None
     if describe is not None:
         default = describe(module, **spec.kwargs)
     elif spec.name.startswith("torchvision.models:"):
