@@ -27,10 +27,15 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import crypto
 from .errors import ConfigError, PolicyDenied
+
+if TYPE_CHECKING:  # numpy and torch are imported when the demo runs, not with the CLI
+    import numpy as np
+    import torch
+    from numpy.typing import NDArray
 
 _BANNER = "!! sim TEE: a SOFTWARE stand-in for SGX/TDX/SNP — development only, proves nothing !!"
 
@@ -104,16 +109,34 @@ def _wait(what: str, check: object, timeout: float, proc: subprocess.Popen[bytes
         time.sleep(0.05)
 
 
-def _image_tensor() -> object:
-    import numpy as np
+def _image_tensor() -> NDArray[np.float32]:
     from PIL import Image
+
+    from .demo_classifier import normalised
 
     with resources.files("sealedtorch.data").joinpath("demo.png").open("rb") as f:
         img = Image.open(f).convert("RGB").resize((224, 224))
-    x = np.asarray(img, dtype=np.float32) / 255.0
-    mean = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-    std = np.array([0.229, 0.224, 0.225], dtype=np.float32)
-    return ((x - mean) / std).transpose(2, 0, 1)[None].copy()
+    return normalised(img)
+
+
+def _served_and_plain(work: Path, url: str, sim_dir: Path, served_name: str,
+                      x: NDArray[np.float32], plain: Any, stem: str
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits of ``x`` from the model served as ``served_name`` (the user's way:
+    ``sealedtorch client infer``, which attests and pins first) and from the plaintext
+    ``plain`` in this process, for the bit-identity check."""
+    import numpy as np
+    import torch
+
+    np.save(work / f"{stem}.npy", x)
+    _cli("client", "infer", "--url", url, "--policy", str(work / "runtime-policy.json"),
+         "--model", served_name, "--input", str(work / f"{stem}.npy"), "--trust-sim-root",
+         str(sim_dir / "platform.pub"), "--output", str(work / f"{stem}-logits.npz"))
+    served = np.load(work / f"{stem}-logits.npz")
+    served_logits = torch.from_numpy(served[served.files[0]])
+    with torch.inference_mode():
+        plain_logits = plain(torch.from_numpy(x))
+    return served_logits, plain_logits
 
 
 def _median_ms(samples: list[float]) -> float:
@@ -136,18 +159,10 @@ CLASSIFIER = "efficientnet-lite0"
 def _classify_photo(work: Path, url: str, sim_dir: Path, classifier: Any,
                     photo_tensor: Any, top5: Any) -> None:
     """The user sends a real photo to the real pretrained classifier served from the TEE."""
-    import numpy as np
     import torch
 
-    photo = photo_tensor("chelsea")
-    np.save(work / "chelsea.npy", photo)
-    _cli("client", "infer", "--url", url, "--policy", str(work / "runtime-policy.json"),
-         "--model", CLASSIFIER, "--input", str(work / "chelsea.npy"), "--trust-sim-root",
-         str(sim_dir / "platform.pub"), "--output", str(work / "chelsea-logits.npz"))
-    served = np.load(work / "chelsea-logits.npz")
-    served_logits = torch.from_numpy(served[served.files[0]])
-    with torch.inference_mode():
-        plain_logits = classifier(torch.from_numpy(photo))
+    served_logits, plain_logits = _served_and_plain(
+        work, url, sim_dir, CLASSIFIER, photo_tensor("chelsea"), classifier, "chelsea")
     assert torch.equal(served_logits, plain_logits), \
         "the served classifier's logits differ from the plaintext model's"
     served_top, plain_top = top5(served_logits[0]), top5(plain_logits[0])
@@ -176,7 +191,6 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, work: Path, procs: _Processes) -> None:
-    import numpy as np
     import torch
     import torchvision
 
@@ -330,14 +344,8 @@ def _run(args: argparse.Namespace, work: Path, procs: _Processes) -> None:
 
     # 7. The user: sealedtorch client infer (attest, verify, pin TLS key, then send) -------
     x = _image_tensor()
-    np.save(work / "image.npy", x)
-    _cli("client", "infer", "--url", server.url, "--policy", str(work / "runtime-policy.json"),
-         "--model", "resnet50", "--input", str(work / "image.npy"), "--trust-sim-root",
-         str(sim_dir / "platform.pub"), "--output", str(work / "logits.npz"))
-    served = np.load(work / "logits.npz")
-    served_logits = torch.from_numpy(served[served.files[0]])
-    with torch.inference_mode():
-        plain_logits = model(torch.from_numpy(x))
+    served_logits, plain_logits = _served_and_plain(work, server.url, sim_dir, "resnet50", x,
+                                                    model, "image")
     assert torch.equal(served_logits, plain_logits), \
         "served logits differ from the plaintext model's"
     top = torch.topk(plain_logits[0], 5).indices.tolist()

@@ -10,9 +10,13 @@ The owner side (:func:`pretrained_efficientnet`) and the user side (:func:`photo
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    import numpy as np
+    from numpy.typing import NDArray
 
 ARCH = "sealedtorch.runtime.architectures:efficientnet_lite0"
 #: ImageNet mean and standard deviation, the normalisation the weights were trained with.
@@ -44,17 +48,25 @@ def pretrained_efficientnet() -> Any:
     return model.eval()
 
 
-def photo_tensor(name: str = "chelsea") -> Any:
+def photo_tensor(name: str = "chelsea") -> NDArray[np.float32]:
     """A real photo from scikit-image as a normalised ``[1, 3, 224, 224]`` float32 array."""
-    import numpy as np
     from PIL import Image
 
     data = _need("skimage.data")
     image = Image.fromarray(getattr(data, name)()).convert("RGB").resize(
         (224, 224), Image.Resampling.BICUBIC)
-    x = np.asarray(image, dtype=np.float32) / 255.0
-    x = (x - np.array(_MEAN, dtype=np.float32)) / np.array(_STD, dtype=np.float32)
-    return x.transpose(2, 0, 1)[None].copy()
+    return normalised(image)
+
+
+def normalised(image: Any) -> NDArray[np.float32]:
+    """A 224x224 RGB image as the ``[1, 3, 224, 224]`` float32 array the ImageNet weights
+    take: scaled to [0, 1], then normalised by the ImageNet mean and standard deviation."""
+    import numpy as np
+
+    mean = np.array(_MEAN, dtype=np.float32)
+    std = np.array(_STD, dtype=np.float32)
+    scaled = np.asarray(image, dtype=np.float32) / np.float32(255.0)
+    return ((scaled - mean) / std).transpose(2, 0, 1)[None].copy()
 
 
 def imagenet_labels() -> list[str]:

@@ -60,7 +60,7 @@ class LazyTensor:
         if self.nbytes:
             with self.path.open("rb") as f:
                 f.seek(self.offset)
-                view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+                view = out.reshape(-1).view(torch.uint8).numpy().data  # the tensor's memory
                 if f.readinto(view) != self.nbytes:
                     raise FormatError(f"{self.path}: truncated tensor data")
         return out

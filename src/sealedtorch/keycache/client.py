@@ -344,11 +344,11 @@ class KeycacheClient:
                     f"keycache at {self.socket_path} answered {method} {url} with something "
                     f"that is not a JSON object")
             return data
-        exc = problems.error_from_problem(data, response.status_code)
-        if type(exc) is SealedTorchError:  # not a problem we know: say where it came from
+        error = problems.error_from_problem(data, response.status_code)
+        if type(error) is SealedTorchError:  # not a problem we know: say where it came from
             raise KeycacheUnavailable(f"keycache error (HTTP {response.status_code}): "
-                                      f"{exc}") from None
-        raise exc
+                                      f"{error}") from None
+        raise error
 
 
 def keycache_verifier(rules: Sequence[Rule], base: VerifierConfig | None = None

@@ -65,11 +65,18 @@ class PeerCred:
         return f"pid={self.pid} uid={self.uid} gid={self.gid}"
 
 
-def peer_credentials(sock: socket.socket | object) -> PeerCred | None:
+class SocketOptions(Protocol):
+    """What :func:`peer_credentials` reads: a socket, or asyncio's transport socket."""
+
+    def getsockopt(self, level: int, option: int, buflen: int, /) -> bytes: ...
+
+
+def peer_credentials(sock: SocketOptions | None) -> PeerCred | None:
     """SO_PEERCRED of a connected Unix socket (Linux), or None where unavailable."""
+    if sock is None:  # the transport has no socket
+        return None
     try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,  # type: ignore[attr-defined]
-                              struct.calcsize("3i"))
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     except (OSError, AttributeError):
         return None
     pid, uid, gid = struct.unpack("3i", raw)

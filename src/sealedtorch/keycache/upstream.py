@@ -27,8 +27,9 @@ verified lease (:class:`Released`).  Failures are typed:
 from __future__ import annotations
 
 import logging
-import os
 import time
+from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
 from .. import crypto
@@ -88,7 +89,7 @@ class Leased(NamedTuple):
 class Upstream(Protocol):
     """Where the keycache gets its keys from."""
 
-    def fetch_all(self) -> list[tuple[ModelKey, Policy]]:
+    def fetch_all(self) -> Sequence[Released | Leased]:
         """Every key currently released to this keycache (attesting first if needed)."""
         ...
 
@@ -109,7 +110,7 @@ class KeyserverUpstream:
         self.lease_key = lease_key
 
     @classmethod
-    def connect(cls, url: str, *, ca: str | os.PathLike[str] | None, attester: Attester,
+    def connect(cls, url: str, *, ca: Path | str | None, attester: Attester,
                 timeout: float = 10.0, lease_key: bytes | None = None,
                 log_key: str | None = None) -> KeyserverUpstream:
         """``lease_key``: the keyserver's Ed25519 public key (raw 32 bytes) to pin for
@@ -130,7 +131,7 @@ class KeyserverUpstream:
     def url(self) -> str:
         return str(getattr(self._client, "url", "?"))
 
-    def fetch_all(self) -> list[tuple[ModelKey, Policy]]:
+    def fetch_all(self) -> Sequence[Released | Leased]:
         try:
             leased = getattr(self._client, "fetch_all_leased", None)
             if callable(leased):
@@ -159,7 +160,7 @@ class KeyserverUpstream:
         except Exception as exc:  # anything else the transport or parser may raise
             raise UpstreamUnavailable(f"keyserver {self.url}: {type(exc).__name__}: "
                                       f"{exc}") from None
-        out: list[tuple[ModelKey, Policy]] = []
+        out: list[Released] = []
         for item in released:
             key, policy = item
             if not isinstance(key, ModelKey) or not isinstance(policy, Policy):
@@ -169,10 +170,10 @@ class KeyserverUpstream:
         return out
 
     def _verified(self, items: list[tuple[Any, str | None]], holder: bytes
-                  ) -> list[tuple[ModelKey, Policy]]:
+                  ) -> list[Leased]:
         """Every released key with its verified lease; any key without a valid lease for
         itself and this holder fails the whole refresh (:class:`LeaseInvalid`)."""
-        out: list[Any] = []  # Leased triples (a (ModelKey, Policy) pair plus the lease)
+        out: list[Leased] = []
         pinned = self.lease_key
         for item, text in items:
             key, policy = item

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .._lazy import lazy_attribute
+
 __all__ = [
     "AttestedClient", "LoadedModel", "ModelSource", "PlainSource", "RuntimeConfig",
     "RuntimeServer", "SubprocessServer", "load_config", "load_sealed", "runtime_measurement",
@@ -33,8 +35,4 @@ _WHERE = {
 
 
 def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return lazy_attribute(__name__, _WHERE, name)

@@ -34,10 +34,10 @@ import io
 import itertools
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -54,6 +54,24 @@ EXPORT = "torch.export"
 HF_PREFIX = "transformers:"
 EXPORT_TENSOR = "program"
 _DOWNLOADING_KWARGS = ("weights", "weights_backbone", "pretrained", "pretrained_backbone")
+
+
+#: A model's KServe signature: (inputs, outputs).
+Signature = tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]
+#: Describes a built-in factory's signature from the built module and its ``arch_kwargs``.
+SignatureOf = Callable[..., Signature]
+_Factory = TypeVar("_Factory", bound=Callable[..., torch.nn.Module])
+#: Built-in factory -> how to describe its signature (filled by :func:`with_signature`).
+_SIGNATURES: dict[Callable[..., Any], SignatureOf] = {}
+
+
+def with_signature(describe: SignatureOf) -> Callable[[_Factory], _Factory]:
+    """Record ``describe`` as the decorated factory's built-in signature, so that sealed
+    files of it need no ``inputs``/``outputs`` in their metadata."""
+    def record(factory: _Factory) -> _Factory:
+        _SIGNATURES[factory] = describe
+        return factory
+    return record
 
 
 @dataclass(frozen=True)
@@ -160,7 +178,7 @@ def _resolve(name: str, source: str) -> Callable[..., Any]:
             from None
     if not callable(obj):
         raise ConfigError(f"{source}: architecture {name!r} is not callable")
-    return obj  # type: ignore[no-any-return]
+    return obj
 
 
 def _assign(module: torch.nn.Module, state: dict[str, torch.Tensor], spec: ArchSpec,
@@ -202,9 +220,10 @@ def _first_float_dtype(module: torch.nn.Module) -> torch.dtype:
 
 
 def _signature(spec: ArchSpec, factory: Callable[..., Any], module: torch.nn.Module,
-               source: str) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-    default: tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]] | None = None
-    describe = getattr(factory, "sealedtorch_signature", None)
+               source: str) -> Signature:
+    default: Signature | None = None
+    # an allow-listed factory may be any callable, hashable or not
+    describe = _SIGNATURES.get(factory) if isinstance(factory, Hashable) else None
     if describe is not None:
         default = describe(module, **spec.kwargs)
     elif spec.name.startswith("torchvision.models:"):
@@ -243,7 +262,7 @@ def exported_program_state(program: torch.export.ExportedProgram
 
 
 def _export_signature(program: torch.export.ExportedProgram
-                      ) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+                      ) -> Signature:
     sig = program.graph_signature
     user_inputs = set(sig.user_inputs)
     placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
@@ -303,6 +322,14 @@ class _Mlp(torch.nn.Sequential):
     pass
 
 
+def _mlp_signature(module: torch.nn.Module, *, in_features: int, out_features: int,
+                   **_: Any) -> Signature:
+    dt = datatype_of(_first_float_dtype(module))
+    return ((TensorSpec("input", dt, (-1, int(in_features))),),
+            (TensorSpec("output", dt, (-1, int(out_features))),))
+
+
+@with_signature(_mlp_signature)
 def mlp(in_features: int, out_features: int, hidden: list[int] | tuple[int, ...] = (),
         activation: str = "relu") -> torch.nn.Module:
     """A plain multi-layer perceptron (``Linear`` + activation between layers)."""
@@ -318,21 +345,11 @@ def mlp(in_features: int, out_features: int, hidden: list[int] | tuple[int, ...]
     return _Mlp(*layers)
 
 
-def _mlp_signature(module: torch.nn.Module, *, in_features: int, out_features: int,
-                   **_: Any) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-    dt = datatype_of(_first_float_dtype(module))
-    return ((TensorSpec("input", dt, (-1, int(in_features))),),
-            (TensorSpec("output", dt, (-1, int(out_features))),))
-
-
-mlp.sealedtorch_signature = _mlp_signature  # type: ignore[attr-defined]
-
-
 @functools.cache
 def _sentence_bert_class() -> type[torch.nn.Module]:
     from transformers import BertModel
 
-    class SentenceBert(BertModel):  # type: ignore[misc]
+    class SentenceBert(BertModel):
         """BERT whose forward returns mean-pooled (optionally L2-normalised) sentence
         embeddings: the sentence-transformers Transformer -> Pooling(mean) -> Normalize
         pipeline, with the same operations in the same order."""
@@ -341,7 +358,7 @@ def _sentence_bert_class() -> type[torch.nn.Module]:
             super().__init__(config, add_pooling_layer=add_pooling_layer)
             self.sentence_normalize = normalize
 
-        def forward(self, input_ids: torch.Tensor,  # type: ignore[override]
+        def forward(self, input_ids: torch.Tensor,
                     attention_mask: torch.Tensor) -> torch.Tensor:
             tokens = super().forward(input_ids=input_ids,
                                      attention_mask=attention_mask).last_hidden_state
@@ -358,6 +375,15 @@ def _sentence_bert_class() -> type[torch.nn.Module]:
     return SentenceBert
 
 
+def _sentence_bert_signature(module: torch.nn.Module, *, config: dict[str, Any],
+                             **_: Any) -> Signature:
+    dt = datatype_of(_first_float_dtype(module))
+    return ((TensorSpec("input_ids", "INT64", (-1, -1)),
+             TensorSpec("attention_mask", "INT64", (-1, -1))),
+            (TensorSpec("sentence_embedding", dt, (-1, int(config["hidden_size"]))),))
+
+
+@with_signature(_sentence_bert_signature)
 def sentence_bert(config: dict[str, Any], pooling: str = "mean", normalize: bool = True,
                   add_pooling_layer: bool = False) -> torch.nn.Module:
     """A BERT sentence-embedding model built from a Hugging Face ``config.json`` dict.
@@ -372,17 +398,6 @@ def sentence_bert(config: dict[str, Any], pooling: str = "mean", normalize: bool
     cfg = BertConfig.from_dict(dict(config))
     return _sentence_bert_class()(cfg, add_pooling_layer=add_pooling_layer,
                                   normalize=normalize)
-
-
-def _sentence_bert_signature(module: torch.nn.Module, *, config: dict[str, Any],
-                             **_: Any) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-    dt = datatype_of(_first_float_dtype(module))
-    return ((TensorSpec("input_ids", "INT64", (-1, -1)),
-             TensorSpec("attention_mask", "INT64", (-1, -1))),
-            (TensorSpec("sentence_embedding", dt, (-1, int(config["hidden_size"]))),))
-
-
-sentence_bert.sealedtorch_signature = _sentence_bert_signature  # type: ignore[attr-defined]
 
 
 def sentence_bert_from_directory(model_dir: str | os.PathLike[str]
@@ -419,6 +434,14 @@ def sentence_bert_from_directory(model_dir: str | os.PathLike[str]
     return state, metadata
 
 
+def _efficientnet_signature(module: torch.nn.Module, *, num_classes: int = 1000,
+                            **_: Any) -> Signature:
+    dt = datatype_of(_first_float_dtype(module))
+    return ((TensorSpec("input", dt, (-1, 3, 224, 224)),),
+            (TensorSpec("output", dt, (-1, int(num_classes))),))
+
+
+@with_signature(_efficientnet_signature)
 def efficientnet_lite0(num_classes: int = 1000) -> torch.nn.Module:
     """EfficientNet-Lite0 (the ``efficientnet-lite-pytorch`` package's architecture).
 
@@ -432,13 +455,3 @@ def efficientnet_lite0(num_classes: int = 1000) -> torch.nn.Module:
         raise ConfigError("efficientnet_lite0 needs the efficientnet-lite-pytorch package "
                           "(pip install 'sealedtorch[demo]')") from None
     return EfficientNet.from_name("efficientnet-lite0", num_classes=int(num_classes))
-
-
-def _efficientnet_signature(module: torch.nn.Module, *, num_classes: int = 1000,
-                            **_: Any) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-    dt = datatype_of(_first_float_dtype(module))
-    return ((TensorSpec("input", dt, (-1, 3, 224, 224)),),
-            (TensorSpec("output", dt, (-1, int(num_classes))),))
-
-
-efficientnet_lite0.sealedtorch_signature = _efficientnet_signature  # type: ignore[attr-defined]

@@ -28,7 +28,7 @@ import asyncio
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -186,11 +186,48 @@ def _fill(header: bytearray, span: tuple[int, int], spec: TensorSpec, count: int
     dest.copy_(converted.view(torch.uint8))
 
 
+#: One input of a large JSON body, checked, whose numbers are still text: the input's JSON
+#: object, its spec, shape, element count, the index of its ``data`` span, and ``where``.
+_Planned = tuple[dict[str, Any], TensorSpec, list[int], int, int, str]
+
+
 def prevalidate_json(header: bytearray, *, inputs: Sequence[TensorSpec], max_batch_size: int,
                      max_elements: int) -> tuple[bytearray, torch.Tensor]:
     """A large JSON-only body as (small JSON header, binary data), checking every declared
     name, datatype, shape and size before any tensor data is parsed (see the module
     docstring).  Raises :class:`InvalidRequest` / :class:`PayloadTooLarge`."""
+    skeleton, spans = _cut_data_arrays(header)
+    try:
+        doc = json.loads(bytes(skeleton))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    raw_inputs = doc.get("inputs") if isinstance(doc, dict) else None
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise InvalidRequest("'inputs' must be a non-empty list")
+    specs = {s.name: s for s in inputs}
+    planned: list[_Planned] = []
+    used: set[int] = set()
+    for index, item in enumerate(raw_inputs):
+        plan = _plan_input(item, index, specs, max_batch_size, max_elements, len(spans), used)
+        used.add(plan[4])
+        planned.append(plan)
+    if len(used) != len(spans):
+        raise InvalidRequest("a large JSON body may have 'data' arrays only as inputs' data")
+    total = sum(count * spec.dtype.itemsize for _, spec, _, count, _, _ in planned)
+    binary = torch.empty(total, dtype=torch.uint8)
+    offset = 0
+    for item, spec, _shape, count, span, where in planned:
+        size = count * spec.dtype.itemsize
+        _fill(header, spans[span], spec, count, where, binary[offset:offset + size])
+        offset += size
+        del item["data"]
+        item["parameters"] = {**item.get("parameters", {}), "binary_data_size": size}
+    return bytearray(json.dumps(doc).encode()), binary
+
+
+def _cut_data_arrays(header: bytearray) -> tuple[bytearray, list[tuple[int, int]]]:
+    """The body with each ``"data": [...]`` array replaced by its index in the returned
+    spans ((start, end) of the array in ``header``): small enough to parse whole."""
     spans: list[tuple[int, int]] = []
     skeleton = bytearray()
     pos = 0
@@ -209,62 +246,50 @@ def prevalidate_json(header: bytearray, *, inputs: Sequence[TensorSpec], max_bat
         spans.append((start, end))
         pos = end
     skeleton += header[pos:]
-    try:
-        doc = json.loads(bytes(skeleton))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
-    raw_inputs = doc.get("inputs") if isinstance(doc, dict) else None
-    if not isinstance(raw_inputs, list) or not raw_inputs:
-        raise InvalidRequest("'inputs' must be a non-empty list")
-    specs = {s.name: s for s in inputs}
-    planned: list[tuple[dict[str, Any], TensorSpec, list[int], int, int, str]] = []
-    used: set[int] = set()
-    for index, item in enumerate(raw_inputs):
-        where = f"inputs[{index}]"
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-            raise InvalidRequest(f"{where} must be an object with a string 'name'")
-        name = item["name"]
-        where = f"{where} ({name!r})"
-        spec = specs.get(name)
-        if spec is None:
-            raise InvalidRequest(f"{where}: the model has no input named {name!r} (inputs: "
-                                 f"{', '.join(specs)})")
-        if item.get("datatype") != spec.datatype:
-            raise InvalidRequest(f"{where}: datatype {item.get('datatype')!r} does not match "
-                                 f"the model's {spec.datatype}")
-        shape = item.get("shape")
-        if not isinstance(shape, list) or len(shape) != len(spec.shape) or not all(
-                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape) \
-                or any(w != -1 and g != w for g, w in zip(shape, spec.shape, strict=True)):
-            raise InvalidRequest(f"{where}: shape {str(shape)[:80]} does not match the "
-                                 f"model's {list(spec.shape)} (-1 is any size)")
-        if shape[0] > max_batch_size:
-            raise PayloadTooLarge(f"{where}: batch of {shape[0]} rows is more than "
-                                  f"max_batch_size {max_batch_size}")
-        count = math.prod(shape)
-        if count > max_elements:
-            raise PayloadTooLarge(f"{where}: {count} elements, more than the limit of "
-                                  f"{max_elements}")
-        if not isinstance(item.get("parameters", {}), dict):
-            raise InvalidRequest(f"{where}.parameters must be an object")
-        span = item.get("data")
-        if type(span) is not int or span in used or not 0 <= span < len(spans):
-            raise InvalidRequest(f"{where}: a large JSON body needs 'data' as a plain array "
-                                 f"of numbers")
-        if spec.datatype not in _INTEGER_TYPES | _FLOAT_TYPES:
-            raise PayloadTooLarge(f"{where}: {spec.datatype} data over {LARGE_JSON_BYTES} "
-                                  f"bytes of JSON must use the binary tensor extension")
-        used.add(span)
-        planned.append((item, spec, shape, count, span, where))
-    if len(used) != len(spans):
-        raise InvalidRequest("a large JSON body may have 'data' arrays only as inputs' data")
-    total = sum(count * spec.dtype.itemsize for _, spec, _, count, _, _ in planned)
-    binary = torch.empty(total, dtype=torch.uint8)
-    offset = 0
-    for item, spec, _shape, count, span, where in planned:
-        size = count * spec.dtype.itemsize
-        _fill(header, spans[span], spec, count, where, binary[offset:offset + size])
-        offset += size
-        del item["data"]
-        item["parameters"] = {**item.get("parameters", {}), "binary_data_size": size}
-    return bytearray(json.dumps(doc).encode()), binary
+    return skeleton, spans
+
+
+def _plan_input(item: Any, index: int, specs: Mapping[str, TensorSpec], max_batch_size: int,
+                max_elements: int, span_count: int, used: set[int]) -> _Planned:
+    """Check ``inputs[index]`` of the skeleton against the model's signature and the limits
+    (its ``data`` must be the index of a span not used by another input)."""
+    where = f"inputs[{index}]"
+    if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+        raise InvalidRequest(f"{where} must be an object with a string 'name'")
+    name = item["name"]
+    where = f"{where} ({name!r})"
+    spec = specs.get(name)
+    if spec is None:
+        raise InvalidRequest(f"{where}: the model has no input named {name!r} (inputs: "
+                             f"{', '.join(specs)})")
+    if item.get("datatype") != spec.datatype:
+        raise InvalidRequest(f"{where}: datatype {item.get('datatype')!r} does not match "
+                             f"the model's {spec.datatype}")
+    shape = _checked_shape(item.get("shape"), spec, where, max_batch_size)
+    count = math.prod(shape)
+    if count > max_elements:
+        raise PayloadTooLarge(f"{where}: {count} elements, more than the limit of "
+                              f"{max_elements}")
+    if not isinstance(item.get("parameters", {}), dict):
+        raise InvalidRequest(f"{where}.parameters must be an object")
+    span = item.get("data")
+    if type(span) is not int or span in used or not 0 <= span < span_count:
+        raise InvalidRequest(f"{where}: a large JSON body needs 'data' as a plain array "
+                             f"of numbers")
+    if spec.datatype not in _INTEGER_TYPES | _FLOAT_TYPES:
+        raise PayloadTooLarge(f"{where}: {spec.datatype} data over {LARGE_JSON_BYTES} "
+                              f"bytes of JSON must use the binary tensor extension")
+    return item, spec, shape, count, span, where
+
+
+def _checked_shape(shape: Any, spec: TensorSpec, where: str, max_batch_size: int) -> list[int]:
+    """``shape`` when it fits the model's (-1: any size) and ``max_batch_size``."""
+    if not isinstance(shape, list) or len(shape) != len(spec.shape) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape) \
+            or any(w != -1 and g != w for g, w in zip(shape, spec.shape, strict=True)):
+        raise InvalidRequest(f"{where}: shape {str(shape)[:80]} does not match the "
+                             f"model's {list(spec.shape)} (-1 is any size)")
+    if shape[0] > max_batch_size:
+        raise PayloadTooLarge(f"{where}: batch of {shape[0]} rows is more than "
+                              f"max_batch_size {max_batch_size}")
+    return shape

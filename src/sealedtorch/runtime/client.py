@@ -55,7 +55,7 @@ from .kserve import (
     decode_infer_response,
     encode_infer_request_parts,
 )
-from .tls import PinMismatch, capture_context, peer_spki, pinned_context
+from .tls import PinMismatch, capture_context, peer_spki, pin_spki, pinned_context
 
 __all__ = ["AttestedClient", "InferenceError", "ModelExpectation", "attested_ssl_context",
            "check_expectations", "parse_expectations", "pinned_ssl_context"]
@@ -341,9 +341,7 @@ def pinned_ssl_context(certificate: bytes | str, spki_der: bytes | None = None, 
     except (ssl.SSLError, ValueError) as exc:
         raise ConfigError(f"not a PEM/DER certificate: {exc}") from None
     if spki_der is not None and type(ctx) is ssl.SSLContext:
-        ctx.sealedtorch_pinned_spki = bytes(spki_der)  # type: ignore[attr-defined]
-        ctx.sslsocket_class = pinned_context(spki_der).sslsocket_class
-        ctx.sslobject_class = pinned_context(spki_der).sslobject_class
+        pin_spki(ctx, spki_der)
     return ctx
 
 

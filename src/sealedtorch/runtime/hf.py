@@ -25,11 +25,14 @@ import os
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import ConfigError, FormatError
+
+if TYPE_CHECKING:  # transformers is an optional extra, imported where a model is built
+    from transformers import PreTrainedModel
 
 __all__ = [
     "HF_ARCH_PREFIX", "TASKS", "ExpectedTensors", "GenerationParams", "GenerationResult",
@@ -53,7 +56,7 @@ def task_of(class_name: str) -> str:
                       f"sequence classification, or a base encoder model)")
 
 
-def _model_class(class_name: str) -> type[Any]:
+def _model_class(class_name: str) -> type[PreTrainedModel]:
     import transformers
 
     cls = getattr(transformers, class_name, None) if class_name.isidentifier() else None
@@ -97,7 +100,7 @@ def _parameters_on_meta() -> Iterator[None]:
 _BUILD_LOCK = threading.Lock()  # the patch above is process-wide
 
 
-def instantiate(config: Mapping[str, Any], *, where: str = "model") -> torch.nn.Module:
+def instantiate(config: Mapping[str, Any], *, where: str = "model") -> PreTrainedModel:
     """The model ``config`` describes, parameters on ``meta``, buffers real."""
     from transformers.initialization import no_init_weights
 
@@ -106,8 +109,7 @@ def instantiate(config: Mapping[str, Any], *, where: str = "model") -> torch.nn.
     cls = _model_class(check_config(dict(config), where))
     cfg = _config_object(config, where)
     with _BUILD_LOCK, no_init_weights(), _parameters_on_meta():
-        model = cls(cfg)
-    return model  # type: ignore[no-any-return]
+        return cls(cfg)
 
 
 @dataclass(frozen=True)
@@ -172,7 +174,7 @@ def build_tokenizer(files: Mapping[str, str]) -> Any:
 class Pretrained:
     """A transformers model built around sealed weights, with its tokenizer and task."""
 
-    model: torch.nn.Module
+    model: PreTrainedModel
     tokenizer: Any
     task: str
     config: dict[str, Any]
@@ -207,7 +209,9 @@ def build_pretrained(state: dict[str, torch.Tensor], metadata: Mapping[str, Any]
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:
         raise ConfigError(f"{source}: the sealed weights leave {left[:3]} unset")
-    model.to(device)
+    # transformers wraps PreTrainedModel.to in functools.wraps(Module.to), which its typing
+    # turns into an unbound callable: the call is right, the inferred signature is not.
+    model.to(device)  # type: ignore[arg-type]
     model.eval()
     model.requires_grad_(False)
     generation = hf.get("generation_config")
@@ -313,7 +317,14 @@ class TextGenerator:
             raise ConfigError(f"{pretrained.class_name} does not generate text")
         if pretrained.tokenizer is None:
             raise ConfigError(f"{pretrained.class_name}: no tokenizer was sealed with it")
-        self.model = pretrained.model
+        from transformers import GenerationMixin
+
+        model = pretrained.model
+        if not isinstance(model, GenerationMixin):  # every causal LM class is one
+            raise ConfigError(f"{pretrained.class_name} has no generate()")
+        #: Narrowed to a PreTrainedModel that is a GenerationMixin: transformers 5 keeps
+        #: generate() off PreTrainedModel itself.
+        self.model = model
         self.tokenizer = pretrained.tokenizer
         self._lock = threading.Lock()
 
@@ -339,7 +350,7 @@ class TextGenerator:
 
         stream = _Stream(self.tokenizer, params.stop, on_text)
 
-        class _StopString(StoppingCriteria):  # type: ignore[misc]
+        class _StopString(StoppingCriteria):
             def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor,
                          **_: Any) -> torch.Tensor:
                 return torch.full((input_ids.shape[0],), stream.stopped_by_string,

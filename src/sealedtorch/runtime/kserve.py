@@ -169,16 +169,7 @@ def parse_infer_parts(header: bytes | bytearray | memoryview,
     meant for one model to another's URL learns it instead of getting the wrong answer.
     ``header_length_given``: whether the binary extension's header length was sent; a body
     that is not JSON then gets a hint about it."""
-    try:
-        doc = json.loads(bytes(header))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(_not_json(header, exc, header_length_given)) from None
-    if not isinstance(doc, dict):
-        raise InvalidRequest("request body must be a JSON object with an 'inputs' list")
-    unknown = set(doc) - REQUEST_FIELDS
-    if unknown:
-        raise InvalidRequest(f"unknown request field(s): {', '.join(sorted(unknown))} "
-                             f"(allowed: {', '.join(sorted(REQUEST_FIELDS))})")
+    doc = _request_document(header, header_length_given)
     req_id = doc.get("id")
     if req_id is not None and not isinstance(req_id, str):
         raise InvalidRequest("'id' must be a string")
@@ -192,53 +183,105 @@ def parse_infer_parts(header: bytes | bytearray | memoryview,
     seen: dict[str, torch.Tensor] = {}
     offset = 0
     for index, item in enumerate(raw_inputs):
-        where = f"inputs[{index}]"
-        if not isinstance(item, dict):
-            raise InvalidRequest(f"{where} must be an object")
-        name = item.get("name")
-        if not isinstance(name, str):
-            raise InvalidRequest(f"{where}: 'name' must be a string")
-        where = f"{where} ({name!r})"
-        if name not in specs:
-            raise InvalidRequest(f"{where}: the model has no input named {name!r} (inputs: "
-                                 f"{', '.join(specs)})")
-        if name in seen:
-            raise InvalidRequest(f"{where}: input given twice")
-        spec = specs[name]
-        shape = _shape(item.get("shape"), where)
-        datatype = item.get("datatype")
-        if datatype != spec.datatype:
-            raise InvalidRequest(f"{where}: datatype {datatype!r} does not match the "
-                                 f"model's {spec.datatype}")
-        _check_shape(shape, spec, where)
-        count = math.prod(shape)
-        if count > max_elements:
-            raise PayloadTooLarge(f"{where}: {count} elements, more than the limit of "
-                                  f"{max_elements}")
-        item_params = _params(item.get("parameters"), f"{where}.parameters")
-        size = item_params.get("binary_data_size")
-        if size is not None:
-            if "data" in item:
-                raise InvalidRequest(f"{where}: has both 'data' and binary_data_size")
-            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-                raise InvalidRequest(f"{where}: binary_data_size must be a non-negative "
-                                     f"integer")
-            expected = count * spec.dtype.itemsize
-            if size != expected:
-                raise InvalidRequest(f"{where}: binary_data_size is {size} bytes, but shape "
-                                     f"{shape} of {datatype} needs {expected}")
-            if offset + size > len(binary):
-                raise InvalidRequest(f"{where}: binary data ends after the body "
-                                     f"({len(binary) - offset} bytes left, {size} needed)")
-            seen[name] = _from_bytes(binary[offset:offset + size], spec.dtype, shape, where)
-            offset += size
-        else:
-            if "data" not in item:
-                raise InvalidRequest(f"{where}: no 'data' and no binary_data_size")
+        name, spec, where = _input_spec(item, index, specs, seen)
+        shape, count = _input_shape(item, spec, where, max_elements)
+        size = _binary_size(item, spec, shape, count, where)
+        if size is None:
             seen[name] = _from_json(item["data"], spec, shape, count, where)
+            continue
+        if offset + size > len(binary):
+            raise InvalidRequest(f"{where}: binary data ends after the body "
+                                 f"({len(binary) - offset} bytes left, {size} needed)")
+        seen[name] = _from_bytes(binary[offset:offset + size], spec.dtype, shape, where)
+        offset += size
     if offset != len(binary):
         raise InvalidRequest(f"{len(binary) - offset} bytes of binary data follow the last "
                              f"binary input (wrong {HEADER_LENGTH} or binary_data_size?)")
+    batch = _batch_rows(seen, specs, max_batch_size)
+    requested = _requested_outputs(doc.get("outputs"), outputs,
+                                   _flag(params, "binary_data_output", "parameters", False))
+    ordered = {s.name: seen[s.name] for s in inputs}
+    return InferRequest(req_id, ordered, requested, batch)
+
+
+def _request_document(header: bytes | bytearray | memoryview,
+                      header_length_given: bool) -> dict[str, Any]:
+    """The request's JSON header as an object with only the protocol's top-level fields."""
+    try:
+        doc = json.loads(bytes(header))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(_not_json(header, exc, header_length_given)) from None
+    if not isinstance(doc, dict):
+        raise InvalidRequest("request body must be a JSON object with an 'inputs' list")
+    unknown = set(doc) - REQUEST_FIELDS
+    if unknown:
+        raise InvalidRequest(f"unknown request field(s): {', '.join(sorted(unknown))} "
+                             f"(allowed: {', '.join(sorted(REQUEST_FIELDS))})")
+    return doc
+
+
+def _input_spec(item: Any, index: int, specs: Mapping[str, TensorSpec],
+                seen: Mapping[str, torch.Tensor]) -> tuple[str, TensorSpec, str]:
+    """(name, the model's spec for it, where: the label errors name) of ``inputs[index]``;
+    an input the model lacks, or one given twice, is refused."""
+    where = f"inputs[{index}]"
+    if not isinstance(item, dict):
+        raise InvalidRequest(f"{where} must be an object")
+    name = item.get("name")
+    if not isinstance(name, str):
+        raise InvalidRequest(f"{where}: 'name' must be a string")
+    where = f"{where} ({name!r})"
+    if name not in specs:
+        raise InvalidRequest(f"{where}: the model has no input named {name!r} (inputs: "
+                             f"{', '.join(specs)})")
+    if name in seen:
+        raise InvalidRequest(f"{where}: input given twice")
+    return name, specs[name], where
+
+
+def _input_shape(item: Mapping[str, Any], spec: TensorSpec, where: str,
+                 max_elements: int) -> tuple[list[int], int]:
+    """(shape, element count) of one input, checked against the model's datatype and shape
+    and the element limit."""
+    shape = _shape(item.get("shape"), where)
+    datatype = item.get("datatype")
+    if datatype != spec.datatype:
+        raise InvalidRequest(f"{where}: datatype {datatype!r} does not match the "
+                             f"model's {spec.datatype}")
+    _check_shape(shape, spec, where)
+    count = math.prod(shape)
+    if count > max_elements:
+        raise PayloadTooLarge(f"{where}: {count} elements, more than the limit of "
+                              f"{max_elements}")
+    return shape, count
+
+
+def _binary_size(item: Mapping[str, Any], spec: TensorSpec, shape: list[int], count: int,
+                 where: str) -> int | None:
+    """The byte size of an input sent with the binary extension (exactly what its shape
+    and datatype need), or None when it carries JSON ``data``."""
+    item_params = _params(item.get("parameters"), f"{where}.parameters")
+    size = item_params.get("binary_data_size")
+    if size is None:
+        if "data" not in item:
+            raise InvalidRequest(f"{where}: no 'data' and no binary_data_size")
+        return None
+    if "data" in item:
+        raise InvalidRequest(f"{where}: has both 'data' and binary_data_size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise InvalidRequest(f"{where}: binary_data_size must be a non-negative "
+                             f"integer")
+    expected = count * spec.dtype.itemsize
+    if size != expected:
+        raise InvalidRequest(f"{where}: binary_data_size is {size} bytes, but shape "
+                             f"{shape} of {spec.datatype} needs {expected}")
+    return size
+
+
+def _batch_rows(seen: Mapping[str, torch.Tensor], specs: Mapping[str, TensorSpec],
+                max_batch_size: int) -> int:
+    """The request's batch size: every input given, all with the same first dimension,
+    within ``max_batch_size``."""
     missing = [n for n in specs if n not in seen]
     if missing:
         raise InvalidRequest(f"missing input(s): {', '.join(missing)}")
@@ -250,10 +293,7 @@ def parse_infer_parts(header: bytes | bytearray | memoryview,
     if batch > max_batch_size:
         raise PayloadTooLarge(f"batch of {batch} rows is more than max_batch_size "
                               f"{max_batch_size}")
-    requested = _requested_outputs(doc.get("outputs"), outputs,
-                                   _flag(params, "binary_data_output", "parameters", False))
-    ordered = {s.name: seen[s.name] for s in inputs}
-    return InferRequest(req_id, ordered, requested, batch)
+    return batch
 
 
 def split_body(body: bytes | bytearray, header_length: str | None
@@ -581,7 +621,7 @@ def _memory_of(t: torch.Tensor) -> memoryview:
     flat = t.reshape(-1)
     if flat.dtype in (torch.bfloat16, torch.float16):
         flat = flat.view(torch.int16)
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    return flat.view(torch.uint8).numpy().data.cast("B")  # ndarray.data: its own memory
 
 
 def decode_infer_response(body: bytes, header_length: str | None) -> dict[str, Any]:

@@ -23,7 +23,8 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -98,6 +99,9 @@ class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
 
 
+_Request = TypeVar("_Request", bound=_Common)
+
+
 def _error(status: int, message: str, *, param: str | None = None,
            kind: str = "invalid_request_error", code: str | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "param": param,
@@ -129,7 +133,23 @@ class _Api:
                                "KServe v2 API only)", param="model")
         return generator
 
-    async def parse(self, request: Request, cls: type[_Common]) -> _Common | JSONResponse:
+    async def answer(self, request: Request, cls: type[_Request],
+                     encode: Callable[[TextGenerator, _Request], list[int] | JSONResponse],
+                     form: _Format) -> Response:
+        """One endpoint's whole handling: parse and check the body, find the model, encode
+        the prompt (``encode``), generate and answer in ``form``; or the error on the way."""
+        req = await self.parse(request, cls)
+        if isinstance(req, JSONResponse):
+            return req
+        gen = self.generator(req.model)
+        if isinstance(gen, JSONResponse):
+            return gen
+        ids = encode(gen, req)
+        if isinstance(ids, JSONResponse):
+            return ids
+        return await self.run(gen, ids, req, form)
+
+    async def parse(self, request: Request, cls: type[_Request]) -> _Request | JSONResponse:
         # Bounded before and while reading: a text request is small, and an unbounded read
         # would let any client make the runtime hold whatever it sends.
         limit = min(self.runtime.config.max_request_bytes, MAX_TEXT_REQUEST_BYTES)
@@ -159,21 +179,25 @@ class _Api:
             return _error(400, f"{loc}: {err['msg']}", param=loc)
 
     async def run(self, gen: TextGenerator, prompt_ids: list[int], req: _Common,
-                  render: Callable[[GenerationResult, str, int], dict[str, Any]],
-                  chunk: Callable[[str | None, str | None, str, int], dict[str, Any]]
-                  ) -> Response:
+                  form: _Format) -> Response:
         params = req.params(16 if isinstance(req, CompletionRequest) else 256)
         ident, created = uuid.uuid4().hex, int(time.time())
+
+        def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
+            return form.chunk(text, finish, req.model, ident, created)
+
         if not req.stream:
             result = await asyncio.to_thread(gen.generate, prompt_ids, params)
-            return JSONResponse(render(result, ident, created))
+            return JSONResponse(form.answer(result, req.model, ident, created))
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[str | GenerationResult | BaseException] = asyncio.Queue()
 
+        def emit(text: str) -> None:  # called on the generating thread
+            loop.call_soon_threadsafe(queue.put_nowait, text)
+
         def produce() -> None:
             try:
-                result = gen.generate(prompt_ids, params, on_text=lambda text: (
-                    loop.call_soon_threadsafe(queue.put_nowait, text)))
+                result = gen.generate(prompt_ids, params, on_text=emit)
                 loop.call_soon_threadsafe(queue.put_nowait, result)
             except BaseException as exc:  # reported in the stream, then the stream ends
                 loop.call_soon_threadsafe(queue.put_nowait, exc)
@@ -181,13 +205,13 @@ class _Api:
         threading.Thread(target=produce, name="generate", daemon=True).start()
 
         async def events() -> AsyncIterator[bytes]:
-            yield _sse(chunk(None, None, ident, created))  # role / opening chunk
+            yield _sse(chunk(None, None))  # role / opening chunk
             while True:
                 item = await queue.get()
                 if isinstance(item, str):
-                    yield _sse(chunk(item, None, ident, created))
+                    yield _sse(chunk(item, None))
                 elif isinstance(item, GenerationResult):
-                    yield _sse(chunk(None, item.finish_reason, ident, created))
+                    yield _sse(chunk(None, item.finish_reason))
                     break
                 else:
                     yield _sse({"error": {"message": f"generation failed: "
@@ -200,6 +224,17 @@ class _Api:
                                  headers={"cache-control": "no-store"})
 
 
+def _encode_prompt(gen: TextGenerator, req: CompletionRequest) -> list[int]:
+    return gen.encode(req.prompt if isinstance(req.prompt, str) else req.prompt[0])
+
+
+def _encode_messages(gen: TextGenerator, req: ChatRequest) -> list[int] | JSONResponse:
+    try:
+        return gen.encode_chat([m.model_dump(exclude_none=True) for m in req.messages])
+    except ConfigError as exc:  # no chat template
+        return _error(400, str(exc), param="messages")
+
+
 def _generator_of(model: Any) -> TextGenerator | None:
     task = getattr(model, "text", None) if model is not None else None
     return getattr(task, "generator", None)
@@ -208,6 +243,54 @@ def _generator_of(model: Any) -> TextGenerator | None:
 def _usage(r: GenerationResult) -> dict[str, int]:
     return {"prompt_tokens": r.prompt_tokens, "completion_tokens": len(r.token_ids),
             "total_tokens": r.prompt_tokens + len(r.token_ids)}
+
+
+@dataclass(frozen=True)
+class _Format:
+    """How one endpoint writes its answers, whole or streamed: the two endpoints differ
+    only in the id prefix, the object names and the choice's text field, so one renderer
+    keeps their shared fields (and OpenAI's shape) from drifting apart."""
+
+    id_prefix: str
+    answer_object: str
+    chunk_object: str
+    #: The choice's text field(s): (text, finish_reason, streamed?) -> fields.
+    text_fields: Callable[[str | None, str | None, bool], dict[str, Any]]
+
+    def answer(self, r: GenerationResult, model: str, ident: str,
+               created: int) -> dict[str, Any]:
+        return {**self._head(self.answer_object, model, ident, created),
+                "choices": [self._choice(r.text, r.finish_reason, False)], "usage": _usage(r)}
+
+    def chunk(self, text: str | None, finish: str | None, model: str, ident: str,
+              created: int) -> dict[str, Any]:
+        """One server-sent event's data; ``(None, None)`` is the opening chunk."""
+        return {**self._head(self.chunk_object, model, ident, created),
+                "choices": [self._choice(text, finish, True)]}
+
+    def _head(self, kind: str, model: str, ident: str, created: int) -> dict[str, Any]:
+        return {"id": f"{self.id_prefix}-{ident}", "object": kind, "created": created,
+                "model": model}
+
+    def _choice(self, text: str | None, finish: str | None, streamed: bool) -> dict[str, Any]:
+        return {"index": 0, **self.text_fields(text, finish, streamed),
+                "finish_reason": finish, "logprobs": None}
+
+
+def _completion_text(text: str | None, finish: str | None, streamed: bool) -> dict[str, Any]:
+    return {"text": text or ""}
+
+
+def _chat_text(text: str | None, finish: str | None, streamed: bool) -> dict[str, Any]:
+    if not streamed:
+        return {"message": {"role": "assistant", "content": text}}
+    if text is None and finish is None:  # the opening chunk names the role
+        return {"delta": {"role": "assistant", "content": ""}}
+    return {"delta": {"content": text} if text else {}}
+
+
+_COMPLETION = _Format("cmpl", "text_completion", "text_completion", _completion_text)
+_CHAT = _Format("chatcmpl", "chat.completion", "chat.completion.chunk", _chat_text)
 
 
 def openai_router(runtime: Runtime) -> APIRouter:
@@ -223,65 +306,10 @@ def openai_router(runtime: Runtime) -> APIRouter:
 
     @router.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        req = await api.parse(request, CompletionRequest)
-        if isinstance(req, JSONResponse):
-            return req
-        assert isinstance(req, CompletionRequest)
-        gen = api.generator(req.model)
-        if isinstance(gen, JSONResponse):
-            return gen
-        prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
-        ids = gen.encode(prompt)
-
-        def render(r: GenerationResult, ident: str, created: int) -> dict[str, Any]:
-            return {"id": f"cmpl-{ident}", "object": "text_completion", "created": created,
-                    "model": req.model, "choices": [{"index": 0, "text": r.text,
-                                                     "finish_reason": r.finish_reason,
-                                                     "logprobs": None}],
-                    "usage": _usage(r)}
-
-        def chunk(text: str | None, finish: str | None, ident: str,
-                  created: int) -> dict[str, Any]:
-            return {"id": f"cmpl-{ident}", "object": "text_completion", "created": created,
-                    "model": req.model, "choices": [{"index": 0, "text": text or "",
-                                                     "finish_reason": finish,
-                                                     "logprobs": None}]}
-
-        return await api.run(gen, ids, req, render, chunk)
+        return await api.answer(request, CompletionRequest, _encode_prompt, _COMPLETION)
 
     @router.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
-        req = await api.parse(request, ChatRequest)
-        if isinstance(req, JSONResponse):
-            return req
-        assert isinstance(req, ChatRequest)
-        gen = api.generator(req.model)
-        if isinstance(gen, JSONResponse):
-            return gen
-        try:
-            ids = gen.encode_chat([m.model_dump(exclude_none=True) for m in req.messages])
-        except ConfigError as exc:
-            return _error(400, str(exc), param="messages")
-
-        def render(r: GenerationResult, ident: str, created: int) -> dict[str, Any]:
-            return {"id": f"chatcmpl-{ident}", "object": "chat.completion",
-                    "created": created, "model": req.model,
-                    "choices": [{"index": 0, "finish_reason": r.finish_reason,
-                                 "message": {"role": "assistant", "content": r.text},
-                                 "logprobs": None}],
-                    "usage": _usage(r)}
-
-        def chunk(text: str | None, finish: str | None, ident: str,
-                  created: int) -> dict[str, Any]:
-            if text is None and finish is None:
-                delta: dict[str, Any] = {"role": "assistant", "content": ""}
-            else:
-                delta = {"content": text} if text else {}
-            return {"id": f"chatcmpl-{ident}", "object": "chat.completion.chunk",
-                    "created": created, "model": req.model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
-                                 "logprobs": None}]}
-
-        return await api.run(gen, ids, req, render, chunk)
+        return await api.answer(request, ChatRequest, _encode_messages, _CHAT)
 
     return router

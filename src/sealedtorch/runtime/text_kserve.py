@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from ..errors import ConfigError
 from .hf import GenerationParams, Pretrained, TextGenerator
 from .kserve import (
     HEADER_LENGTH,
@@ -50,8 +51,9 @@ __all__ = ["TextRequest", "TextTask", "decode_bytes", "encode_bytes",
 
 BYTES = "BYTES"
 INPUT = "text"
-_GEN_PARAMS = {"max_tokens": int, "temperature": (int, float), "top_p": (int, float),
-               "seed": int, "stop": (str, list)}
+_GEN_PARAMS: dict[str, type | tuple[type, ...]] = {
+    "max_tokens": int, "temperature": (int, float), "top_p": (int, float), "seed": int,
+    "stop": (str, list)}
 
 
 @dataclass
@@ -83,6 +85,24 @@ def parse_text_request(header: bytes | bytearray | memoryview,
                        outputs: Sequence[TensorSpec], max_batch_size: int,
                        model_name: str, model_versions: Sequence[str]) -> TextRequest:
     """Validate a text request: one ``text`` BYTES input of shape ``[b]``."""
+    doc = _text_document(header, model_name, model_versions)
+    req_id = doc.get("id")
+    if req_id is not None and not isinstance(req_id, str):
+        raise InvalidRequest("'id' must be a string")
+    params = doc.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise InvalidRequest("'parameters' must be an object")
+    item, where, count = _text_input(doc.get("inputs"), max_batch_size)
+    raw_items = _raw_texts(item, binary, count, where)
+    texts = [_text(t, f"{where}[{i}]") for i, t in enumerate(raw_items)]
+    default_binary = _binary_flag(params, "binary_data_output", "parameters", False)
+    requested = _text_outputs(doc.get("outputs"), outputs, default_binary)
+    return TextRequest(req_id, texts, params, requested)
+
+
+def _text_document(header: bytes | bytearray | memoryview, model_name: str,
+                   model_versions: Sequence[str]) -> dict[str, Any]:
+    """The JSON header as an object with only the protocol's fields, naming this model."""
     try:
         doc = json.loads(bytes(header))
     except (ValueError, UnicodeDecodeError) as exc:
@@ -98,13 +118,11 @@ def parse_text_request(header: bytes | bytearray | memoryview,
                              f"({model_name!r})")
     if doc.get("model_version") not in (None, "", *model_versions):
         raise InvalidRequest("'model_version' is not a version of this model")
-    req_id = doc.get("id")
-    if req_id is not None and not isinstance(req_id, str):
-        raise InvalidRequest("'id' must be a string")
-    params = doc.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise InvalidRequest("'parameters' must be an object")
-    inputs = doc.get("inputs")
+    return doc
+
+
+def _text_input(inputs: Any, max_batch_size: int) -> tuple[dict[str, Any], str, int]:
+    """(the one input, where: its label in errors, batch size) of a text request."""
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise InvalidRequest(f"a text model takes exactly one input, {INPUT!r} (BYTES [batch])")
     item = inputs[0]
@@ -123,6 +141,13 @@ def parse_text_request(header: bytes | bytearray | memoryview,
     if count > max_batch_size:
         raise PayloadTooLarge(f"batch of {count} texts is more than max_batch_size "
                               f"{max_batch_size}")
+    return item, where, count
+
+
+def _raw_texts(item: Mapping[str, Any], binary: memoryview | torch.Tensor, count: int,
+               where: str) -> list[bytes | str]:
+    """The ``count`` elements of the text input: from the binary part (length-prefixed) or
+    from JSON ``data`` (strings), never both."""
     item_params = item.get("parameters") or {}
     if not isinstance(item_params, dict):
         raise InvalidRequest(f"{where}.parameters must be an object")
@@ -132,36 +157,37 @@ def parse_text_request(header: bytes | bytearray | memoryview,
                 or size != len(binary):
             raise InvalidRequest(f"{where}: binary_data_size must be the byte length of the "
                                  f"binary part ({len(binary)}), with no 'data'")
-        raw_items: list[bytes | str] = list(decode_bytes(binary, count, where))
-    else:
-        if len(binary):
-            raise InvalidRequest(f"{len(binary)} bytes of binary data follow the JSON, but "
-                                 "no input has binary_data_size")
-        data = item.get("data")
-        if not isinstance(data, list) or not all(isinstance(d, str) for d in data):
-            raise InvalidRequest(f"{where}: 'data' must be a list of strings")
-        if len(data) != count:
-            raise InvalidRequest(f"{where}: 'data' has {len(data)} elements, shape "
-                                 f"{shape} needs {count}")
-        raw_items = list(data)
-    texts = [_text(t, f"{where}[{i}]") for i, t in enumerate(raw_items)]
-    default_binary = _binary_flag(params, "binary_data_output", "parameters", False)
+        return list(decode_bytes(binary, count, where))
+    if len(binary):
+        raise InvalidRequest(f"{len(binary)} bytes of binary data follow the JSON, but "
+                             "no input has binary_data_size")
+    data = item.get("data")
+    if not isinstance(data, list) or not all(isinstance(d, str) for d in data):
+        raise InvalidRequest(f"{where}: 'data' must be a list of strings")
+    if len(data) != count:
+        raise InvalidRequest(f"{where}: 'data' has {len(data)} elements, shape "
+                             f"{item.get('shape')} needs {count}")
+    return list(data)
+
+
+def _text_outputs(wanted: Any, outputs: Sequence[TensorSpec],
+                  default_binary: bool) -> list[RequestedOutput]:
+    """The outputs asked for (all of the model's when none are named), each JSON or
+    binary."""
     names = [s.name for s in outputs]
-    wanted = doc.get("outputs")
     if wanted is None:
-        requested = [RequestedOutput(n, default_binary) for n in names]
-    else:
-        if not isinstance(wanted, list):
-            raise InvalidRequest("'outputs' must be a list")
-        requested = []
-        for i, out in enumerate(wanted):
-            if not isinstance(out, dict) or out.get("name") not in names:
-                raise InvalidRequest(f"outputs[{i}]: the model's outputs are "
-                                     f"{', '.join(names)}")
-            requested.append(RequestedOutput(out["name"], _binary_flag(
-                out.get("parameters") or {}, "binary_data", f"outputs[{i}].parameters",
-                default_binary)))
-    return TextRequest(req_id, texts, params, requested)
+        return [RequestedOutput(n, default_binary) for n in names]
+    if not isinstance(wanted, list):
+        raise InvalidRequest("'outputs' must be a list")
+    requested = []
+    for i, out in enumerate(wanted):
+        if not isinstance(out, dict) or out.get("name") not in names:
+            raise InvalidRequest(f"outputs[{i}]: the model's outputs are "
+                                 f"{', '.join(names)}")
+        requested.append(RequestedOutput(out["name"], _binary_flag(
+            out.get("parameters") or {}, "binary_data", f"outputs[{i}].parameters",
+            default_binary)))
+    return requested
 
 
 def _generation_params(params: Mapping[str, Any]) -> GenerationParams:
@@ -203,7 +229,7 @@ class TextTask:
         if self.task == "text-generation":
             return (TensorSpec("text_output", BYTES, (-1,)),)
         if self.task == "text-classification":
-            return (TensorSpec("logits", dt, (-1, int(cfg.num_labels))),
+            return (TensorSpec("logits", dt, (-1, _label_count(cfg.num_labels))),
                     TensorSpec("label", BYTES, (-1,)))
         return (TensorSpec("embedding", dt, (-1, int(cfg.hidden_size))),)
 
@@ -221,10 +247,21 @@ class TextTask:
         with torch.inference_mode():
             out = model(**batch)
         if self.task == "text-classification":
-            labels = model.config.id2label
             logits = out.logits
-            return {"logits": logits,
-                    "label": [str(labels.get(int(i), int(i))) for i in logits.argmax(-1)]}
+            return {"logits": logits, "label": [_label(model.config.id2label, int(i))
+                                                for i in logits.argmax(-1)]}
         mask = batch["attention_mask"].unsqueeze(-1).to(out.last_hidden_state.dtype)
         pooled = (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1)
         return {"embedding": pooled}
+
+
+def _label_count(num_labels: int | None) -> int:
+    """A classifier's number of labels (transformers' config always sets it for one)."""
+    if num_labels is None:
+        raise ConfigError("a text-classification config must set num_labels")
+    return int(num_labels)
+
+
+def _label(id2label: Mapping[Any, str] | None, index: int) -> str:
+    """The label name of class ``index``, or the index itself where the config has none."""
+    return str((id2label or {}).get(index, index))

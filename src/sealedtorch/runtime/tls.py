@@ -18,6 +18,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import ssl
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from ..errors import (
 )
 
 __all__ = [
-    "PinMismatch", "ServerTls", "capture_context", "peer_spki", "pinned_context",
+    "PinMismatch", "ServerTls", "capture_context", "peer_spki", "pin_spki", "pinned_context",
 ]
 
 
@@ -133,8 +134,14 @@ def peer_spki(ssl_object: Any) -> bytes:
     return crypto.tls_certificate_spki(der)
 
 
+#: Pinned context -> the one server key (DER SubjectPublicKeyInfo) its handshakes accept.
+#: Beside the context rather than on it (``ssl.SSLContext`` declares no such attribute);
+#: weak, so a pin goes when its context does.
+_PINS: weakref.WeakKeyDictionary[ssl.SSLContext, bytes] = weakref.WeakKeyDictionary()
+
+
 def _check_pin(ssl_object: Any, context: ssl.SSLContext) -> None:
-    pinned = getattr(context, "sealedtorch_pinned_spki", None)
+    pinned = _PINS.get(context)
     if pinned is None:
         return
     got = peer_spki(ssl_object)
@@ -179,7 +186,14 @@ def pinned_context(spki_der: bytes) -> ssl.SSLContext:
     """Accepts exactly one server key: every handshake checks the peer's
     SubjectPublicKeyInfo and fails with :class:`PinMismatch` before any data is sent."""
     ctx = _unverified_context()
-    ctx.sealedtorch_pinned_spki = bytes(spki_der)  # type: ignore[attr-defined]
-    ctx.sslsocket_class = _PinnedSocket
-    ctx.sslobject_class = _PinnedObject
+    pin_spki(ctx, spki_der)
     return ctx
+
+
+def pin_spki(context: ssl.SSLContext, spki_der: bytes) -> None:
+    """Make every handshake of ``context`` (a standard :class:`ssl.SSLContext`) check that
+    the peer's SubjectPublicKeyInfo is ``spki_der``, failing with :class:`PinMismatch`
+    before any data is sent."""
+    _PINS[context] = bytes(spki_der)
+    context.sslsocket_class = _PinnedSocket
+    context.sslobject_class = _PinnedObject
