@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import ConfigError, KeyFileError
 
 Handler = Callable[[argparse.Namespace], int]
+Row = TypeVar("Row")
 
 ENV_URL = "SEALEDTORCH_KEYSERVER"
 ENV_CA = "SEALEDTORCH_KEYSERVER_CA"
@@ -216,6 +217,17 @@ def read_checkpoint(path: Path | None) -> str | None:
 def print_json(doc: Any, *, sort_keys: bool = False) -> None:
     """``--json`` output: one indented JSON document on stdout."""
     print(json.dumps(doc, indent=2, sort_keys=sort_keys))
+
+
+def print_rows(rows: Sequence[Row], line: Callable[[Row], str], *, as_json: bool,
+               doc: Any = None) -> None:
+    """A listing: with ``--json`` the rows (or ``doc``, their JSON form) as one document,
+    else one line per row."""
+    if as_json:
+        print_json(rows if doc is None else doc)
+        return
+    for row in rows:
+        print(line(row))
 
 
 def admin_client(args: argparse.Namespace) -> Any:

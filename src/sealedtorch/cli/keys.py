@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from ..errors import ConfigError, KeyFileError
 from .common import (
@@ -20,6 +21,7 @@ from .common import (
     check_model_id,
     check_output_dir,
     print_json,
+    print_rows,
     refuse_existing_key_file,
 )
 
@@ -197,10 +199,10 @@ def _retire(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     with admin_client(args) as admin:
         models = admin.list_models()
-    if args.json:
-        print_json(models)
-        return 0
-    for m in models:
-        versions = ", ".join(f"v{v['version']} {v['state']}" for v in m["versions"])
-        print(f"{m['model_id']}  policy {m['policy_digest'][:16]}…  {versions}")
+    print_rows(models, _model_line, as_json=args.json)
     return 0
+
+
+def _model_line(m: dict[str, Any]) -> str:
+    versions = ", ".join(f"v{v['version']} {v['state']}" for v in m["versions"])
+    return f"{m['model_id']}  policy {m['policy_digest'][:16]}…  {versions}"

@@ -23,10 +23,21 @@ from .common import (
     admin_client,
     hidden_alias,
     print_json,
+    print_rows,
     read_checkpoint,
 )
 
 ENV_DATABASE = "SEALEDTORCH_KEYSERVER_DATABASE"
+
+
+def _data_arg(p: argparse.ArgumentParser, help: str | None = None) -> None:
+    p.add_argument("--data", type=Path, required=True, metavar="DIR", help=help)
+
+
+def _store_args(p: argparse.ArgumentParser) -> None:
+    """A command that opens the store of the data directory (or of ``--database``)."""
+    _data_arg(p)
+    _database_arg(p, "replaces the store named in DIR/keyserver.json")
 
 
 def _database_arg(p: argparse.ArgumentParser, what: str) -> None:
@@ -45,8 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     description="Create the store (SQLite), KEK file, TLS CA and server "
                                 "certificate, token-signing key and a first admin token "
                                 "(written once to DIR/admin-token).")
-    p.add_argument("--data", type=Path, required=True, metavar="DIR",
-                   help="the data directory to create (must not hold a keyserver yet)")
+    _data_arg(p, help="the data directory to create (must not hold a keyserver yet)")
     p.add_argument("--hostname", action="append", default=[],
                    help="extra DNS name or IP for the server certificate (repeatable; "
                         "127.0.0.1 and localhost are always included)")
@@ -59,8 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     description="Serve the keyserver API over TLS until SIGTERM/SIGINT. "
                                 "Exits 2 at once (before opening the store) if the "
                                 "address is in use.")
-    p.add_argument("--data", type=Path, required=True, metavar="DIR",
-                   help="the data directory made by `keyserver init`")
+    _data_arg(p, help="the data directory made by `keyserver init`")
     p.add_argument("--listen", default="127.0.0.1:8443", metavar="HOST:PORT",
                    help="address to serve on")
     p.add_argument("--trust-sim-root", type=Path, action="append", default=[], metavar="FILE",
@@ -83,8 +92,7 @@ def _add_audit_commands(ksub: argparse._SubParsersAction) -> None:
                                 "that the log still extends a checkpoint saved earlier "
                                 "(rewritten, deleted, reordered or truncated history "
                                 "is detected even if the chain was recomputed).")
-    p.add_argument("--data", type=Path, required=True, metavar="DIR")
-    _database_arg(p, "replaces the store named in DIR/keyserver.json")
+    _store_args(p)
     p.add_argument("--checkpoint", type=Path, metavar="SAVED",
                    help="a signed checkpoint saved earlier (`audit checkpoint > FILE`)")
     p.add_argument("--log-key", metavar="VKEY",
@@ -95,13 +103,11 @@ def _add_audit_commands(ksub: argparse._SubParsersAction) -> None:
                     description="Print the current C2SP checkpoint (signed note). Keep "
                                 "copies somewhere the keyserver's operators cannot write: "
                                 "`audit verify --checkpoint` proves later logs extend it.")
-    p.add_argument("--data", type=Path, required=True, metavar="DIR")
-    _database_arg(p, "replaces the store named in DIR/keyserver.json")
+    _store_args(p)
     p.add_argument("--log-key", action="store_true",
                    help="print the log's verifier key instead")
     p = add_command(asub, "list", _audit_list, help="print audit records")
-    p.add_argument("--data", type=Path, required=True, metavar="DIR")
-    _database_arg(p, "replaces the store named in DIR/keyserver.json")
+    _store_args(p)
     p.add_argument("--model-id", dest="model", metavar="ID",
                    help="only records about this model")
     hidden_alias(p, "--model", dest="model")
@@ -252,7 +258,7 @@ def _add_kek_commands(ksub: argparse._SubParsersAction) -> None:
                     "one as a read-only fallback.  Safe to interrupt: run it again to "
                     "finish.  TARGET: file:PATH (created if missing) or pkcs11:token=...;"
                     "object=...?module-path=...&pin-source=file:/path|env:NAME")
-    p.add_argument("--data", type=Path, required=True, metavar="DIR")
+    _data_arg(p)
     p.add_argument("--to", required=True, metavar="TARGET", help="file:PATH or pkcs11:URI")
     p.add_argument("--stage-only", action="store_true",
                    help="only add TARGET as a read-only KEK (on other replicas' data "
@@ -266,7 +272,7 @@ def _add_kek_commands(ksub: argparse._SubParsersAction) -> None:
                      dest="kek_command")
     p = add_command(kksub, "status", _kek_status,
                     help="configured KEKs and how many keys each wraps")
-    p.add_argument("--data", type=Path, required=True, metavar="DIR")
+    _data_arg(p)
     add_json_flag(p)
     _database_arg(p, "replaces the store named in DIR/keyserver.json")
     p = add_command(kksub, "create", _kek_create,
@@ -301,12 +307,9 @@ def _kek_status(args: argparse.Namespace) -> int:
     from ..keyserver.rewrap import kek_status
 
     rows = kek_status(args.data, database=args.database)
-    if args.json:
-        print_json([{"role": r.role, "kek_id": r.kek_id, "where": r.where,
-                     "records": r.records} for r in rows])
-    else:
-        for r in rows:
-            print(f"{r.role:<12} {r.kek_id}  {r.records} record(s)  {r.where}")
+    print_rows(rows, lambda r: f"{r.role:<12} {r.kek_id}  {r.records} record(s)  {r.where}",
+               as_json=args.json, doc=[{"role": r.role, "kek_id": r.kek_id, "where": r.where,
+                                        "records": r.records} for r in rows])
     return 1 if any(r.role == "unconfigured" for r in rows) else 0
 
 
@@ -429,20 +432,20 @@ def _print_new_token(args: argparse.Namespace, created: dict[str, Any]) -> None:
 def _tokens_list(args: argparse.Namespace) -> int:
     with admin_client(args) as admin:
         tokens = admin.list_tokens()
-    if args.json:
-        print_json(tokens)
-        return 0
-    for t in tokens:
-        state = f"revoked {t['revoked_at']}" if t.get("revoked_at") else "valid"
-        expires = t.get("expires_at")
-        if not t.get("revoked_at") and expires and datetime.datetime.fromisoformat(
-                expires.replace("Z", "+00:00")) <= datetime.datetime.now(datetime.UTC):
-            state = "expired (renew: tokens rotate)"
-        if not t.get("intact", True):
-            state = "TAMPERED (row fails its MAC; refused)"
-        print(f"{t['token_id']}  {t['role']:<8} {t['name']:<24} created {t['created_at']}  "
-              f"expires {t.get('expires_at') or 'never'}  {state}")
+    print_rows(tokens, _token_line, as_json=args.json)
     return 0
+
+
+def _token_line(t: dict[str, Any]) -> str:
+    state = f"revoked {t['revoked_at']}" if t.get("revoked_at") else "valid"
+    expires = t.get("expires_at")
+    if not t.get("revoked_at") and expires and datetime.datetime.fromisoformat(
+            expires.replace("Z", "+00:00")) <= datetime.datetime.now(datetime.UTC):
+        state = "expired (renew: tokens rotate)"
+    if not t.get("intact", True):
+        state = "TAMPERED (row fails its MAC; refused)"
+    return (f"{t['token_id']}  {t['role']:<8} {t['name']:<24} created {t['created_at']}  "
+            f"expires {t.get('expires_at') or 'never'}  {state}")
 
 
 def _tokens_revoke(args: argparse.Namespace) -> int:
