@@ -234,7 +234,7 @@ def test_cli_malformed_key_is_one_config_error_line(sgx_pytorch_fixture, tmp_pat
 
 def test_missing_key_names_every_way_to_give_it(sgx_pytorch_fixture, tmp_path, monkeypatch):
     monkeypatch.delenv("SEALEDTORCH_SGX_PYTORCH_KEY", raising=False)
-    from sealedtorch.cli_import import _legacy_key
+    from sealedtorch.cli.importer import _legacy_key
 
     args = type("A", (), {"key": None, "key_file": None})()
     with pytest.raises(ConfigError, match="--key HEX, --key-file FILE or "

@@ -10,8 +10,9 @@ import logging
 
 import pytest
 
-from sealedtorch import cli_keycache, crypto
+from sealedtorch import crypto
 from sealedtorch.attest import measure
+from sealedtorch.cli import keycache as cli_keycache
 from sealedtorch.errors import ConfigError, KeyUnavailable
 from sealedtorch.keycache.config import KeycacheConfig, ListedModels, load_keycache_config
 from sealedtorch.keys import ModelKey

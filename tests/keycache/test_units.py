@@ -9,7 +9,7 @@ import random
 import pytest
 
 from sealedtorch.attest import binding
-from sealedtorch.cli_keycache import parse_duration
+from sealedtorch.cli.keycache import parse_duration
 from sealedtorch.errors import (
     AttestationError,
     IntegrityError,

@@ -4,19 +4,28 @@ from __future__ import annotations
 
 import argparse
 import grp
-import json
 import logging
 import os
 import re
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from .common import (
+    ENV_CA,
+    ENV_URL,
+    TEE_CHOICES,
+    add_command,
+    add_json_flag,
+    add_noun,
+    check_https_url,
+    default_keycache_socket,
+    print_json,
+    read_bytes_or_empty,
+)
 
 log = logging.getLogger("sealedtorch.keycache")
-ENV_SOCKET = "SEALEDTORCH_KEYCACHE_SOCKET"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
@@ -33,20 +42,12 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
-def _default_socket() -> str:
-    from .keycache.protocol import DEFAULT_SOCKET
-
-    return os.environ.get(ENV_SOCKET, DEFAULT_SOCKET)
-
-
 def register(sub: argparse._SubParsersAction) -> None:
-    from .cli_keyserver import ENV_CA, ENV_URL
+    ksub = add_noun(sub, "keycache", help="hold keys from the keyserver for local runtimes",
+                    dest="keycache_command")
 
-    kc = sub.add_parser("keycache", help="hold keys from the keyserver for local runtimes")
-    ksub = kc.add_subparsers(dest="keycache_command", metavar="COMMAND", required=True)
-
-    p = ksub.add_parser(
-        "run", help="attest to the keyserver, fetch keys, serve them on a Unix socket",
+    p = add_command(
+        ksub, "run", _run, help="attest to the keyserver, fetch keys, serve them on a Unix socket",
         description="Attest to the keyserver as a key holder, fetch every key this TEE may "
                     "hold, keep them in memory only, and release each to local runtimes "
                     "that prove themselves and satisfy the model's policy.  Keeps serving "
@@ -61,13 +62,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the keyserver's transparency-log verifier key (`keyserver audit "
                         "checkpoint --log-key`; or $SEALEDTORCH_KEYSERVER_LOG_KEY); "
                         "default: pinned on first use")
-    p.add_argument("--socket", default=_default_socket(), metavar="PATH",
+    p.add_argument("--socket", default=default_keycache_socket(), metavar="PATH",
                    help="Unix socket to serve on (default %(default)s; created 0660 in a "
                         "0750 directory)")
     p.add_argument("--socket-group", metavar="GROUP",
                    help="group owner of the socket (runtimes' group); default: ours")
-    p.add_argument("--tee", default="auto", choices=["auto", "sgx", "tdx", "snp", "sim"],
-                   help="this TEE (default: detect)")
+    p.add_argument("--tee", default="auto", choices=TEE_CHOICES, help="this TEE (default: detect)")
     p.add_argument("--sim-platform", type=Path, metavar="DIR",
                    help="sim platform directory (or $SEALEDTORCH_SIM_PLATFORM)")
     p.add_argument("--runtime-config", type=Path, metavar="FILE",
@@ -98,26 +98,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kds-url", help="SEV-SNP VCEK source for local evidence")
     p.add_argument("--cache-dir", type=Path, help="collateral / VCEK cache for local evidence")
     p.add_argument("--log-format", choices=["json", "text"], default="text")
-    p.set_defaults(handler=_run)
 
-    p = ksub.add_parser("status", help="what a running keycache holds (never key bytes)",
-                        description="Print the keys held (model ids, versions, age), the "
-                                    "last refresh, whether the keyserver is reachable, and "
-                                    "which runtime (pid, uid, measurement) got which key "
-                                    "and when.  Exit 0 if serving, 1 if it holds nothing it "
-                                    "may serve.")
-    p.add_argument("--socket", default=_default_socket(), metavar="PATH")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(handler=_status)
-
-
-def _read(path: Path | None) -> bytes:
-    if path is None:
-        return b""
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    p = add_command(ksub, "status", _status,
+                    help="what a running keycache holds (never key bytes)",
+                    description="Print the keys held (model ids, versions, age), the "
+                                "last refresh, whether the keyserver is reachable, and "
+                                "which runtime (pid, uid, measurement) got which key "
+                                "and when.  Exit 0 if serving, 1 if it holds nothing it "
+                                "may serve.")
+    p.add_argument("--socket", default=default_keycache_socket(), metavar="PATH")
+    add_json_flag(p, help="machine-readable output")
 
 
 def build(args: argparse.Namespace) -> Any:
@@ -128,15 +118,13 @@ def build(args: argparse.Namespace) -> Any:
 def build_with_signer(args: argparse.Namespace) -> tuple[Any, Any]:
     """The keycache and its :class:`~sealedtorch.keycache.local.AnswerSigner` (which proves
     to runtimes, with this TEE's evidence, that the answers come from this keycache)."""
-    from .attest import Tee, VerifierConfig
-    from .attest.attesters import get_attester
-    from .attest.sim import load_platform_keys
-    from .cli import check_https_url
-    from .cli_keyserver import ENV_CA, ENV_URL
-    from .keycache.config import ListedModels, load_keycache_config
-    from .keycache.local import AnswerSigner, EvidenceAppraiser, PeerAppraiser, self_claims
-    from .keycache.service import Keycache
-    from .keycache.upstream import KeyserverUpstream
+    from ..attest import Tee, VerifierConfig
+    from ..attest.attesters import get_attester
+    from ..attest.sim import load_platform_keys
+    from ..keycache.config import ListedModels, load_keycache_config
+    from ..keycache.local import AnswerSigner, EvidenceAppraiser, PeerAppraiser, self_claims
+    from ..keycache.service import Keycache
+    from ..keycache.upstream import KeyserverUpstream
 
     if not args.keyserver:
         raise ConfigError(f"--keyserver URL is required (or set ${ENV_URL})")
@@ -148,7 +136,7 @@ def build_with_signer(args: argparse.Namespace) -> tuple[Any, Any]:
     if config_path is not None and args.runtime_config is not None:
         raise ConfigError("give --config or --runtime-config, not both: each is the "
                           "configuration input of the keycache's measurement")
-    measured = _read(config_path if config_path is not None else args.runtime_config)
+    measured = read_bytes_or_empty(config_path if config_path is not None else args.runtime_config)
     kc_config = load_keycache_config(measured if config_path is not None else {})
     attester = get_attester(args.tee, sim_platform=args.sim_platform,
                             runtime_config=measured)
@@ -187,8 +175,8 @@ def build_with_signer(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .keycache.server import KeycacheServer, bind_unix_socket, harden_process
-    from .logs import configure_logging
+    from ..keycache.server import KeycacheServer, bind_unix_socket, harden_process
+    from ..logs import configure_logging
 
     configure_logging(args.log_format)
     harden_process()
@@ -297,13 +285,12 @@ def format_releases(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from .keycache.client import KeycacheClient
+    from ..keycache.client import KeycacheClient
 
     with KeycacheClient(args.socket, timeout=5.0) as client:
         st = client.status()
     if args.json:
-        json.dump(st, sys.stdout, indent=2)
-        print()
+        print_json(st)
     else:
         print(format_status(args.socket, st))
     return 0 if st.get("serving") else 1

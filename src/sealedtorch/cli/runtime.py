@@ -4,29 +4,37 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from .atomicfile import write_atomically
-from .cli import hidden_alias
-from .errors import ConfigError
+from ..atomicfile import write_atomically
+from ..errors import ConfigError
+from .common import (
+    TEE_CHOICES,
+    add_command,
+    add_noun,
+    add_output_option,
+    add_trust_sim_root,
+    check_https_url,
+    default_keycache_socket,
+    required_output,
+)
 
 #: ``serve``'s default address: not the keyserver's 8443, so both run on one host as-is.
 DEFAULT_LISTEN = "127.0.0.1:9443"
 
 
-def _default_socket() -> str:
-    from .cli_keycache import ENV_SOCKET
-    from .keycache.protocol import DEFAULT_SOCKET
-
-    return os.environ.get(ENV_SOCKET) or DEFAULT_SOCKET
-
-
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "serve", help="serve sealed models (KServe v2 REST over TLS, attested)",
+    _add_serve(sub)
+    csub = add_noun(sub, "client", help="talk to a sealedtorch runtime", dest="client_command")
+    _add_client_infer(csub)
+    _add_client_cert(csub)
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = add_command(
+        sub, "serve", _serve, help="serve sealed models (KServe v2 REST over TLS, attested)",
         description="Load sealed models with keys from the keycache, decrypting them only in "
                     "this process, and serve them over the Open Inference Protocol (KServe "
                     "v2) REST API with TLS.  GET /v1/attestation?nonce=... returns evidence "
@@ -36,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--arch", action="append", default=[], metavar="[NAME=]ARCH",
                    help="architecture for model NAME (or for every model) instead of the one "
                         "in the sealed metadata; must be on the allow-list")
-    p.add_argument("--keycache", metavar="SOCKET", default=_default_socket(),
+    p.add_argument("--keycache", metavar="SOCKET", default=default_keycache_socket(),
                    help="the keycache's Unix socket, where the keys come from "
                         "($SEALEDTORCH_KEYCACHE_SOCKET; default %(default)s)")
     p.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
@@ -49,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="overrides the configuration's device (part of the measurement)")
     p.add_argument("--config", type=Path, help="runtime configuration (YAML/JSON): "
                    "architecture allow-list, limits, device; part of the measurement")
-    p.add_argument("--tee", default="auto", choices=["auto", "sgx", "tdx", "snp", "sim"],
+    p.add_argument("--tee", default="auto", choices=TEE_CHOICES,
                    help="which TEE produces this runtime's evidence (default: detect)")
     p.add_argument("--sim-platform", type=Path,
                    help="sim TEE platform directory (or $SEALEDTORCH_SIM_PLATFORM)")
@@ -73,28 +81,22 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="print the canonical runtime configuration (what is measured), exit")
     p.add_argument("--print-measurement", action="store_true",
                    help="print the sim measurement of this runtime and configuration, exit")
-    p.set_defaults(handler=_serve)
 
-    client = sub.add_parser("client", help="talk to a sealedtorch runtime")
-    csub = client.add_subparsers(dest="client_command", metavar="COMMAND", required=True)
-    p = csub.add_parser(
-        "infer", help="attest the runtime, pin its TLS key, then run inference",
+
+def _add_client_infer(csub: argparse._SubParsersAction) -> None:
+    p = add_command(
+        csub, "infer", _client_infer,
+        help="attest the runtime, pin its TLS key, then run inference",
         description="Fetch the runtime's evidence for a fresh nonce, verify it and check that "
                     "it binds the TLS key of the connection, apply the policy, and only then "
                     "send the input, over connections pinned to that key.  Exit 1 if the "
                     "policy denies (nothing is sent), 2 on any other error.")
-    p.add_argument("--url", required=True, help="https://HOST:PORT of the runtime")
-    p.add_argument("--policy", type=Path, required=True,
-                   help="reference values the runtime must satisfy (policy YAML/JSON)")
+    _add_attested_runtime_options(p, sim_roots=False)
     p.add_argument("--model", required=True, help="served model name")
     p.add_argument("--input", type=Path, required=True,
                    help=".npy (one input), .npz (named inputs), .pt (tensor or dict) or "
                         ".json ({name: nested list} or a KServe request body)")
-    p.add_argument("--trust-sim-root", dest="sim_root", type=Path, action="append",
-                   default=[], metavar="FILE",
-                   help="sim: trust this sim platform's platform.pub (INSECURE, development "
-                        "only; repeatable)")
-    hidden_alias(p, "--sim-root", dest="sim_root", type=Path, action="append")
+    add_trust_sim_root(p)
     p.add_argument("--output", type=Path, help="write outputs to .npz/.npy/.json")
     p.add_argument("--json-wire", action="store_true",
                    help="send tensors as JSON instead of the binary extension")
@@ -111,29 +113,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--expect-digest", action="append", default=[], metavar="NAME=SHA256",
                    help="refuse unless the attested runtime serves NAME from the sealed file "
                         "with this SHA-256 (sha256sum of the .sealed file; repeatable)")
-    p.set_defaults(handler=_client_infer)
 
-    p = csub.add_parser(
-        "cert", help="attest the runtime, then write its TLS certificate for other clients",
+
+def _add_client_cert(csub: argparse._SubParsersAction) -> None:
+    p = add_command(
+        csub, "cert", _client_cert,
+        help="attest the runtime, then write its TLS certificate for other clients",
         description="Fetch the runtime's evidence for a fresh nonce, verify it, check that "
                     "it binds the TLS key of the connection and apply the policy; only then "
                     "write the certificate that connection presented (PEM) to --output, for "
                     "clients that pin a certificate file (curl --cacert; in Python "
                     "sealedtorch.runtime.client.pinned_ssl_context).  Exit 1 if the policy "
                     "denies (nothing is written), 2 on any other error.")
+    _add_attested_runtime_options(p, sim_roots=True)
+    add_output_option(p, metavar="PATH",
+                      help="where to write the attested certificate (PEM; required)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+
+
+def _add_attested_runtime_options(p: argparse.ArgumentParser, *, sim_roots: bool) -> None:
+    """Which runtime a client command attests, and what it must satisfy."""
     p.add_argument("--url", required=True, help="https://HOST:PORT of the runtime")
     p.add_argument("--policy", type=Path, required=True,
                    help="reference values the runtime must satisfy (policy YAML/JSON)")
-    p.add_argument("--trust-sim-root", dest="sim_root", type=Path, action="append",
-                   default=[], metavar="FILE",
-                   help="sim: trust this sim platform's platform.pub (INSECURE, development "
-                        "only; repeatable)")
-    hidden_alias(p, "--sim-root", dest="sim_root", type=Path, action="append")
-    p.add_argument("-o", "--output", dest="out", type=Path, metavar="PATH",
-                   help="where to write the attested certificate (PEM; required)")
-    hidden_alias(p, "--out", dest="out", type=Path)
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
-    p.set_defaults(handler=_client_cert)
+    if sim_roots:
+        add_trust_sim_root(p)
 
 
 def _split_arch(values: list[str], names: list[str]) -> dict[str, str]:
@@ -151,8 +155,8 @@ def _split_arch(values: list[str], names: list[str]) -> dict[str, str]:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .runtime.config import load_config, runtime_measurement
-    from .runtime.loader import parse_model_arg
+    from ..runtime.config import load_config, runtime_measurement
+    from ..runtime.loader import parse_model_arg
 
     config = load_config(args.config).with_overrides(device=args.device)
     if args.print_config or args.print_measurement:
@@ -169,9 +173,9 @@ def _serve(args: argparse.Namespace) -> int:
     if not args.keycache:
         raise ConfigError("serve needs --keycache SOCKET: sealed models are opened only with "
                           "keys from the keycache")
-    from .attest import VerifierConfig
-    from .keycache import KeycacheClient
-    from .runtime.server import serve
+    from ..attest import VerifierConfig
+    from ..keycache import KeycacheClient
+    from ..runtime.server import serve
 
     collateral = VerifierConfig(pccs_url=args.pccs_url, kds_url=args.kds_url,
                                 cache_dir=args.cache_dir)
@@ -233,7 +237,7 @@ def _write_outputs(path: Path, outputs: dict[str, Any]) -> None:
             raise ConfigError(f"{path}: the model has {len(arrays)} outputs; use .npz")
         np.save(path, next(iter(arrays.values())))
     elif suffix == ".json":
-        from .runtime.kserve import datatype_of
+        from ..runtime.kserve import datatype_of
 
         path.write_text(json.dumps({k: {"datatype": datatype_of(outputs[k].dtype),
                                         "shape": list(a.shape), "data": a.tolist()}
@@ -243,8 +247,7 @@ def _write_outputs(path: Path, outputs: dict[str, Any]) -> None:
 
 
 def _client_infer(args: argparse.Namespace) -> int:
-    from .cli import check_https_url
-    from .runtime.client import AttestedClient, parse_expectations
+    from ..runtime.client import AttestedClient, parse_expectations
 
     check_https_url(args.url, "--url")
     expect = parse_expectations(args.expect_model, args.expect_digest)
@@ -266,11 +269,10 @@ def _client_infer(args: argparse.Namespace) -> int:
 def _client_cert(args: argparse.Namespace) -> int:
     import ssl
 
-    from .cli import check_https_url
-    from .runtime.client import AttestedClient
+    from ..runtime.client import AttestedClient
 
-    if args.out is None:  # not required= in argparse: the hidden old --out satisfies it too
-        raise ConfigError("client cert needs --output FILE (where to write the certificate)")
+    out = required_output(args, "client cert needs --output FILE (where to write the "
+                                "certificate)")
     check_https_url(args.url, "--url")
     with AttestedClient(args.url, policy=args.policy, sim_roots=args.sim_root,
                         timeout=args.timeout) as client:
@@ -278,9 +280,9 @@ def _client_cert(args: argparse.Namespace) -> int:
         der = client.certificate_der
     assert der is not None
     try:
-        write_atomically(args.out, ssl.DER_cert_to_PEM_cert(der).encode(), mode=0o644)
+        write_atomically(out, ssl.DER_cert_to_PEM_cert(der).encode(), mode=0o644)
     except OSError as exc:
-        raise ConfigError(f"--output: cannot write {args.out}: {exc.strerror}") from None
+        raise ConfigError(f"--output: cannot write {out}: {exc.strerror}") from None
     print(f"attested: {result.claims.tee} runtime at {args.url}; "
           f"{result.decision.reasons[0]}; wrote its TLS certificate to {args.out}",
           file=sys.stderr)
@@ -300,7 +302,7 @@ def output_summary(model: str, outputs: dict[str, Any]) -> dict[str, Any]:
     order, ``elements`` the total count and ``truncated`` whether some were left out."""
     import torch
 
-    from .runtime.kserve import datatype_of
+    from ..runtime.kserve import datatype_of
 
     entries = []
     for name, t in outputs.items():

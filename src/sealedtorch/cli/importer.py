@@ -8,17 +8,19 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from .common import add_command, add_noun, check_model_id, parse_metadata, refuse_existing_output
 
 KEY_ENV = "SEALEDTORCH_SGX_PYTORCH_KEY"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("import", help="convert another tool's encrypted checkpoint into a "
-                                      ".sealed file under a fresh key")
-    kinds = p.add_subparsers(dest="kind", metavar="KIND", required=True)
-    s = kinds.add_parser(
-        "sgx-pytorch", help="a checkpoint encrypted by sgx-pytorch's to_secure_mkldnn",
+    kinds = add_noun(sub, "import", help="convert another tool's encrypted checkpoint into a "
+                                         ".sealed file under a fresh key",
+                     dest="kind", metavar="KIND")
+    s = add_command(
+        kinds, "sgx-pytorch", _import_sgx_pytorch,
+        help="a checkpoint encrypted by sgx-pytorch's to_secure_mkldnn",
         description="Decrypt every encrypted_* buffer of an sgx-pytorch checkpoint "
                     "(AES-128-GCM, tag checked), rebuild the plain state dict under the "
                     "original names, and seal it under a fresh sealedtorch key. The "
@@ -44,7 +46,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="string metadata stored in the encrypted header (repeatable)")
     s.add_argument("--force", action="store_true", help="replace an existing output file")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    s.set_defaults(handler=_import_sgx_pytorch)
 
 
 def _hex(value: str, what: str, size: int) -> bytes:
@@ -72,21 +73,16 @@ def _legacy_key(args: argparse.Namespace) -> bytes:
 
 
 def _import_sgx_pytorch(args: argparse.Namespace) -> int:
-    from .cli_format import _parse_metadata
-    from .format import seal
-    from .format.importers import import_sgx_pytorch
-    from .keys import ModelKey, validate_model_id, write_key_file
+    from ..format import seal
+    from ..format.importers import import_sgx_pytorch
+    from ..keys import ModelKey, write_key_file
 
-    try:
-        validate_model_id(args.model_id)
-    except ValueError as exc:
-        raise ConfigError(f"--model-id: {exc}") from None
-    metadata = _parse_metadata(args.metadata, [])
+    check_model_id(args.model_id)
+    metadata = parse_metadata(args.metadata, [])
     legacy_key = _legacy_key(args)
     expect = _hex(args.source_model_id, "--source-model-id", 4) \
         if args.source_model_id else None
-    if args.output.exists() and not args.force:
-        raise ConfigError(f"{args.output}: already exists (use --force to replace)")
+    refuse_existing_output(args.output, args.force)
     imported = import_sgx_pytorch(args.input, legacy_key, expect_model_id=expect,
                                   keep_zero_conv_bias=args.keep_zero_conv_bias)
     key = ModelKey.generate(args.model_id)

@@ -18,30 +18,38 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import crypto
-from .cli_keyserver import _admin, _connection_args
-from .errors import ConfigError, TransparencyError
+from .. import crypto
+from ..errors import ConfigError, TransparencyError
+from .common import (
+    add_command,
+    add_json_flag,
+    add_keyserver_options,
+    add_noun,
+    admin_client,
+    read_checkpoint,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    audit = sub.add_parser("audit", help="witness a keyserver's transparency log (auditor)",
-                           description="Read and check a keyserver's transparency log "
-                                       "over its API with an admin, auditor or owner token.")
-    asub = audit.add_subparsers(dest="audit_command", metavar="COMMAND", required=True)
+    asub = add_noun(sub, "audit", help="witness a keyserver's transparency log (auditor)",
+                    dest="audit_command",
+                    description="Read and check a keyserver's transparency log "
+                                "over its API with an admin, auditor or owner token.")
 
-    p = asub.add_parser("checkpoint", help="print (and save) the current signed checkpoint")
-    _connection_args(p)
+    p = add_command(asub, "checkpoint", _checkpoint,
+                    help="print (and save) the current signed checkpoint")
+    add_keyserver_options(p)
     _log_key_arg(p)
     p.add_argument("--save", type=Path, metavar="FILE", help="also write it to FILE")
-    p.set_defaults(handler=_checkpoint)
 
-    p = asub.add_parser("verify", help="prove the log extends a saved checkpoint; exit 1 "
-                                       "if history was rewritten or truncated",
-                        description="Fetch the current checkpoint and a consistency proof "
-                                    "from the SAVED one's size, and verify both; with "
-                                    "--expect-head, also prove that record SEQ with chain "
-                                    "hash HASH is in the signed log.")
-    _connection_args(p)
+    p = add_command(asub, "verify", _verify,
+                    help="prove the log extends a saved checkpoint; exit 1 if history was "
+                         "rewritten or truncated",
+                    description="Fetch the current checkpoint and a consistency proof "
+                                "from the SAVED one's size, and verify both; with "
+                                "--expect-head, also prove that record SEQ with chain "
+                                "hash HASH is in the signed log.")
+    add_keyserver_options(p)
     _log_key_arg(p)
     p.add_argument("--checkpoint", type=Path, metavar="SAVED",
                    help="a checkpoint saved earlier (`audit checkpoint --save`)")
@@ -49,15 +57,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a chain head noted earlier (`keyserver audit verify` prints it)")
     p.add_argument("--save", type=Path, metavar="FILE",
                    help="after a successful check, write the current checkpoint to FILE")
-    p.set_defaults(handler=_verify)
 
-    p = asub.add_parser("list", help="audit records, newest first")
-    _connection_args(p)
+    p = add_command(asub, "list", _list, help="audit records, newest first")
+    add_keyserver_options(p)
     p.add_argument("--model", metavar="ID", help="only records about this model")
     p.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
     p.add_argument("--oldest-first", action="store_true", help="chain order instead")
-    p.add_argument("--json", action="store_true", help="one JSON record per line")
-    p.set_defaults(handler=_list)
+    add_json_flag(p, help="one JSON record per line")
 
 
 def _log_key_arg(p: argparse.ArgumentParser) -> None:
@@ -67,7 +73,7 @@ def _log_key_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _verifier(args: argparse.Namespace, offered: str) -> Any:
-    from .keyserver import tlog
+    from ..keyserver import tlog
 
     if args.log_key:
         return tlog.Verifier.parse(args.log_key)
@@ -77,7 +83,7 @@ def _verifier(args: argparse.Namespace, offered: str) -> Any:
 
 
 def _current(admin: Any, args: argparse.Namespace) -> tuple[Any, str, Any]:
-    from .keyserver import tlog
+    from ..keyserver import tlog
 
     answer = admin.checkpoint()
     note, offered = answer.get("checkpoint"), answer.get("log_key")
@@ -96,7 +102,7 @@ def _save(path: Path | None, note: str) -> None:
 
 
 def _checkpoint(args: argparse.Namespace) -> int:
-    with _admin(args) as admin:
+    with admin_client(args) as admin:
         _, note, _ = _current(admin, args)
     sys.stdout.write(note)
     _save(args.save, note)
@@ -104,16 +110,10 @@ def _checkpoint(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from .keyserver import protocol, tlog
+    from ..keyserver import protocol, tlog
 
-    saved_note = None
-    if args.checkpoint is not None:
-        try:
-            saved_note = args.checkpoint.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"--checkpoint {args.checkpoint}: cannot read it ({exc})"
-                              ) from None
-    with _admin(args) as admin:
+    saved_note = read_checkpoint(args.checkpoint)
+    with admin_client(args) as admin:
         cp, note, verifier = _current(admin, args)
         print(f"current checkpoint: {cp.size} leaves, root {base64.b64encode(cp.root).decode()}"
               f" (signature of {verifier.name} verified)")
@@ -165,7 +165,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _list(args: argparse.Namespace) -> int:
     limit = max(1, int(args.limit))
-    with _admin(args) as admin:
+    with admin_client(args) as admin:
         if args.oldest_first:
             records = admin.audit(model_id=args.model, limit=limit)["records"]
         elif args.model is None:

@@ -1,5 +1,11 @@
 """The ``sealedtorch`` command.  Thin: it parses arguments and calls the modules.
 
+One module of this package per noun (``format``: seal, unseal, inspect, demo; ``attest``:
+attest, sim; ``keyserver``; ``keys``; ``keycache``; ``runtime``: serve, client;
+``importer``: import; ``audit``; ``manifest``), each with ``register(sub)``, all listed in
+:data:`NOUNS`; what they share is in :mod:`.common`.  Handlers import what they use
+(torch, clients) when they run, so ``sealedtorch --help`` stays fast.
+
 Every :class:`~sealedtorch.errors.SealedTorchError` becomes a one-line message on stderr
 and exit status 2 (1 is reserved for "ran fine, answer is no", e.g. a policy denial).
 
@@ -21,13 +27,13 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Protocol
 
-from . import __version__
-from .errors import ConfigError, PolicyDenied, SealedTorchError
-
-Handler = Callable[[argparse.Namespace], int]
+from .. import __version__
+from ..errors import PolicyDenied, SealedTorchError
+from . import attest, audit, format, importer, keycache, keys, keyserver, manifest, runtime
+from .common import Handler
 
 #: Exit status -> meaning; the documented table (docs/cli.md) is tested against it.
 EXIT_CODES: dict[int, str] = {
@@ -63,41 +69,15 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
 
-def check_https_url(url: str, flag: str) -> str:
-    """Every service we talk to is TLS-only: say so up front instead of a protocol error
-    from deep inside the HTTP library."""
-    if not url.startswith("https://"):
-        raise ConfigError(f"{flag}: the URL must start with https:// (got {url!r})")
-    return url
+class Noun(Protocol):
+    """A module of this package that adds one noun's commands to the top-level parser."""
+
+    def register(self, sub: argparse._SubParsersAction) -> None: ...
 
 
-def hidden_alias(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *flags: str,
-                 dest: str, **kwargs: Any) -> None:
-    """An old spelling of an option, still accepted (so scripts keep working) but not
-    shown in ``--help``: one spelling per concept is what users see."""
-    parser.add_argument(*flags, dest=dest, help=argparse.SUPPRESS,
-                        default=argparse.SUPPRESS, **kwargs)
-
-
-def _add_format_commands(sub: argparse._SubParsersAction) -> None:
-    from . import cli_format
-
-    cli_format.register(sub)
-
-
-def _add_attest_commands(sub: argparse._SubParsersAction) -> None:
-    from . import cli_attest
-
-    cli_attest.register(sub)
-
-
-_GROUPS = [_add_format_commands, _add_attest_commands]
-_GROUPS.append(lambda sub: __import__("sealedtorch.cli_keyserver").cli_keyserver.register(sub))
-_GROUPS.append(lambda sub: __import__("sealedtorch.cli_keycache").cli_keycache.register(sub))
-_GROUPS.append(lambda sub: __import__("sealedtorch.cli_runtime").cli_runtime.register(sub))
-_GROUPS.append(lambda sub: __import__("sealedtorch.cli_import").cli_import.register(sub))
-_GROUPS.append(lambda sub: __import__("sealedtorch.cli_audit").cli_audit.register(sub))
-_GROUPS.append(lambda sub: __import__("sealedtorch.cli_manifest").cli_manifest.register(sub))
+#: Every noun, registered the same way and in this order (the order of ``--help``).
+NOUNS: tuple[Noun, ...] = (format, attest, keyserver, keys, keycache, runtime, importer,
+                           audit, manifest)
 
 
 #: Help for options many commands share, filled in where a command gave none (so every
@@ -152,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"sealedtorch {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in _GROUPS:
-        add(sub)
+    for noun in NOUNS:
+        noun.register(sub)
     _fill_help(parser)
     return parser
 
@@ -203,7 +183,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sealedtorch: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
