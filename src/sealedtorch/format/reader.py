@@ -6,6 +6,10 @@ that are views of that buffer.  So the plaintext exists exactly once, in the ten
 memory, and the only other memory used is one ciphertext chunk per worker.  If any chunk
 fails authentication the whole buffer is zeroed and an :class:`IntegrityError` is raised:
 nothing partially decrypted is ever returned.
+
+A file is opened once (:class:`SealedReader`): preamble, key check, header, data and the
+digest a runtime pins are all read through that one descriptor, so they describe one file.
+The header is parsed strictly (:mod:`.header`, docs/format.md "Reader requirements").
 """
 
 from __future__ import annotations
