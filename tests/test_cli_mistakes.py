@@ -181,13 +181,13 @@ def test_seal_killed_mid_write_leaves_a_temp_file_the_rerun_removes_and_reports(
 def test_a_temp_file_locked_by_a_live_writer_is_not_removed(tmp_path):
     import fcntl
 
-    from sealedtorch.format.writer import create_locked_temp, remove_stale_temp_files
+    from sealedtorch.atomicfile import create_locked_temp, remove_stale_temp_files
 
     target = tmp_path / "m.sealed"
     fd, tmp = create_locked_temp(target)
     try:
         # another process sees it locked: not stale
-        code = ("import sys; from sealedtorch.format.writer import remove_stale_temp_files;"
+        code = ("import sys; from sealedtorch.atomicfile import remove_stale_temp_files;"
                 "print(len(remove_stale_temp_files(sys.argv[1])))")
         out = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True,
                              text=True, timeout=60, check=True).stdout

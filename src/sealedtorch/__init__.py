@@ -1,9 +1,11 @@
 """sealedtorch: confidential deployment of PyTorch models.
 
-Public API: :func:`seal`, :func:`load_state_dict`, :func:`load_model`,
-:func:`load_pretrained` (Hugging Face transformers models), and the errors in
+Public API, like safetensors' few functions: :func:`seal` (returns a :class:`SealResult`),
+:func:`load_state_dict`, :func:`load_model`, :func:`load_pretrained` (Hugging Face
+transformers models), :func:`unseal`, :func:`read_preamble`, the key helpers
+(:class:`ModelKey`, :func:`read_key_file`, :func:`write_key_file`) and the errors in
 :mod:`sealedtorch.errors`.  Heavy imports (torch) happen on first use, so the CLI and the
-services start fast.
+services start fast; ``dir(sealedtorch)`` lists the lazy names too.
 """
 
 from __future__ import annotations
@@ -23,16 +25,19 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttestationError", "ConfigError", "FormatError", "IntegrityError", "KeyFileError",
-    "KeyUnavailable", "ModelKey", "PolicyDenied", "SealedTorchError", "__version__",
-    "load_model", "load_pretrained", "load_state_dict", "read_key_file", "read_preamble",
-    "seal", "unseal",
-    "write_key_file",
+    "KeyUnavailable", "ModelKey", "PolicyDenied", "SealResult", "SealedTorchError",
+    "__version__", "load_model", "load_pretrained", "load_state_dict", "read_key_file",
+    "read_preamble", "seal", "unseal", "write_key_file",
 ]
+
+_FROM_FORMAT = frozenset({"seal", "load_state_dict", "load_model", "unseal", "read_preamble",
+                          "SealResult"})
+_FROM_KEYS = frozenset({"ModelKey", "read_key_file", "write_key_file"})
 
 
 def __getattr__(name: str) -> object:
     """Lazy public API: importing sealedtorch does not import torch until it is needed."""
-    if name in {"seal", "load_state_dict", "load_model", "unseal", "read_preamble"}:
+    if name in _FROM_FORMAT:
         from . import format as _format
 
         return getattr(_format, name)
@@ -40,8 +45,13 @@ def __getattr__(name: str) -> object:
         from .runtime.hf import load_pretrained
 
         return load_pretrained
-    if name in {"ModelKey", "read_key_file", "write_key_file"}:
+    if name in _FROM_KEYS:
         from . import keys as _keys
 
         return getattr(_keys, name)
     raise AttributeError(f"module 'sealedtorch' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The module's own names plus the lazy ones, so ``dir()`` and completion show the API."""
+    return sorted(set(globals()) | set(__all__))

@@ -224,7 +224,7 @@ def _run(args: argparse.Namespace, work: Path, procs: _Processes) -> None:
     write_key_file(work / "resnet50.key", key)  # the owner's copy (mode 0600)
     sealed = seal(model, work / "resnet50.sealed", key=key, progress=False,
                   metadata={"arch": "torchvision.models:resnet50",
-                            "arch_kwargs": {"num_classes": 1000}}).result
+                            "arch_kwargs": {"num_classes": 1000}})
     _say("1", f"owner sealed ResNet-50 ({sealed.tensor_count} tensors, "
          f"{sealed.data_length / 1e6:.1f} MB, {'pretrained' if args.pretrained else 'seeded'}"
          f" weights) -> resnet50.sealed; architecture and tensor names are encrypted too")
@@ -235,7 +235,7 @@ def _run(args: argparse.Namespace, work: Path, procs: _Processes) -> None:
     classifier_key = ModelKey.generate(CLASSIFIER)
     write_key_file(work / f"{CLASSIFIER}.key", classifier_key)
     classifier_sealed = seal(classifier, work / f"{CLASSIFIER}.sealed", key=classifier_key,
-                             progress=False, metadata={"arch": CLASSIFIER_ARCH}).result
+                             progress=False, metadata={"arch": CLASSIFIER_ARCH})
     _say("1", f"owner sealed the pretrained EfficientNet-Lite0 too "
          f"({classifier_sealed.data_length / 1e6:.1f} MB of real ImageNet weights) -> "
          f"{CLASSIFIER}.sealed")

@@ -28,7 +28,7 @@ class Flaky:
     class Down(KeyUnavailable):
         problem_type = "keycache-unavailable"
         http_status = 503
-        transient = True
+        transient = True  # errors.py: retryability is declared on the class
 
     def __init__(self, key: ModelKey, failures: int) -> None:
         self.key, self.failures, self.calls = key, failures, 0

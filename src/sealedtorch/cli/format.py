@@ -113,7 +113,7 @@ def _seal(args: argparse.Namespace) -> int:
         if created_key is not None:  # the key protects nothing that exists
             created_key.unlink(missing_ok=True)
         raise
-    r = sealed.result
+    r = sealed
     result: dict[str, Any] = {
         "output": str(r.path), "model_id": r.model_id, "key_version": r.key_version,
         "tensor_count": r.tensor_count, "data_length": r.data_length,

@@ -94,7 +94,7 @@ def _import_sgx_pytorch(args: argparse.Namespace) -> int:
     except BaseException:
         created.unlink(missing_ok=True)  # the key protects nothing that exists
         raise
-    r = sealed.result
+    r = sealed
     print(f"imported {len(imported.decrypted)} encrypted tensors of sgx-pytorch model "
           f"{imported.source_model_id.hex()} ({args.input})")
     for name in imported.dropped_zero_biases:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,24 +16,16 @@ from ..errors import ConfigError
 from ..keys import KeySource, ModelKey, read_key_file, resolve_key_source
 from .header import AliasEntry, Header, TensorEntry
 from .plainfiles import load_plain, save_safetensors
-from .reader import SealedFile
+from .reader import SealedReader
 from .spec import DEFAULT_CHUNK_SIZE, Preamble
 from .writer import SealResult, seal_state_dict
 
 KeyArg = str | os.PathLike[str] | ModelKey | KeySource
 
 __all__ = [
-    "Header", "KeyArg", "Preamble", "SealResult", "SealedFile", "load_model", "load_plain",
-    "load_state_dict", "read_preamble", "seal", "unseal",
+    "Header", "KeyArg", "Preamble", "SealResult", "SealedReader", "inspect_file", "load_model",
+    "load_plain", "load_state_dict", "load_with_header", "read_preamble", "seal", "unseal",
 ]
-
-
-@dataclass(frozen=True)
-class Sealed:
-    """What :func:`seal` returns: where it wrote, and the key it used (maybe generated)."""
-
-    result: SealResult
-    key: ModelKey
 
 
 def seal(state_dict_or_module: Mapping[str, torch.Tensor] | torch.nn.Module | str
@@ -43,12 +34,22 @@ def seal(state_dict_or_module: Mapping[str, torch.Tensor] | torch.nn.Module | st
          key: str | os.PathLike[str] | ModelKey | None = None,
          metadata: Mapping[str, Any] | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
          workers: int | None = None, overwrite: bool = False,
-         progress: bool | None = None) -> Sealed:
-    """Seal a state_dict (or a module's) into ``path``.
+         progress: bool | None = None) -> SealResult:
+    """Seal a state_dict (or a module's, or a plaintext file's) into ``path``, atomically.
 
-    Without ``key`` a fresh model key is generated for ``model_id`` and returned: store it
-    (``sealedtorch.keys.write_key_file``) or register it, or the file can never be opened.
+    Without ``key`` a fresh model key is generated for ``model_id`` and returned as the
+    result's ``key``: store it (:func:`sealedtorch.write_key_file`) or register it, or the
+    file can never be opened.
+
+    Raises:
+        ConfigError: no ``key`` and no ``model_id``; a key for another model; an existing
+            ``path`` without ``overwrite``; a bad chunk size; metadata that is not JSON.
+        KeyFileError: the key file cannot be read.
+        UnsupportedTensorError: a value that is not a dense tensor, or tensors that
+            overlap without being the identical view (tied weights are kept).
+        FormatError: a plaintext input file that cannot be read safely.
     """
+    state: Mapping[str, Any]
     if isinstance(state_dict_or_module, str | os.PathLike):
         # A plaintext file or a Hugging Face model directory: read as `sealedtorch seal`
         # reads it (weights_only, nothing runs); its own metadata comes first.
@@ -66,12 +67,11 @@ def seal(state_dict_or_module: Mapping[str, torch.Tensor] | torch.nn.Module | st
         model_key = key if isinstance(key, ModelKey) else read_key_file(key)
         if model_id is not None and model_key.model_id != model_id:
             raise ConfigError(f"the key is for model {model_key.model_id!r}, not {model_id!r}")
-    result = seal_state_dict(state, path, model_key, metadata=metadata, chunk_size=chunk_size,
-                             workers=workers, overwrite=overwrite, progress=progress)
-    return Sealed(result, model_key)
+    return seal_state_dict(state, path, model_key, metadata=metadata, chunk_size=chunk_size,
+                           workers=workers, overwrite=overwrite, progress=progress)
 
 
-def _key_for(f: SealedFile, key: KeyArg) -> ModelKey:
+def _key_for(f: SealedReader, key: KeyArg) -> ModelKey:
     """An explicit key (object or file) is used as given, so a mismatch is reported as
     "this key does not match this file"; a key source is asked for the file's model id and
     key version from the preamble."""
@@ -83,8 +83,14 @@ def _key_for(f: SealedFile, key: KeyArg) -> ModelKey:
 
 
 def read_preamble(path: str | os.PathLike[str]) -> Preamble:
-    """The plaintext preamble: model id, key version, sizes.  Needs no key."""
-    return SealedFile(path).preamble
+    """The plaintext preamble: model id, key version, sizes.  Needs no key.
+
+    Raises:
+        FormatError: no such file, or not a sealed file this version reads.
+        IntegrityError: the preamble is corrupt or truncated.
+    """
+    with SealedReader(path) as f:
+        return f.preamble
 
 
 def load_state_dict(path: str | os.PathLike[str], *, key: KeyArg,
@@ -96,20 +102,30 @@ def load_state_dict(path: str | os.PathLike[str], *, key: KeyArg,
     the model id and key version are taken from the file's preamble.  Tensors come back as
     views of one buffer that the weights were decrypted into; tied tensors come back as the
     very same tensor object.
+
+    Raises:
+        FormatError: no such file, not a sealed file, or a malformed (authentic) header.
+        IntegrityError: the file was modified, truncated or extended, or the key is not
+            this file's; nothing decrypted is returned.
+        KeyFileError: the key file cannot be read.
+        KeyUnavailable: the key source has no key for this file.
     """
-    f = SealedFile(path)
-    model_key = _key_for(f, key)
-    tensors, _ = f.read_tensors(model_key, device=device, workers=workers, progress=progress)
+    tensors, _ = load_with_header(path, key=key, device=device, workers=workers,
+                                  progress=progress)
     return tensors
 
 
 def load_with_header(path: str | os.PathLike[str], *, key: KeyArg,
                      device: str | torch.device = "cpu", workers: int | None = None,
                      progress: bool | None = None) -> tuple[dict[str, torch.Tensor], Header]:
-    """Like :func:`load_state_dict`, also returning the decrypted header (metadata)."""
-    f = SealedFile(path)
-    model_key = _key_for(f, key)
-    return f.read_tensors(model_key, device=device, workers=workers, progress=progress)
+    """Like :func:`load_state_dict`, also returning the decrypted header (metadata).
+
+    Raises:
+        The same as :func:`load_state_dict`.
+    """
+    with SealedReader(path) as f:
+        model_key = _key_for(f, key)
+        return f.read_tensors(model_key, device=device, workers=workers, progress=progress)
 
 
 def load_model(path: str | os.PathLike[str], module: torch.nn.Module, *, key: KeyArg,
@@ -120,6 +136,10 @@ def load_model(path: str | os.PathLike[str], module: torch.nn.Module, *, key: Ke
     The decrypted tensors *become* the module's parameters (``assign=True``), so the weights
     are in memory once.  ``module`` may be built on the ``meta`` device to skip allocating
     its random initial weights at all.
+
+    Raises:
+        The errors of :func:`load_state_dict`, and ``RuntimeError`` (from
+        ``Module.load_state_dict``) when ``strict`` and the names or shapes do not fit.
     """
     if device is None:
         device = next((p.device for p in module.parameters() if p.device.type != "meta"), "cpu")
@@ -129,24 +149,36 @@ def load_model(path: str | os.PathLike[str], module: torch.nn.Module, *, key: Ke
 
 
 def inspect_file(path: str | os.PathLike[str], key: KeyArg | None = None) -> dict[str, Any]:
-    """Describe a sealed file: the preamble, and with a key the tensor table and metadata."""
-    f = SealedFile(path)
-    f.check_size()  # even without a key: a truncated copy must not look fine
-    info: dict[str, Any] = {"path": str(f.path), "preamble": f.preamble.to_json()}
-    if key is not None:
+    """Describe a sealed file: the preamble, and with a key the tensor table and metadata.
+
+    Raises:
+        FormatError: no such file, or not a sealed file.
+        IntegrityError: a corrupt preamble, a wrong size (even without a key), and with a key
+            a key that does not match or a modified header.
+    """
+    with SealedReader(path) as f:
+        f.check_size()  # even without a key: a truncated copy must not look fine
+        info: dict[str, Any] = {"path": str(f.path), "preamble": f.preamble.to_json()}
+        if key is None:
+            return info
         opened = f.open(_key_for(f, key))
-        info["metadata"] = opened.header.metadata
-        info["tensors"] = [
-            {"name": e.name, "alias_of": e.target} if isinstance(e, AliasEntry)
-            else {"name": e.name, "dtype": e.dtype, "shape": list(e.shape), "offset": e.offset,
-                  "nbytes": e.nbytes}
-            for e in opened.header.entries]
+    info["metadata"] = opened.header.metadata
+    info["tensors"] = [
+        {"name": e.name, "alias_of": e.target} if isinstance(e, AliasEntry)
+        else {"name": e.name, "dtype": e.dtype, "shape": list(e.shape), "offset": e.offset,
+              "nbytes": e.nbytes}
+        for e in opened.header.entries]
     return info
 
 
 def unseal(path: str | os.PathLike[str], *, key: KeyArg, out: str | os.PathLike[str],
            overwrite: bool = False, progress: bool | None = None) -> Path:
-    """Owner-side: decrypt to a ``.safetensors`` file.  Writes nothing on any failure."""
+    """Owner-side: decrypt to a ``.safetensors`` file.  Writes nothing on any failure.
+
+    Raises:
+        The errors of :func:`load_state_dict`; FormatError when ``out`` exists and not
+        ``overwrite``; ConfigError when its directory does not exist.
+    """
     tensors, header = load_with_header(path, key=key, progress=progress)
     aliases = {e.name: e.target for e in header.entries if isinstance(e, AliasEntry)}
     try:

@@ -62,17 +62,33 @@ class Header:
     @classmethod
     def decode(cls, raw: bytes, *, data_length: int, chunk_size: int, chunk_count: int,
                source: str) -> Header:
+        """Parse and validate an authentic header, strictly (docs/format.md, "Reader
+        requirements"): a header that a lenient reader would accept in a different sense
+        than the writer meant is refused, not guessed at.
+
+        Raises:
+            FormatError: malformed JSON, a duplicate key, an unknown or missing field, a
+                value of the wrong type, or a table that does not match the preamble.
+        """
         try:
-            doc = json.loads(raw)
-            entries = [_entry(e) for e in doc["tensors"]]
-            metadata = doc.get("metadata", {})
-            if not isinstance(metadata, dict):
-                raise TypeError("metadata is not an object")
-        except (ValueError, KeyError, TypeError) as exc:
+            doc = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
+            header = cls._from_json(doc)
+        except (ValueError, TypeError) as exc:
             raise FormatError(f"{source}: header is authentic but malformed ({exc})") from None
-        header = cls(tuple(entries), metadata)
         header.validate(data_length, chunk_size, chunk_count, source=source)
         return header
+
+    @classmethod
+    def _from_json(cls, doc: object) -> Header:
+        _check_fields(doc, "header", required={"tensors"}, optional={"metadata"})
+        assert isinstance(doc, dict)
+        tensors = doc["tensors"]
+        if not isinstance(tensors, list):
+            raise TypeError("field 'tensors' is not a list")
+        metadata = doc.get("metadata", {})
+        if not isinstance(metadata, dict):
+            raise TypeError("field 'metadata' is not an object")
+        return cls(tuple(_entry(i, e) for i, e in enumerate(tensors)), metadata)
 
     def validate(self, data_length: int, chunk_size: int, chunk_count: int, *,
                  source: str) -> None:
@@ -96,12 +112,61 @@ class Header:
             raise FormatError(f"{source}: tensor table does not cover the data segment")
 
 
-def _entry(e: dict[str, Any]) -> TensorEntry | AliasEntry:
-    if "alias_of" in e:
-        return AliasEntry(str(e["name"]), str(e["alias_of"]))
-    if e["dtype"] not in DTYPES:
-        raise ValueError(f"unknown dtype {e['dtype']!r}")
-    shape = tuple(int(d) for d in e["shape"])
-    if any(d < 0 for d in shape):
-        raise ValueError("negative dimension")
-    return TensorEntry(str(e["name"]), e["dtype"], shape, int(e["offset"]), int(e["nbytes"]))
+_TENSOR_FIELDS = {"name", "dtype", "shape", "offset", "nbytes"}
+_ALIAS_FIELDS = {"name", "alias_of"}
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads`` hook: a key given twice is an error, not "the last one wins" (two
+    readers could otherwise see two different tables in the same authentic header)."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _check_fields(obj: object, what: str, *, required: set[str],
+                  optional: frozenset[str] | set[str] = frozenset()) -> None:
+    if not isinstance(obj, dict):
+        raise TypeError(f"{what} is not an object")
+    missing = sorted(required - obj.keys())
+    if missing:
+        raise ValueError(f"{what}: missing field {missing[0]!r}")
+    unknown = sorted(obj.keys() - required - optional)
+    if unknown:
+        raise ValueError(f"{what}: unknown field {unknown[0]!r}")
+
+
+def _non_negative_int(value: object, what: str) -> int:
+    """JSON integers only: ``true``, ``1.0`` and ``"1"`` are not integers here."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{what} is not a non-negative integer ({value!r})")
+    return value
+
+
+def _string(value: object, what: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{what} is not a string ({value!r})")
+    return value
+
+
+def _entry(index: int, e: object) -> TensorEntry | AliasEntry:
+    what = f"tensors[{index}]"
+    if isinstance(e, dict) and "alias_of" in e:
+        _check_fields(e, what, required=_ALIAS_FIELDS)
+        return AliasEntry(_string(e["name"], f"{what}.name"),
+                          _string(e["alias_of"], f"{what}.alias_of"))
+    _check_fields(e, what, required=_TENSOR_FIELDS)
+    assert isinstance(e, dict)
+    dtype = _string(e["dtype"], f"{what}.dtype")
+    if dtype not in DTYPES:
+        raise ValueError(f"{what}.dtype: unknown dtype {dtype!r}")
+    shape = e["shape"]
+    if not isinstance(shape, list):
+        raise TypeError(f"{what}.shape is not a list")
+    dims = tuple(_non_negative_int(d, f"{what}.shape[{i}]") for i, d in enumerate(shape))
+    return TensorEntry(_string(e["name"], f"{what}.name"), dtype, dims,
+                       _non_negative_int(e["offset"], f"{what}.offset"),
+                       _non_negative_int(e["nbytes"], f"{what}.nbytes"))

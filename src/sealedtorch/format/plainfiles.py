@@ -121,7 +121,14 @@ def _load_safetensors(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
 def save_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, Any],
                      aliases: dict[str, str], path: str | os.PathLike[str], *,
                      overwrite: bool = False) -> Path:
-    """Write atomically: a temporary file renamed into place only when complete."""
+    """Write atomically (mode 0600: it is plaintext): a locked temporary file renamed into
+    place only when complete, so an interrupted export leaves nothing under ``path``.
+
+    Raises:
+        FormatError: ``path`` exists and ``overwrite`` is false.
+        UnsupportedTensorError: safetensors cannot store one of the tensors.
+        OSError: the file cannot be written.
+    """
     from safetensors.torch import save_file
 
     target = Path(path)
@@ -129,21 +136,15 @@ def save_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, Any],
         raise FormatError(f"{target}: already exists (use --force to replace)")
     own = {k: v.clone() for k, v in tensors.items() if k not in aliases}
     meta = {META_KEY: json.dumps(metadata), ALIAS_KEY: json.dumps(aliases)}
-    from .writer import create_locked_temp, remove_stale_temp_files
+    from .writer import replace_output
 
-    remove_stale_temp_files(target)
-    fd, tmp = create_locked_temp(target)  # locked until the rename: not stale meanwhile
     try:
-        try:
-            save_file(own, tmp, metadata=meta)
-        except (ValueError, TypeError, KeyError) as exc:
-            raise UnsupportedTensorError(f"cannot export to safetensors: {exc}") from None
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with replace_output(target, mode=0o600) as (_fd, tmp):
+            try:
+                save_file(own, tmp, metadata=meta)
+            except (ValueError, TypeError, KeyError) as exc:
+                raise UnsupportedTensorError(f"cannot export to safetensors: {exc}") from None
     finally:
-        os.close(fd)
         for t in own.values():
             t.zero_()
     return target

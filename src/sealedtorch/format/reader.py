@@ -6,10 +6,15 @@ that are views of that buffer.  So the plaintext exists exactly once, in the ten
 memory, and the only other memory used is one ciphertext chunk per worker.  If any chunk
 fails authentication the whole buffer is zeroed and an :class:`IntegrityError` is raised:
 nothing partially decrypted is ever returned.
+
+A file is opened once (:class:`SealedReader`): preamble, key check, header, data and the
+digest a runtime pins are all read through that one descriptor, so they describe one file.
+The header is parsed strictly (:mod:`.header`, docs/format.md "Reader requirements").
 """
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
 import threading
@@ -50,21 +55,49 @@ class Opened:
     digest: bytes
 
 
-class SealedFile:
-    """A ``.sealed`` file on disk.  Cheap to construct: reads only the preamble."""
+class SealedReader:
+    """A ``.sealed`` file opened for reading.  Cheap to construct: reads only the preamble.
+
+    The file is opened once, here; the key check, the header, the data and :meth:`sha256`
+    all read that one descriptor, so they all describe the same file even if the path is
+    replaced meanwhile (a runtime pins the digest and then decrypts what it pinned).  Use it
+    as a context manager, or :meth:`close` it.
+
+    Raises:
+        FormatError: no such file, a directory, or not a sealed file this reader knows.
+        IntegrityError: a corrupt or truncated preamble.
+    """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.source = str(self.path)
         try:
-            with self.path.open("rb") as f:
-                head = f.read(_MAX_PREAMBLE)
-                self.actual_size = os.fstat(f.fileno()).st_size
+            self._file = self.path.open("rb")
         except FileNotFoundError:
             raise FormatError(f"{self.source}: no such file") from None
         except IsADirectoryError:
             raise FormatError(f"{self.source}: is a directory") from None
-        self.preamble = parse_preamble(head, source=self.source)
+        try:
+            head = self._file.read(_MAX_PREAMBLE)
+            self.actual_size = os.fstat(self._file.fileno()).st_size
+            self.preamble = parse_preamble(head, source=self.source)
+        except BaseException:
+            self._file.close()
+            raise
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> SealedReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def sha256(self) -> str:
+        """SHA-256 of the whole file as it is open here (hex), for pinning."""
+        self._file.seek(0)
+        return hashlib.file_digest(self._file, "sha256").hexdigest()
 
     def check_size(self) -> None:
         expected = self.preamble.file_size
@@ -91,9 +124,7 @@ class SealedFile:
             raise IntegrityError(
                 f"{self.source}: the key does not match this file (model {p.model_id!r} "
                 f"version {p.key_version}): wrong key, or the preamble was altered")
-        with self.path.open("rb") as f:
-            f.seek(p.size)
-            header_ct = f.read(p.header_length)
+        header_ct = os.pread(self._file.fileno(), p.header_length, p.size)
         if len(header_ct) != p.header_length:
             raise IntegrityError(f"{self.source}: file truncated inside the header")
         plain = keys.header.decrypt(crypto.counter_nonce(0), header_ct, header_aad(p.raw),
@@ -144,10 +175,9 @@ class SealedFile:
             return
         failed = threading.Event()
         n_workers = max(1, min(workers or os.cpu_count() or 1, count))
-        with self.path.open("rb") as fh:
-            # Ciphertext is read through a read-only mapping: decrypt_into reads the page
-            # cache directly, so no ciphertext copy is made at all.
-            mapped = mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ)
+        # Ciphertext is read through a read-only mapping: decrypt_into reads the page
+        # cache directly, so no ciphertext copy is made at all.
+        mapped = mmap.mmap(self._file.fileno(), 0, prot=mmap.PROT_READ)
         if len(mapped) != p.file_size:
             mapped.close()
             raise IntegrityError(f"{self.source}: file changed size while loading")
@@ -220,4 +250,4 @@ def _allocate(entries: tuple[TensorEntry, ...], *, pin: bool) -> dict[str, torch
 
 def _bytes_of(t: torch.Tensor) -> memoryview:
     """A writable byte view of a contiguous tensor's memory."""
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return t.reshape(-1).view(torch.uint8).numpy().data

@@ -23,6 +23,7 @@ MIN_CHUNK_SIZE = 4096
 MAX_CHUNK_SIZE = 64 << 20
 MAX_HEADER_SIZE = 64 << 20
 TAG_SIZE = crypto.TAG_SIZE
+SALT_SIZE = 32
 
 # magic, version, cipher, flags, key_version, salt, key_check, chunk_size, header_len,
 # data_len, chunk_count, model_id_len

@@ -207,20 +207,21 @@ def load_sealed(source: ModelSource, keys: KeySource, config: RuntimeConfig | No
     :class:`~sealedtorch.errors.ConfigError` for an architecture that is not allowed or
     does not fit the weights.
     """
-    from ..format import load_with_header, read_preamble
+    from ..format import SealedReader
 
     config = config or RuntimeConfig()
     dev = torch.device(device) if device is not None else resolve_device(config)
     label = f"model {source.name!r} ({source.path})"
     started = time.perf_counter()
-    preamble = read_preamble(source.path)
-    digest = crypto.sha256_file(source.path).hex()
-    check_pinned(source.name, preamble.model_id, preamble.key_version, digest, config,
-                 label=label, path=source.path)
-    key = get_key_with_retries(keys, preamble.model_id, preamble.key_version, config,
-                               source=label)
-    t_key = time.perf_counter()
-    state, header = load_with_header(source.path, key=key, device=dev)
+    with SealedReader(source.path) as sealed:  # one open: what is pinned is what is decrypted
+        preamble = sealed.preamble
+        digest = sealed.sha256()
+        check_pinned(source.name, preamble.model_id, preamble.key_version, digest, config,
+                     label=label, path=source.path)
+        key = get_key_with_retries(keys, preamble.model_id, preamble.key_version, config,
+                                   source=label)
+        t_key = time.perf_counter()
+        state, header = sealed.read_tensors(key, device=dev)
     t_decrypt = time.perf_counter()
     built = _build(state, header.metadata, source.arch, config, dev, label)
     elapsed = time.perf_counter() - started
