@@ -44,6 +44,7 @@ from ..errors import (
     ModelNotReady,
     PayloadTooLarge,
     QueueFull,
+    SealedTorchError,
     ShuttingDown,
 )
 from .batching import Batcher
@@ -98,8 +99,8 @@ class _CountedRoute(APIRoute):
         return counted
 
 
-def _refusal(runtime: Runtime, name: str, exc: Exception) -> Response:
-    assert isinstance(exc, _ANSWERED)
+def _refusal(runtime: Runtime, name: str, exc: SealedTorchError) -> Response:
+    """The answer to a refusal; bad requests (and budget timeouts) counted as rejected."""
     if isinstance(exc, (*_REJECTED, BudgetTimeout)):
         runtime.metrics.rejected.inc(model=name, reason=type(exc).__name__)
     if isinstance(exc, _REJECTED):
