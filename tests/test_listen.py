@@ -8,7 +8,7 @@ import socket
 import pytest
 
 from sealedtorch.errors import ConfigError
-from sealedtorch.listen import bind_tcp
+from sealedtorch.listen import bind_tcp, parse_listen
 
 
 def test_accepted_connections_have_tcp_nodelay():
@@ -43,3 +43,10 @@ def test_an_address_in_use_is_one_config_error():
             bind_tcp("127.0.0.1", first.getsockname()[1], backlog=1)
     finally:
         first.close()
+
+
+def test_the_listen_option_takes_ipv6_in_brackets_and_defaults_an_empty_host():
+    assert parse_listen("[::1]:8443") == ("::1", 8443)
+    assert parse_listen(":0") == ("127.0.0.1", 0)
+    with pytest.raises(ConfigError, match="HOST:PORT"):
+        parse_listen("localhost:65536")

@@ -53,11 +53,14 @@ The tree (default HTTP status in brackets)::
     │   ├── InvalidRequest
     │   ├── PayloadTooLarge [413]
     │   ├── InferenceFailed
+    │   ├── ModelNotFound [404]
     │   └── InferenceError (client side: carries the runtime's HTTP status)
     ├── ConflictError [409]
     ├── QueueFull [503]
     ├── ShuttingDown [503]
-    └── BudgetTimeout [503]
+    ├── BudgetTimeout [503]
+    ├── ModelNotReady [503]
+    └── InferenceTimeout [504]
 
 The public classes are re-exported from :mod:`sealedtorch`.
 """
@@ -451,6 +454,28 @@ class BudgetTimeout(SealedTorchError):
 
     problem_type = "busy"
     http_status = 503
+
+
+class ModelNotFound(RequestError):
+    """The runtime serves no model of that name, or not that version (HTTP 404)."""
+
+    problem_type = "model-not-found"
+    http_status = 404
+
+
+class ModelNotReady(SealedTorchError):
+    """The model is served here but cannot answer now: still loading, failed to load, or
+    unloaded by the key watcher (HTTP 503; the message says which and why)."""
+
+    problem_type = "model-not-ready"
+    http_status = 503
+
+
+class InferenceTimeout(SealedTorchError):
+    """Inference did not finish within ``request_timeout_s`` (HTTP 504)."""
+
+    problem_type = "inference-timeout"
+    http_status = 504
 
 
 class InferenceError(RequestError):

@@ -1,4 +1,5 @@
-"""Listening TCP sockets for the services, bound before any other work.
+"""Listening TCP sockets for the services, bound before any other work, and the
+``--listen HOST:PORT`` option they share.
 
 Binding first makes an address in use one clear :class:`~sealedtorch.errors.ConfigError`
 ("cannot listen on ...: Address already in use", exit 2) before a store is opened, a key
@@ -13,7 +14,7 @@ import socket
 
 from .errors import ConfigError
 
-__all__ = ["bind_tcp"]
+__all__ = ["bind_tcp", "parse_listen"]
 
 
 def bind_tcp(host: str, port: int, *, backlog: int | None = None) -> socket.socket:
@@ -30,3 +31,12 @@ def bind_tcp(host: str, port: int, *, backlog: int | None = None) -> socket.sock
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     sock.set_inheritable(True)
     return sock
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``--listen HOST:PORT`` as (host, port); ``[::1]:8443`` for IPv6, an empty host is
+    127.0.0.1 (never all interfaces by accident)."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"--listen expects HOST:PORT, got {listen!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)

@@ -23,8 +23,7 @@ import uvicorn
 
 from .. import attest
 from ..attest import sim
-from ..errors import ConfigError
-from ..listen import bind_tcp
+from ..listen import bind_tcp, parse_listen
 from ..logs import configure_logging
 from . import tlog, tls
 from .app import RateLimit, create_app
@@ -79,13 +78,6 @@ def build_keyserver(cfg: KeyserverConfig, *, trust_sim_roots: Sequence[Path | st
         service.kek.close()
         raise
     return service
-
-
-def parse_listen(listen: str) -> tuple[str, int]:
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"--listen expects HOST:PORT, got {listen!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 def uvicorn_config(cfg: KeyserverConfig, service: Keyserver, host: str, port: int, *,

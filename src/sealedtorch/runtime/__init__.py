@@ -6,8 +6,11 @@
   (:func:`~.architectures.sentence_bert_from_directory`,
   :func:`~.architectures.exported_program_state`).
 - :mod:`.loader` — :func:`load_sealed`: key from the keycache, decrypt once, build, eval.
-- :mod:`.server` — the FastAPI app, :class:`RuntimeServer` (in-process),
-  :class:`SubprocessServer`, :func:`serve` (the CLI).
+- :mod:`.server` — the server's public names, from :mod:`.state` (:class:`Runtime`),
+  :mod:`.app` (the FastAPI app and its ``routes_*`` routers), :mod:`.serving`
+  (:func:`serve`, the CLI), :mod:`.background` (:class:`RuntimeServer`, in-process) and
+  :mod:`.subprocess_server` (:class:`SubprocessServer`).
+- :mod:`.watch` — the key watcher: unload on revocation, swap in a newer key version.
 - :mod:`.kserve`, :mod:`.batching`, :mod:`.metrics`, :mod:`.tls`, :mod:`.attestation`.
 - :mod:`.client` — :class:`AttestedClient`: attest, pin the TLS key, then infer.
 
@@ -29,8 +32,8 @@ __all__ = [
 _WHERE = {
     "AttestedClient": "client", "LoadedModel": "loader", "ModelSource": "loader",
     "PlainSource": "loader", "load_sealed": "loader", "RuntimeConfig": "config",
-    "load_config": "config", "runtime_measurement": "config", "RuntimeServer": "server",
-    "SubprocessServer": "server", "serve": "server",
+    "load_config": "config", "runtime_measurement": "config", "RuntimeServer": "background",
+    "SubprocessServer": "subprocess_server", "serve": "serving",
 }
 
 

@@ -34,6 +34,7 @@ import gc
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,12 +42,20 @@ from typing import TYPE_CHECKING, Any
 from ..errors import KeyUnavailable, ModelUnloaded, SealedTorchError
 
 if TYPE_CHECKING:
+    from .batching import Batcher
     from .loader import LoadedModel
-    from .server import Runtime, _Slot
+    from .state import ModelSlot, Runtime, Source
 
 __all__ = ["KeyWatcher"]
 
 log = logging.getLogger("sealedtorch.runtime.watch")
+
+
+def _sealed_file(source: Source | None) -> Path | None:
+    """The file a source loads from (re-read on every check), or None for sources that
+    hold no key (in-memory modules, plaintext sources without a path)."""
+    path = getattr(source, "path", None)
+    return path if isinstance(path, Path) else None
 
 
 def _unreachable(exc: BaseException) -> bool:
@@ -62,10 +71,16 @@ class _Watch:
     failed_file: tuple[int, int, int] | None = None  # (mtime_ns, size, version) that failed
 
 
+def _retired_module(*args: Any, **kwargs: Any) -> Any:
+    """What a retired model's ``module`` becomes: its weights are gone, it never runs."""
+    raise ModelUnloaded("this model was unloaded; its weights are zeroed")
+
+
 class KeyWatcher:
     """Re-checks every loaded sealed model's key with the keycache (see the module doc)."""
 
-    def __init__(self, runtime: Runtime, *, clock: Any = time.monotonic) -> None:
+    def __init__(self, runtime: Runtime, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.runtime = runtime
         self.interval = runtime.config.key_watch_s
         self.grace = runtime.config.key_watch_grace_s
@@ -105,19 +120,19 @@ class KeyWatcher:
         """Check every sealed model once (the thread calls this every ``key_watch_s``)."""
         with self._lock:
             for slot in list(self.runtime.slots.values()):
-                if self._stop.is_set() or self.runtime._stopping:
+                if self._stop.is_set() or self.runtime.stopping:
                     return
-                if slot.source is None or not isinstance(getattr(slot.source, "path", None),
-                                                         Path):
+                path = _sealed_file(slot.source)
+                if path is None:
                     continue  # in-memory modules and plaintext sources hold no key
                 if slot.state == "ready" and slot.model is not None and \
                         slot.model.model_id is not None:
-                    self._check_loaded(slot, slot.model)
+                    self._check_loaded(slot, slot.model, path)
                 elif slot.state == "unloaded" or (slot.state == "failed" and isinstance(
                         slot.error, KeyUnavailable)):  # (``serve --stay-unready``)
-                    self._try_reload(slot, reason="key available again")
+                    self._try_reload(slot, path, reason="key available again")
 
-    def _check_loaded(self, slot: _Slot, model: LoadedModel) -> None:
+    def _check_loaded(self, slot: ModelSlot, model: LoadedModel, path: Path) -> None:
         keys = self.runtime.keys
         assert keys is not None and model.model_id is not None
         now = self._clock()
@@ -147,7 +162,8 @@ class KeyWatcher:
             metrics.key_checks.inc(model=slot.name, outcome="held")
             return
         if held_latest > (model.key_version or 0) and \
-                self._try_reload(slot, reason=f"the keycache holds version {held_latest}"):
+                self._try_reload(slot, path,
+                                 reason=f"the keycache holds version {held_latest}"):
             return
         try:  # no newer file (yet): is the loaded version itself still held?
             keys.get_key(model.model_id, model.key_version)
@@ -160,14 +176,13 @@ class KeyWatcher:
         watch.confirmed_at = now
         metrics.key_checks.inc(model=slot.name, outcome="held")
 
-    def _try_reload(self, slot: _Slot, *, reason: str) -> bool:
-        """Load the file at the slot's path if it is sealed under a key the keycache holds
-        and newer than what is served; swap it in.  True if it did."""
+    def _try_reload(self, slot: ModelSlot, path: Path, *, reason: str) -> bool:
+        """Load the file at the slot's ``path`` if it is sealed under a key the keycache
+        holds and newer than what is served; swap it in.  True if it did."""
         from ..format import read_preamble
 
         source, keys = slot.source, self.runtime.keys
         assert source is not None and keys is not None
-        path: Path = source.path  # type: ignore[attr-defined]
         try:
             st = path.stat()
             preamble = read_preamble(path)
@@ -196,7 +211,7 @@ class KeyWatcher:
                       preamble.key_version, path, type(exc).__name__, exc,
                       extra={"fields": {"model": slot.name, "error_type": type(exc).__name__}})
             return False
-        if self._stop.is_set() or self.runtime._stopping:
+        if self._stop.is_set() or self.runtime.stopping:
             model.unload()
             return False
         old = current.key_version if current is not None else None
@@ -215,7 +230,7 @@ class KeyWatcher:
 
     # --- state changes ------------------------------------------------------------------
 
-    def swap(self, slot: _Slot, model: LoadedModel) -> None:
+    def swap(self, slot: ModelSlot, model: LoadedModel) -> None:
         """Serve ``model`` in ``slot`` from now on; drain, zero and drop the old one."""
         from .batching import Batcher
 
@@ -230,7 +245,7 @@ class KeyWatcher:
         self.runtime.metrics.ready.set(1, model=slot.name)
         self._retire(old_model, old_batcher)
 
-    def unload(self, slot: _Slot, cause: BaseException, *, why: str) -> None:
+    def unload(self, slot: ModelSlot, cause: BaseException, *, why: str) -> None:
         """Stop serving ``slot``: unready, worker drained, weights zeroed, references
         dropped; requests get 503 with a :class:`ModelUnloaded` problem naming ``why``."""
         model, batcher = slot.model, slot.batcher
@@ -247,12 +262,12 @@ class KeyWatcher:
             "key_version": model.key_version if model else None}})
         self._retire(model, batcher)
 
-    def _retire(self, model: LoadedModel | None, batcher: Any) -> None:
+    def _retire(self, model: LoadedModel | None, batcher: Batcher | None) -> None:
         if batcher is not None:
             batcher.stop(self.runtime.config.request_timeout_s)  # queued requests finish
         if model is not None:
             model.unload()  # zero the weights in place
-            model.module = None  # type: ignore[assignment]  # drop the last reference
+            model.module = _retired_module  # drop the last reference to the weights
         del model, batcher
         gc.collect()
 
