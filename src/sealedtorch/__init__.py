@@ -3,31 +3,22 @@
 Public API, like safetensors' few functions: :func:`seal` (returns a :class:`SealResult`),
 :func:`load_state_dict`, :func:`load_model`, :func:`load_pretrained` (Hugging Face
 transformers models), :func:`unseal`, :func:`read_preamble`, the key helpers
-(:class:`ModelKey`, :func:`read_key_file`, :func:`write_key_file`) and the errors in
-:mod:`sealedtorch.errors`.  Heavy imports (torch) happen on first use, so the CLI and the
+(:class:`ModelKey`, :func:`read_key_file`, :func:`write_key_file`) and every exception of
+:mod:`sealedtorch.errors` (one tree, drawn in its docstring).  Heavy imports (torch) happen on first use, so the CLI and the
 services start fast; ``dir(sealedtorch)`` lists the lazy names too.
 """
 
 from __future__ import annotations
 
-from .errors import (
-    AttestationError,
-    ConfigError,
-    FormatError,
-    IntegrityError,
-    KeyFileError,
-    KeyUnavailable,
-    PolicyDenied,
-    SealedTorchError,
-)
+from . import errors
+from .errors import *  # noqa: F403 (every exception is public: see errors.__all__)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AttestationError", "ConfigError", "FormatError", "IntegrityError", "KeyFileError",
-    "KeyUnavailable", "ModelKey", "PolicyDenied", "SealResult", "SealedTorchError",
-    "__version__", "load_model", "load_pretrained", "load_state_dict", "read_key_file",
-    "read_preamble", "seal", "unseal", "write_key_file",
+    "ModelKey", "SealResult", "__version__", "load_model", "load_pretrained",
+    "load_state_dict", "read_key_file", "read_preamble", "seal", "unseal", "write_key_file",
+    *errors.__all__,
 ]
 
 _FROM_FORMAT = frozenset({"seal", "load_state_dict", "load_model", "unseal", "read_preamble",
@@ -53,5 +44,5 @@ def __getattr__(name: str) -> object:
 
 
 def __dir__() -> list[str]:
-    """The module's own names plus the lazy ones, so ``dir()`` and completion show the API."""
-    return sorted(set(globals()) | set(__all__))
+    """The public API (the lazy names included), so ``dir()`` and completion show it."""
+    return sorted({*__all__, "errors"})
