@@ -16,7 +16,7 @@ read or parsed*, so a malformed flood is refused as cheaply as a well-formed one
 request is ``429`` with ``Retry-After`` and is counted in the metrics but not audited (a
 flood must not grow the audit chain).  Failures of unauthenticated requests that get past
 the limiter are audited individually up to a budget per minute, then counted and
-summarised (see :class:`~.service.FailureSampler`).  ``GET /metrics`` serves Prometheus
+summarised (see :class:`~.audit_recorder.FailureSampler`).  ``GET /metrics`` serves Prometheus
 text.  A database outage answers ``503`` (``Retry-After: 1``) until the store is back.
 """
 
@@ -41,10 +41,11 @@ from .. import crypto
 from ..errors import RateLimited, RequestError, SealedTorchError
 from . import protocol
 from .audit import iso
+from .audit_recorder import RequestContext
 from .metrics import CONTENT_TYPE
 from .problems import internal_problem, problem_for
 from .protocol import PROBLEM_MEDIA_TYPE
-from .service import Keyserver, RequestContext
+from .service import Keyserver
 from .store import KeyState
 
 access_log = logging.getLogger("sealedtorch.keyserver.access")

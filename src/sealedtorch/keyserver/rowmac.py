@@ -33,8 +33,9 @@ from dataclasses import replace
 from typing import Any
 
 from .. import crypto
-from ..errors import StoreIntegrityError
-from .kek import KekProvider, KekRing, KekUnavailable
+from ..errors import KekUnavailable, StoreIntegrityError
+from .kek import KekRing
+from .kek_base import KekProvider
 from .protocol import canonical_json
 from .store import AdminTokenRecord, KeyRecord, ModelRecord
 
