@@ -22,6 +22,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from .. import crypto
@@ -56,19 +57,17 @@ TOKEN_LIFETIME = 90 * 86400.0
 TOKEN_LIFETIME_MAX = 5 * 365 * 86400.0
 
 
+@dataclass(kw_only=True, eq=False)
 class AdminService:
     """The admin API's operations, each authorised by an admin token's record."""
 
-    def __init__(self, *, store: Store, kek: KekProvider, rows: RowIntegrity,
-                 transparency: tlog.TransparencyLog, recorder: AuditRecorder,
-                 clock: Clock = time.time) -> None:
-        self.store = store
-        self.kek = kek
-        self.rows = rows
-        #: Signs checkpoints (:mod:`.tlog`).
-        self.tlog = transparency
-        self.recorder = recorder
-        self.clock = clock
+    store: Store
+    kek: KekProvider
+    rows: RowIntegrity
+    #: Signs checkpoints (:mod:`.tlog`).
+    transparency: tlog.TransparencyLog
+    recorder: AuditRecorder
+    clock: Clock = time.time
 
     # ------------------------------------------------------------------ store integrity
 
@@ -507,8 +506,8 @@ class AdminService:
         poll it: an audit record per poll would grow the log it watches)."""
         self._log_reader(admin)
         with self.store.snapshot() as tx:
-            cp, note = self.tlog.checkpoint(tx)
-        return protocol.CheckpointResponse(checkpoint=note, log_key=self.tlog.verifier.vkey,
+            cp, note = self.transparency.checkpoint(tx)
+        return protocol.CheckpointResponse(checkpoint=note, log_key=self.transparency.verifier.vkey,
                                            size=cp.size,
                                            root=protocol.b64encode(cp.root))
 

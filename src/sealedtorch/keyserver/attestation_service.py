@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .. import attest, crypto
 from ..attest import binding
@@ -60,24 +60,21 @@ class IssuedToken:
     info: AttestationToken
 
 
+@dataclass(kw_only=True, eq=False)
 class AttestationService:
     """Challenge and attest: turns verified, policy-accepted evidence into a token."""
 
-    def __init__(self, *, store: Store, signer: TokenSigner, verifier: attest.VerifierConfig,
-                 recorder: AuditRecorder, metrics: KeyserverMetrics, clock: Clock = time.time,
-                 nonce_ttl: float = 60.0, token_ttl: float = 300.0,
-                 attestation_policy: DeploymentPolicy | None = None) -> None:
-        self.store = store
-        self.signer = signer
-        self.verifier = verifier
-        self.recorder = recorder
-        self.metrics = metrics
-        self.clock = clock
-        self.nonce_ttl = nonce_ttl
-        self.token_ttl = token_ttl
-        #: The deployment's own attestation policy, checked before any token is issued.
-        self.attestation_policy = attestation_policy or DeploymentPolicy()
-        self._last_purge = 0.0
+    store: Store
+    signer: TokenSigner
+    verifier: attest.VerifierConfig
+    recorder: AuditRecorder
+    metrics: KeyserverMetrics
+    clock: Clock = time.time
+    nonce_ttl: float = 60.0
+    token_ttl: float = 300.0
+    #: The deployment's own attestation policy, checked before any token is issued.
+    attestation_policy: DeploymentPolicy = field(default_factory=DeploymentPolicy)
+    _last_purge: float = field(default=0.0, init=False, repr=False)
 
     def challenge(self, tee: str, ctx: RequestContext) -> Challenge:
         """Issue a single-use nonce for ``tee`` evidence, valid for ``nonce_ttl`` seconds.

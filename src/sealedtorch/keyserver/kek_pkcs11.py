@@ -521,23 +521,12 @@ class Pkcs11Kek:
     def unwrap(self, wrapped: bytes, *, model_id: str, version: int,
                kek_id: str | None = None) -> bytes:
         check_kek_id(self, kek_id)
-        p11 = self._module.p11
         if len(wrapped) != crypto.NONCE_SIZE + crypto.KEY_SIZE + crypto.TAG_SIZE:
             raise IntegrityError("wrapped key has the wrong length")
-        params = p11.GCMParams(wrapped[:crypto.NONCE_SIZE], key_aad(model_id, version),
-                               _TAG_BITS)
-        body = wrapped[crypto.NONCE_SIZE:]
-        try:
-            plain = self._call(lambda k: k.decrypt(body, mechanism=p11.Mechanism.AES_GCM,
-                                                   mechanism_param=params), "unwrap")
-        except (p11.EncryptedDataInvalid, p11.EncryptedDataLenRange, p11.DataInvalid,
-                p11.GeneralError, p11.FunctionFailed):
-            # SoftHSM2 answers a failed GCM tag check with CKR_GENERAL_ERROR
+        plain = self._gcm_open(wrapped, key_aad(model_id, version), "unwrap", "unwrap")
+        if plain is None:
             raise IntegrityError("wrapped key (wrong KEK or tampered record): "
-                                 "authentication failed in the token") from None
-        except p11.PKCS11Error as exc:
-            raise KekUnavailable(f"{self.kek_id}: the token refused to unwrap: "
-                                 f"{type(exc).__name__}") from None
+                                 "authentication failed in the token")
         if len(plain) != crypto.KEY_SIZE:
             raise IntegrityError("unwrapped key has the wrong length")
         return bytes(plain)
@@ -559,21 +548,28 @@ class Pkcs11Kek:
         return iv + bytes(tag)
 
     def verify_mac(self, data: bytes, tag: bytes) -> bool:
-        p11 = self._module.p11
         if len(tag) != crypto.NONCE_SIZE + crypto.TAG_SIZE:
             return False
-        params = p11.GCMParams(tag[:crypto.NONCE_SIZE], data, _TAG_BITS)
-        body = tag[crypto.NONCE_SIZE:]
+        plain = self._gcm_open(tag, data, "verify mac", "verify a MAC")
+        return plain is not None and len(plain) == 0
+
+    def _gcm_open(self, sealed: bytes, aad: bytes, op: str, refused: str) -> bytes | None:
+        """AES-GCM decryption in the token of ``sealed`` (IV ‖ ciphertext ‖ tag) with
+        ``aad``: the plaintext, or None if the tag does not authenticate.  Any other refusal
+        of the token is :class:`KekUnavailable` ("the token refused to ``refused``")."""
+        p11 = self._module.p11
+        params = p11.GCMParams(sealed[:crypto.NONCE_SIZE], aad, _TAG_BITS)
+        body = sealed[crypto.NONCE_SIZE:]
         try:
-            plain = self._call(lambda k: k.decrypt(body, mechanism=p11.Mechanism.AES_GCM,
-                                                   mechanism_param=params), "verify mac")
+            return bytes(self._call(lambda k: k.decrypt(body, mechanism=p11.Mechanism.AES_GCM,
+                                                        mechanism_param=params), op))
         except (p11.EncryptedDataInvalid, p11.EncryptedDataLenRange, p11.DataInvalid,
                 p11.GeneralError, p11.FunctionFailed):
-            return False
+            # SoftHSM2 answers a failed GCM tag check with CKR_GENERAL_ERROR
+            return None
         except p11.PKCS11Error as exc:
-            raise KekUnavailable(f"{self.kek_id}: the token refused to verify a MAC: "
+            raise KekUnavailable(f"{self.kek_id}: the token refused to {refused}: "
                                  f"{type(exc).__name__}") from None
-        return len(plain) == 0
 
     def close(self) -> None:
         with self._module.lock:

@@ -15,7 +15,7 @@ Invariants:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .. import crypto
@@ -77,23 +77,21 @@ def not_released(model_id: str, reasons: Any) -> PolicyDenied:
                         audit_reasons=[str(r) for r in reasons])
 
 
+@dataclass(kw_only=True, eq=False)
 class ReleaseService:
     """Release keys to the identity of a verified attestation-result token."""
 
-    def __init__(self, *, store: Store, kek: KekProvider, signer: TokenSigner,
-                 rows: RowIntegrity, transparency: tlog.TransparencyLog,
-                 recorder: AuditRecorder, metrics: KeyserverMetrics,
-                 clock: Clock = time.time) -> None:
-        self.store = store
-        self.kek = kek
-        self.signer = signer
-        self.rows = rows
-        #: Builds receipts (:mod:`.tlog`).
-        self.tlog = transparency
-        self.recorder = recorder
-        self.metrics = metrics
-        self.clock = clock
-        self._policies: dict[str, Policy] = {}
+    store: Store
+    kek: KekProvider
+    signer: TokenSigner
+    rows: RowIntegrity
+    #: Builds receipts (:mod:`.tlog`).
+    transparency: tlog.TransparencyLog
+    recorder: AuditRecorder
+    metrics: KeyserverMetrics
+    clock: Clock = time.time
+    #: Parsed policies by digest (a policy is parsed once, not per release).
+    _policies: dict[str, Policy] = field(default_factory=dict, init=False, repr=False)
 
     def release(self, token: str | None, ctx: RequestContext, *, model_id: str | None = None,
                 version: int | None = None) -> list[ReleasedKey]:
@@ -113,7 +111,7 @@ class ReleaseService:
         try:
             keys, leaves = self._release(token, ctx, entry, model_id, version)
             with self.store.snapshot() as tx:
-                receipt = self.tlog.receipt(tx, leaves, since)
+                receipt = self.transparency.receipt(tx, leaves, since)
             return keys, receipt
         finally:
             self.metrics.release_seconds.observe(time.perf_counter() - start,

@@ -71,7 +71,7 @@ class Keyserver:
         self.attestation = AttestationService(
             store=store, signer=signer, verifier=verifier, recorder=self.recorder,
             metrics=self.metrics, clock=clock, nonce_ttl=nonce_ttl, token_ttl=token_ttl,
-            attestation_policy=attestation_policy)
+            attestation_policy=attestation_policy or DeploymentPolicy())
         self.releases = ReleaseService(
             store=store, kek=kek, signer=signer, rows=self.rows, transparency=transparency,
             recorder=self.recorder, metrics=self.metrics, clock=clock)
