@@ -41,8 +41,10 @@ from .tokens import AttestationToken, TokenSigner
 
 
 @dataclass(frozen=True)
-class ReleasedKey:
-    """A model key HPKE-sealed to the attested public key, with the policy it is under."""
+class KeyRelease:
+    """A model key HPKE-sealed to the attested public key, with the policy it is under:
+    one entry of a release answer.  (Not :class:`~.client.ReleasedKey`, which is the key
+    a client opened from such an entry.)"""
 
     model_id: str
     version: int
@@ -94,14 +96,14 @@ class ReleaseService:
     _policies: dict[str, Policy] = field(default_factory=dict, init=False, repr=False)
 
     def release(self, token: str | None, ctx: RequestContext, *, model_id: str | None = None,
-                version: int | None = None) -> list[ReleasedKey]:
+                version: int | None = None) -> list[KeyRelease]:
         """Keys for the identity in ``token``: every active version of every model whose
         policy it satisfies (``model_id`` None), or one version of one model."""
         return self.release_with_receipt(token, ctx, model_id=model_id, version=version)[0]
 
     def release_with_receipt(self, token: str | None, ctx: RequestContext, *,
                              model_id: str | None = None, version: int | None = None,
-                             since: int | None = None) -> tuple[list[ReleasedKey], dict[str, Any]]:
+                             since: int | None = None) -> tuple[list[KeyRelease], dict[str, Any]]:
         """:meth:`release`, plus its transparency-log receipt: the signed checkpoint, the
         ``allow`` audit record of every released key with its inclusion proof, and a
         consistency proof from tree size ``since`` (what the caller saw before), so the
@@ -119,7 +121,7 @@ class ReleaseService:
 
     def _release(self, token: str | None, ctx: RequestContext, entry: dict[str, Any],
                  model_id: str | None, version: int | None
-                 ) -> tuple[list[ReleasedKey], list[tuple[int, str]]]:
+                 ) -> tuple[list[KeyRelease], list[tuple[int, str]]]:
         try:
             tok = self._token(token)
         except SealedTorchError as exc:
@@ -141,7 +143,7 @@ class ReleaseService:
                                       "send the token as 'Authorization: Bearer <token>'")
         return self.signer.verify(token, now=self.clock())
 
-    def _seal(self, tok: AttestationToken, grant: _Grant) -> ReleasedKey:
+    def _seal(self, tok: AttestationToken, grant: _Grant) -> KeyRelease:
         info = protocol.release_info(grant.model.model_id, grant.key.version,
                                      grant.model.policy_digest)
         sealed = crypto.hpke_seal(tok.public_key, grant.secret, info=info)
@@ -151,7 +153,7 @@ class ReleaseService:
             subject=f"{tok.claims.tee.value}:{tok.thumbprint}", role=tok.role.value,
             holder_thumbprint=tok.thumbprint, token_id=tok.token_id, now=self.clock(),
             seconds=self._policy(grant.model).lease_duration)
-        return ReleasedKey(grant.model.model_id, grant.key.version, sealed, grant.model.policy,
+        return KeyRelease(grant.model.model_id, grant.key.version, sealed, grant.model.policy,
                          grant.model.policy_digest, lease)
 
     def _unwrap(self, key: KeyRecord) -> bytes:

@@ -35,7 +35,7 @@ from .attestation_service import AttestationService, Challenge, IssuedToken
 from .audit_recorder import AuditRecorder, Clock, FailureSampler, RequestContext
 from .kek_base import KekProvider
 from .metrics import KeyserverMetrics
-from .release_service import ReleasedKey, ReleaseService
+from .release_service import KeyRelease, ReleaseService
 from .rowmac import RowIntegrity
 from .store import AdminTokenRecord, KeyState, Store
 from .tokens import TokenSigner
@@ -128,13 +128,13 @@ class Keyserver:
     # ------------------------------------------------------------------ key release
 
     def release(self, token: str | None, ctx: RequestContext, *, model_id: str | None = None,
-                version: int | None = None) -> list[ReleasedKey]:
+                version: int | None = None) -> list[KeyRelease]:
         return self.releases.release(token, ctx, model_id=model_id, version=version)
 
     def release_with_receipt(self, token: str | None, ctx: RequestContext, *,
                              model_id: str | None = None, version: int | None = None,
                              since: int | None = None
-                             ) -> tuple[list[ReleasedKey], dict[str, Any]]:
+                             ) -> tuple[list[KeyRelease], dict[str, Any]]:
         return self.releases.release_with_receipt(token, ctx, model_id=model_id,
                                                   version=version, since=since)
 
