@@ -107,8 +107,7 @@ class AdminService:
                     "upgrade)", sealed, extra={"fields": {"sealed_rows": sealed}})
         return sealed
 
-
-    # ------------------------------------------------------------------ models
+    # ------------------------------------------------------------------ authentication
 
     def authenticate_admin(self, token: str | None, ctx: RequestContext,
                            action: str) -> AdminTokenRecord:
@@ -135,7 +134,10 @@ class AdminService:
         return record
 
     def _write(self, entry: dict[str, Any],
-                     body: Callable[[StoreTx, dict[str, Any]], Any]) -> Any:
+               body: Callable[[StoreTx, dict[str, Any]], Any]) -> Any:
+        """Run ``body`` and append ``entry`` in one transaction (a change is never
+        committed without its record); a refusal is audited on its own after the
+        rollback."""
         try:
             with self.store.transaction() as tx:
                 result = body(tx, entry)
@@ -148,8 +150,10 @@ class AdminService:
         return result
 
     def _entry(self, who: AdminTokenRecord, ctx: RequestContext, event: str,
-                     **fields: Any) -> dict[str, Any]:
+               **fields: Any) -> dict[str, Any]:
         return self.recorder.entry(ctx, event, actor=who.token_id, actor_role=who.role, **fields)
+
+    # ------------------------------------------------------------------ models
 
     def _owned(self, tx: StoreTx, who: AdminTokenRecord, model_id: str,
                entry: dict[str, Any]) -> ModelRecord:
