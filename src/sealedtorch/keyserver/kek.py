@@ -35,12 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from .. import crypto, secretfile
-from ..errors import (  # noqa: F401 (re-exported)
+from ..errors import (
     ConfigError,
     IntegrityError,
-    KekLoginError,
-    KekObjectNotFound,
-    KekTokenNotFound,
     KekUnavailable,
     KeyFileError,
     ServiceUnavailable,

@@ -9,7 +9,7 @@ a policy to admit their own runtime, un-revoke a key, move a model to their owne
 or insert an admin token of their own.
 
 Each such row carries ``row_mac``: a MAC over a canonical encoding of the columns that
-matter, made by the KEK provider (:meth:`~.kek.KekProvider.mac`) with a key that exists
+matter, made by the KEK provider (:meth:`~.kek_base.KekProvider.mac`) with a key that exists
 only inside it: an HMAC-SHA256 key derived from a file KEK, or GMAC by the HSM with the
 PKCS#11 KEK itself.  ``mac_kek`` names the KEK that made it, so ``keyserver rewrap`` can
 move MACs to a new KEK like wrapped keys.  The keyserver checks the MAC every time it
