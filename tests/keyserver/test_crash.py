@@ -28,6 +28,98 @@ from .conftest import (
 )
 
 
+class _Burst:
+    """Registrations (3 threads) and releases (3 threads) against one keyserver, recording
+    which were answered 2xx (and with which request id)."""
+
+    def __init__(self, ks: Keyserver, url: str, ca_file, admin_token: str) -> None:
+        self.ks, self.url, self.ca_file, self.admin_token = ks, url, ca_file, admin_token
+        self.registered: dict[str, tuple[ModelKey, str]] = {}  # answered 201: key, request id
+        self.attempted: dict[str, ModelKey] = {}
+        self.released: list[str] = []  # request ids of answered releases
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self.registrar, args=(t,)) for t in range(3)] + \
+            [threading.Thread(target=self.releaser) for _ in range(3)]
+
+    def _http(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, verify=client_context(self.ca_file), timeout=5)
+
+    def registrar(self, t: int) -> None:
+        with self._http() as http:
+            for i in range(10_000):
+                if self.stop.is_set():
+                    return
+                key = ModelKey.generate(f"crash-{t}-{i}")
+                with self.lock:
+                    self.attempted[key.model_id] = key
+                try:
+                    r = http.post("/v1/admin/models", headers={
+                        "Authorization": f"Bearer {self.admin_token}"}, json={
+                        "model_id": key.model_id, "policy": self.ks.policy(),
+                        "key": {"version": 1, "key": base64.b64encode(key.secret)
+                                .decode()}})
+                except httpx.HTTPError:
+                    return
+                if r.status_code == 201:
+                    with self.lock:
+                        self.registered[key.model_id] = (key, r.headers["x-request-id"])
+
+    def releaser(self) -> None:
+        with self._http() as http:
+            while not self.stop.is_set():
+                kp = crypto.EphemeralKeyPair.generate()
+                try:
+                    nonce = self.ks.challenge(http)
+                    r = http.post("/v1/attest", json=self.ks.attest_body(nonce,
+                                                                         kp.public_bytes))
+                    if r.status_code != 200:
+                        continue
+                    r = http.get("/v1/keys/crash-base", headers={
+                        "Authorization": f"Bearer {r.json()['token']}"})
+                except (httpx.HTTPError, AssertionError):
+                    return
+                if r.status_code == 200:
+                    with self.lock:
+                        self.released.append(r.headers["x-request-id"])
+
+    def run_until_killed(self, proc) -> None:
+        """Start the burst, kill -9 the server once enough was answered, join."""
+        for t in self.threads:
+            t.start()
+        deadline = time.monotonic() + 20
+        while (len(self.registered) < 15 or len(self.released) < 10) \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)  # mid-burst: requests are in flight
+        proc.wait(timeout=10)
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=20)
+
+
+def _read_store(init):
+    """The audit records, models and key versions of the store, read directly."""
+    store = config.open_store(init.config)
+    try:
+        with store.snapshot() as tx:
+            records = tx.audit_records()
+            models = {m.model_id: m for m in tx.list_models()}
+            versions = {mid: tx.key_versions(mid) for mid in models}
+    finally:
+        store.close()
+    return records, models, versions
+
+
+def _by_request(records) -> dict[str, list[audit.AuditRecord]]:
+    by_request: dict[str, list[audit.AuditRecord]] = {}
+    for rec in records:
+        rid = rec.body.get("request_id")
+        if rid:
+            by_request.setdefault(rid, []).append(rec)
+    return by_request
+
+
 @pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
 def test_kill_9_mid_burst_loses_nothing_committed(engine, tmp_path, request):
     database = request.getfixturevalue("pg_url") if engine == "postgresql" else None
@@ -43,87 +135,21 @@ def test_kill_9_mid_burst_loses_nothing_committed(engine, tmp_path, request):
         base_key = ks.register("crash-base")
         admin_token = init.admin_token_file.read_text().strip()
 
-        registered: dict[str, tuple[ModelKey, str]] = {}  # answered 201: key, request id
-        attempted: dict[str, ModelKey] = {}
-        released: list[str] = []  # request ids of answered releases
-        stop = threading.Event()
-        lock = threading.Lock()
-
-        def registrar(t: int) -> None:
-            with httpx.Client(base_url=url, verify=client_context(init.ca_file),
-                              timeout=5) as http:
-                for i in range(10_000):
-                    if stop.is_set():
-                        return
-                    key = ModelKey.generate(f"crash-{t}-{i}")
-                    with lock:
-                        attempted[key.model_id] = key
-                    try:
-                        r = http.post("/v1/admin/models", headers={
-                            "Authorization": f"Bearer {admin_token}"}, json={
-                            "model_id": key.model_id, "policy": ks.policy(),
-                            "key": {"version": 1, "key": base64.b64encode(key.secret)
-                                    .decode()}})
-                    except httpx.HTTPError:
-                        return
-                    if r.status_code == 201:
-                        with lock:
-                            registered[key.model_id] = (key, r.headers["x-request-id"])
-
-        def releaser() -> None:
-            with httpx.Client(base_url=url, verify=client_context(init.ca_file),
-                              timeout=5) as http:
-                while not stop.is_set():
-                    kp = crypto.EphemeralKeyPair.generate()
-                    try:
-                        nonce = ks.challenge(http)
-                        r = http.post("/v1/attest", json=ks.attest_body(nonce,
-                                                                        kp.public_bytes))
-                        if r.status_code != 200:
-                            continue
-                        r = http.get("/v1/keys/crash-base", headers={
-                            "Authorization": f"Bearer {r.json()['token']}"})
-                    except (httpx.HTTPError, AssertionError):
-                        return
-                    if r.status_code == 200:
-                        with lock:
-                            released.append(r.headers["x-request-id"])
-
-        threads = [threading.Thread(target=registrar, args=(t,)) for t in range(3)] + \
-            [threading.Thread(target=releaser) for _ in range(3)]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 20
-        while (len(registered) < 15 or len(released) < 10) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)  # mid-burst: requests are in flight
-        proc.wait(timeout=10)
-        stop.set()
-        for t in threads:
-            t.join(timeout=20)
+        burst = _Burst(ks, url, init.ca_file, admin_token)
+        burst.run_until_killed(proc)
+        registered, attempted, released = burst.registered, burst.attempted, burst.released
         assert len(registered) >= 15 and len(released) >= 10, (len(registered),
                                                                len(released))
 
         # restart on the same store
         proc, url = start_keyserver(init.config.data_dir, pub, log, database=database)
         wait_ready(url, init.ca_file, proc)
-        store = config.open_store(init.config)
         kek = config.open_kek(init.config)
-        try:
-            with store.snapshot() as tx:
-                records = tx.audit_records()
-                models = {m.model_id: m for m in tx.list_models()}
-                versions = {mid: tx.key_versions(mid) for mid in models}
-        finally:
-            store.close()
+        records, models, versions = _read_store(init)
         report = audit.verify_chain(records)
         assert report.ok, report
 
-        by_request: dict[str, list[audit.AuditRecord]] = {}
-        for rec in records:
-            rid = rec.body.get("request_id")
-            if rid:
-                by_request.setdefault(rid, []).append(rec)
+        by_request = _by_request(records)
         for model_id, (_key, rid) in registered.items():
             assert model_id in models, f"{model_id}: answered 201, lost after kill -9"
             assert [(r.event, r.decision) for r in by_request[rid]] == [("register", "ok")]

@@ -12,7 +12,7 @@ import pytest
 
 from sealedtorch.attest import sim
 from sealedtorch.keyserver import server
-from sealedtorch.keyserver.service import FAILURE_BUDGET, FailureSampler
+from sealedtorch.keyserver.audit_recorder import FAILURE_BUDGET, FailureSampler
 from sealedtorch.keyserver.tls import client_context
 
 MALFORMED = [

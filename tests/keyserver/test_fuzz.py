@@ -21,7 +21,7 @@ from sealedtorch.attest import sim
 from sealedtorch.keys import ModelKey
 from sealedtorch.keyserver import app as ks_app
 from sealedtorch.keyserver import config, server
-from sealedtorch.keyserver.service import RequestContext
+from sealedtorch.keyserver.audit_recorder import RequestContext
 
 EXAMPLES = 20
 BUDGET_S = 45.0

@@ -26,19 +26,19 @@ import pytest
 from sealedtorch import crypto
 from sealedtorch.attest import measure, sim
 from sealedtorch.attest.attesters import SimAttester
-from sealedtorch.errors import ConfigError, IntegrityError
-from sealedtorch.keys import ModelKey
-from sealedtorch.keyserver import audit, config, server
-from sealedtorch.keyserver.client import AdminClient, AttestedKeyClient
-from sealedtorch.keyserver.kek import (
-    FileKek,
+from sealedtorch.errors import (
+    ConfigError,
+    IntegrityError,
     KekLoginError,
     KekObjectNotFound,
     KekTokenNotFound,
     KekUnavailable,
-    key_aad,
-    open_ring,
 )
+from sealedtorch.keys import ModelKey
+from sealedtorch.keyserver import audit, config, server
+from sealedtorch.keyserver.client import AdminClient, AttestedKeyClient
+from sealedtorch.keyserver.kek import FileKek, open_ring
+from sealedtorch.keyserver.kek_base import key_aad
 from sealedtorch.keyserver.kek_pkcs11 import Pkcs11Kek, Pkcs11Uri
 from sealedtorch.keyserver.rewrap import kek_status, rewrap
 from sealedtorch.keyserver.store import KeyRecord, KeyState, ModelRecord, SqliteStore

@@ -14,11 +14,11 @@ import pytest
 from sealedtorch import cli, crypto
 from sealedtorch.attest import measure, sim
 from sealedtorch.attest.attesters import SimAttester
-from sealedtorch.errors import ConfigError, IntegrityError, ServiceUnavailable
+from sealedtorch.errors import ConfigError, IntegrityError, KekUnavailable, ServiceUnavailable
 from sealedtorch.keys import ModelKey
 from sealedtorch.keyserver import config, problems, server
 from sealedtorch.keyserver.client import AdminClient, AttestedKeyClient
-from sealedtorch.keyserver.kek import FileKek, KekRing, KekUnavailable, open_ring, parse_target
+from sealedtorch.keyserver.kek import FileKek, KekRing, open_ring, parse_target
 from sealedtorch.keyserver.rewrap import LOCK_FILE, rewrap, write_kek_section
 from sealedtorch.keyserver.store import KeyRecord, KeyState, ModelRecord, SqliteStore
 

@@ -11,8 +11,8 @@ import pytest
 
 from sealedtorch import cli, crypto, errors
 from sealedtorch.keys import ModelKey, validate_model_id
+from sealedtorch.keyserver.admin_service import TOKEN_LIFETIME
 from sealedtorch.keyserver.client import AdminClient
-from sealedtorch.keyserver.service import TOKEN_LIFETIME
 
 
 def _client(ks, token: str) -> AdminClient:

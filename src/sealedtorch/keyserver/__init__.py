@@ -5,12 +5,16 @@ live at rest (wrapped by a KEK).
 Modules:
 
 - :mod:`.protocol` — wire format shared by server and clients (bodies, HPKE info, base64)
-- :mod:`.service`  — the logic (attest, release, admin), independent of HTTP
+- :mod:`.service`  — :class:`~.service.Keyserver`, the front over the services below,
+  independent of HTTP: :mod:`.attestation_service`, :mod:`.release_service`,
+  :mod:`.admin_service`, sharing one :mod:`.audit_recorder`
 - :mod:`.app`      — FastAPI application (RFC 7807 problems, body limits, OpenAPI)
+- :mod:`.routes`   — the HTTP routes (module-level routers, the ``admin(action)`` dependency)
 - :mod:`.server`   — uvicorn/TLS runner, JSON logs, :class:`~.server.BackgroundServer`
 - :mod:`.client`   — :class:`~.client.AttestedKeyClient`, :class:`~.client.AdminClient`
 - :mod:`.store`    — :class:`~.store.Store` protocol and :class:`~.store.SqliteStore`
-- :mod:`.kek`      — :class:`~.kek.KekProvider` protocol and :class:`~.kek.FileKek`
+- :mod:`.kek_base` — :class:`~.kek_base.KekProvider` protocol (below both providers)
+- :mod:`.kek`      — :class:`~.kek.FileKek`, :class:`~.kek.KekRing`, provider specs
 - :mod:`.audit`    — hash-chained records and chain verification
 - :mod:`.tokens`   — attestation-result JWTs (EdDSA) and admin tokens
 - :mod:`.problems` — errors ↔ problem+json

@@ -32,7 +32,8 @@ from ..atomicfile import write_atomically
 from ..attest.policy import DeploymentPolicy, load_deployment_policy
 from ..errors import ConfigError, PolicyError
 from . import tlog, tls, tokens
-from .kek import FileKek, KekProvider, open_ring
+from .kek import FileKek, open_ring
+from .kek_base import KekProvider
 from .store import AdminTokenRecord, SqliteStore, Store
 
 CONFIG_FILE = "keyserver.json"
@@ -271,8 +272,8 @@ def init_data_dir(data_dir: Path | str, *, hostnames: tuple[str, ...] = (),
     write_new(d / CONFIG_FILE, (json.dumps(settings, indent=2) + "\n").encode(), 0o600)
     cfg = load_config(d)
 
+    from .admin_service import TOKEN_LIFETIME
     from .rowmac import META_KEY, RowIntegrity
-    from .service import TOKEN_LIFETIME
 
     token = tokens.new_admin_token()
     token_hash = tokens.admin_token_hash(token)

@@ -32,71 +32,23 @@ import json
 import logging
 import threading
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from .. import crypto, secretfile
-from ..errors import (  # noqa: F401 (re-exported)
+from ..errors import (
     ConfigError,
     IntegrityError,
-    KekLoginError,
-    KekObjectNotFound,
-    KekTokenNotFound,
     KekUnavailable,
     KeyFileError,
     ServiceUnavailable,
 )
+from .kek_base import KekProvider, check_kek_id, key_aad
+from .kek_pkcs11 import Pkcs11Kek, Pkcs11Uri
 
 log = logging.getLogger("sealedtorch.keyserver.kek")
 
 KEK_FILE_TYPE = "sealedtorch-keyserver-kek"
-_AAD_LABEL = b"sealedtorch/model-key/v1\x00"
 _ROW_MAC_INFO = b"sealedtorch/keyserver/row-mac/v1"
-
-
-# --------------------------------------------------------------------------- protocol
-
-def key_aad(model_id: str, version: int) -> bytes:
-    """AES-GCM associated data for a wrapped model key: label ‖ model id ‖ 0 ‖ u32be(version).
-    Model ids never contain NUL (see :func:`sealedtorch.keys.validate_model_id`)."""
-    return _AAD_LABEL + model_id.encode() + b"\x00" + version.to_bytes(4, "big")
-
-
-@runtime_checkable
-class KekProvider(Protocol):
-    """Wraps model keys for storage.  ``kek_id`` names the KEK new records are wrapped under
-    (stored beside each record, so a rewrap can find what still needs moving and a reader
-    knows which KEK to ask)."""
-
-    kek_id: str
-
-    def wrap(self, key: bytes, *, model_id: str, version: int) -> bytes: ...
-
-    def wrap_with_id(self, key: bytes, *, model_id: str, version: int) -> tuple[bytes, str]:
-        """Wrap, and name the KEK that did it (one consistent answer even while a
-        :class:`KekRing` switches its active KEK): what a store records."""
-        ...
-
-    def unwrap(self, wrapped: bytes, *, model_id: str, version: int,
-               kek_id: str | None = None) -> bytes:
-        """Unwrap a record; ``kek_id`` is the id stored with it (None: unknown)."""
-        ...
-
-    def mac(self, data: bytes) -> bytes:
-        """A tag over ``data`` (a store row's canonical bytes) under a key that exists only
-        inside this provider: who can write the database but not use the KEK cannot make
-        one.  Tags may be randomised; check them with :meth:`verify_mac`."""
-        ...
-
-    def verify_mac(self, data: bytes, tag: bytes) -> bool:
-        """True if ``tag`` was made by :meth:`mac` of this provider over ``data``."""
-        ...
-
-    def close(self) -> None: ...
-
-
-def _check_kek_id(provider: KekProvider, kek_id: str | None) -> None:
-    if kek_id is not None and kek_id != provider.kek_id:
-        raise KekUnavailable(f"record was wrapped under KEK {kek_id}, not {provider.kek_id}")
 
 
 # --------------------------------------------------------------------------- file KEK
@@ -147,7 +99,7 @@ class FileKek:
 
     def unwrap(self, wrapped: bytes, *, model_id: str, version: int,
                kek_id: str | None = None) -> bytes:
-        _check_kek_id(self, kek_id)
+        check_kek_id(self, kek_id)
         return crypto.unwrap_key(self._kek, wrapped, key_aad(model_id, version))
 
     def mac(self, data: bytes) -> bytes:
@@ -176,8 +128,6 @@ def spec_key(spec: dict[str, Any], base_dir: Path) -> str:
     try:
         if kind == "file":
             return "file:" + str((base_dir / str(spec["path"])).resolve())
-        from .kek_pkcs11 import Pkcs11Uri
-
         return Pkcs11Uri.parse(str(spec["uri"])).text()
     except KeyError as exc:
         raise ConfigError(f"KEK {kind} spec misses {exc}") from None
@@ -198,8 +148,6 @@ def open_provider(spec: dict[str, Any], *, base_dir: Path) -> KekProvider:
         if kind == "file":
             provider = FileKek.load(base_dir / str(spec["path"]))
         else:
-            from .kek_pkcs11 import Pkcs11Kek
-
             provider = Pkcs11Kek(str(spec["uri"]))
     except KeyError as exc:
         raise ConfigError(f"KEK {kind} spec misses {exc}") from None
@@ -216,8 +164,6 @@ def parse_target(text: str, *, data_dir: Path) -> dict[str, Any]:
     """``file:PATH`` or ``pkcs11:...`` (command line) → a spec.  A file path is taken from
     the working directory and stored relative to the data directory when inside it."""
     if text.startswith("pkcs11:"):
-        from .kek_pkcs11 import Pkcs11Uri
-
         return {"type": "pkcs11", "uri": Pkcs11Uri.parse(text).text()}
     if text.startswith("file:") and len(text) > 5:
         path = Path(text[5:]).expanduser().resolve()

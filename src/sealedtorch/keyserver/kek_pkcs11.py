@@ -3,7 +3,7 @@
 The KEK is an AES-256 secret-key object that is ``CKA_SENSITIVE`` and not
 ``CKA_EXTRACTABLE``: its value never leaves the token.  Wrapping is ``CKM_AES_GCM`` done by
 the token, with a fresh random 96-bit IV and the model id + version
-(:func:`~.kek.key_aad`) as associated data; a wrapped key is IV ‖ ciphertext ‖ 128-bit tag,
+(:func:`~.kek_base.key_aad`) as associated data; a wrapped key is IV ‖ ciphertext ‖ 128-bit tag,
 the same layout and size as :class:`~.kek.FileKek`'s.  (SoftHSM2 2.6 offers
 ``CKM_AES_GCM`` with associated data, so ``CKM_AES_KEY_WRAP_PAD``, which cannot bind the
 model id, is not used; a token without GCM is refused with a clear error.)
@@ -39,15 +39,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .. import crypto, secretfile
-from ..errors import ConfigError, IntegrityError
-from .kek import (
+from ..errors import (
+    ConfigError,
+    IntegrityError,
     KekLoginError,
     KekObjectNotFound,
     KekTokenNotFound,
     KekUnavailable,
-    _check_kek_id,
-    key_aad,
 )
+from .kek_base import check_kek_id, key_aad
 
 T = TypeVar("T")
 
@@ -90,47 +90,10 @@ class Pkcs11Uri:
         rest = text[len("pkcs11:"):]
         path, _, query = rest.partition("?")
         attrs: dict[str, str | bytes] = {}
-
-        def split(part: str, allowed: tuple[str, ...], sep: str) -> None:
-            for item in filter(None, part.split(sep)):
-                name, eq, value = item.partition("=")
-                if not eq:
-                    raise ConfigError(f"PKCS#11 URI: attribute {name!r} has no value")
-                if name == "pin-value":
-                    raise ConfigError("PKCS#11 URI: pin-value is refused (a PIN must never "
-                                      "be in a URI); use pin-source=file:/path or env:NAME")
-                if name not in allowed:
-                    raise ConfigError(f"PKCS#11 URI: unsupported attribute {name!r} "
-                                      f"(supported: {', '.join(allowed)})")
-                if name in attrs:
-                    raise ConfigError(f"PKCS#11 URI: attribute {name!r} given twice")
-                raw = urllib.parse.unquote_to_bytes(value)
-                if name == "id":
-                    attrs[name] = raw
-                    continue
-                try:
-                    attrs[name] = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    raise ConfigError(f"PKCS#11 URI: {name} is not UTF-8") from None
-
-        split(path, _PATH_ATTRS, ";")
-        split(query, _QUERY_ATTRS, "&")
-        if attrs.get("type", "secret-key") != "secret-key":
-            raise ConfigError("PKCS#11 URI: a KEK is a secret-key object (type=secret-key)")
-        module = str(attrs.get("module-path", ""))
-        if not module:
-            raise ConfigError("PKCS#11 URI: module-path is required, e.g. "
-                              "?module-path=/usr/lib/softhsm/libsofthsm2.so")
-        if not os.path.isabs(module):
-            raise ConfigError(f"PKCS#11 URI: module-path must be absolute, got {module!r}")
-        if not attrs.get("object") and not attrs.get("id"):
-            raise ConfigError("PKCS#11 URI: name the key with object=LABEL (and/or id=)")
-        slot: int | None = None
-        if "slot-id" in attrs:
-            try:
-                slot = int(str(attrs["slot-id"]))
-            except ValueError:
-                raise ConfigError("PKCS#11 URI: slot-id must be a number") from None
+        _read_attrs(attrs, path, _PATH_ATTRS, ";")
+        _read_attrs(attrs, query, _QUERY_ATTRS, "&")
+        module = _check_key_attrs(attrs)
+        slot = _slot_id(attrs)
         pin_source = attrs.get("pin-source")
         if pin_source is not None:
             _check_pin_source(str(pin_source))
@@ -167,6 +130,58 @@ class Pkcs11Uri:
         if self.id is not None:
             what += (" " if what else "") + f"id={self.id.hex()}"
         return what
+
+
+def _read_attrs(attrs: dict[str, str | bytes], part: str, allowed: tuple[str, ...],
+                sep: str) -> None:
+    """Add the ``name=value`` items of one URI part to ``attrs``: percent-decoded, ``id``
+    as bytes, the rest UTF-8; an unknown, repeated or value-less attribute is refused, and
+    so is ``pin-value`` (a PIN must never be in a URI)."""
+    for item in filter(None, part.split(sep)):
+        name, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"PKCS#11 URI: attribute {name!r} has no value")
+        if name == "pin-value":
+            raise ConfigError("PKCS#11 URI: pin-value is refused (a PIN must never "
+                              "be in a URI); use pin-source=file:/path or env:NAME")
+        if name not in allowed:
+            raise ConfigError(f"PKCS#11 URI: unsupported attribute {name!r} "
+                              f"(supported: {', '.join(allowed)})")
+        if name in attrs:
+            raise ConfigError(f"PKCS#11 URI: attribute {name!r} given twice")
+        raw = urllib.parse.unquote_to_bytes(value)
+        if name == "id":
+            attrs[name] = raw
+            continue
+        try:
+            attrs[name] = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"PKCS#11 URI: {name} is not UTF-8") from None
+
+
+def _check_key_attrs(attrs: dict[str, str | bytes]) -> str:
+    """Refuse a URI that does not name one secret key through an absolute module path;
+    return that module path."""
+    if attrs.get("type", "secret-key") != "secret-key":
+        raise ConfigError("PKCS#11 URI: a KEK is a secret-key object (type=secret-key)")
+    module = str(attrs.get("module-path", ""))
+    if not module:
+        raise ConfigError("PKCS#11 URI: module-path is required, e.g. "
+                          "?module-path=/usr/lib/softhsm/libsofthsm2.so")
+    if not os.path.isabs(module):
+        raise ConfigError(f"PKCS#11 URI: module-path must be absolute, got {module!r}")
+    if not attrs.get("object") and not attrs.get("id"):
+        raise ConfigError("PKCS#11 URI: name the key with object=LABEL (and/or id=)")
+    return module
+
+
+def _slot_id(attrs: dict[str, str | bytes]) -> int | None:
+    if "slot-id" not in attrs:
+        return None
+    try:
+        return int(str(attrs["slot-id"]))
+    except ValueError:
+        raise ConfigError("PKCS#11 URI: slot-id must be a number") from None
 
 
 def _str(value: str | bytes | None) -> str | None:
@@ -357,7 +372,7 @@ def _module(path: str) -> _Module:
 # --------------------------------------------------------------------------- the KEK
 
 class Pkcs11Kek:
-    """A :class:`~.kek.KekProvider` whose AES-256 KEK lives in a PKCS#11 token."""
+    """A :class:`~.kek_base.KekProvider` whose AES-256 KEK lives in a PKCS#11 token."""
 
     def __init__(self, uri: Pkcs11Uri | str) -> None:
         self.uri = uri if isinstance(uri, Pkcs11Uri) else Pkcs11Uri.parse(uri)
@@ -505,24 +520,13 @@ class Pkcs11Kek:
 
     def unwrap(self, wrapped: bytes, *, model_id: str, version: int,
                kek_id: str | None = None) -> bytes:
-        _check_kek_id(self, kek_id)
-        p11 = self._module.p11
+        check_kek_id(self, kek_id)
         if len(wrapped) != crypto.NONCE_SIZE + crypto.KEY_SIZE + crypto.TAG_SIZE:
             raise IntegrityError("wrapped key has the wrong length")
-        params = p11.GCMParams(wrapped[:crypto.NONCE_SIZE], key_aad(model_id, version),
-                               _TAG_BITS)
-        body = wrapped[crypto.NONCE_SIZE:]
-        try:
-            plain = self._call(lambda k: k.decrypt(body, mechanism=p11.Mechanism.AES_GCM,
-                                                   mechanism_param=params), "unwrap")
-        except (p11.EncryptedDataInvalid, p11.EncryptedDataLenRange, p11.DataInvalid,
-                p11.GeneralError, p11.FunctionFailed):
-            # SoftHSM2 answers a failed GCM tag check with CKR_GENERAL_ERROR
+        plain = self._gcm_open(wrapped, key_aad(model_id, version), "unwrap", "unwrap")
+        if plain is None:
             raise IntegrityError("wrapped key (wrong KEK or tampered record): "
-                                 "authentication failed in the token") from None
-        except p11.PKCS11Error as exc:
-            raise KekUnavailable(f"{self.kek_id}: the token refused to unwrap: "
-                                 f"{type(exc).__name__}") from None
+                                 "authentication failed in the token")
         if len(plain) != crypto.KEY_SIZE:
             raise IntegrityError("unwrapped key has the wrong length")
         return bytes(plain)
@@ -544,21 +548,28 @@ class Pkcs11Kek:
         return iv + bytes(tag)
 
     def verify_mac(self, data: bytes, tag: bytes) -> bool:
-        p11 = self._module.p11
         if len(tag) != crypto.NONCE_SIZE + crypto.TAG_SIZE:
             return False
-        params = p11.GCMParams(tag[:crypto.NONCE_SIZE], data, _TAG_BITS)
-        body = tag[crypto.NONCE_SIZE:]
+        plain = self._gcm_open(tag, data, "verify mac", "verify a MAC")
+        return plain is not None and len(plain) == 0
+
+    def _gcm_open(self, sealed: bytes, aad: bytes, op: str, refused: str) -> bytes | None:
+        """AES-GCM decryption in the token of ``sealed`` (IV ‖ ciphertext ‖ tag) with
+        ``aad``: the plaintext, or None if the tag does not authenticate.  Any other refusal
+        of the token is :class:`KekUnavailable` ("the token refused to ``refused``")."""
+        p11 = self._module.p11
+        params = p11.GCMParams(sealed[:crypto.NONCE_SIZE], aad, _TAG_BITS)
+        body = sealed[crypto.NONCE_SIZE:]
         try:
-            plain = self._call(lambda k: k.decrypt(body, mechanism=p11.Mechanism.AES_GCM,
-                                                   mechanism_param=params), "verify mac")
+            return bytes(self._call(lambda k: k.decrypt(body, mechanism=p11.Mechanism.AES_GCM,
+                                                        mechanism_param=params), op))
         except (p11.EncryptedDataInvalid, p11.EncryptedDataLenRange, p11.DataInvalid,
                 p11.GeneralError, p11.FunctionFailed):
-            return False
+            # SoftHSM2 answers a failed GCM tag check with CKR_GENERAL_ERROR
+            return None
         except p11.PKCS11Error as exc:
-            raise KekUnavailable(f"{self.kek_id}: the token refused to verify a MAC: "
+            raise KekUnavailable(f"{self.kek_id}: the token refused to {refused}: "
                                  f"{type(exc).__name__}") from None
-        return len(plain) == 0
 
     def close(self) -> None:
         with self._module.lock:

@@ -9,7 +9,7 @@ a policy to admit their own runtime, un-revoke a key, move a model to their owne
 or insert an admin token of their own.
 
 Each such row carries ``row_mac``: a MAC over a canonical encoding of the columns that
-matter, made by the KEK provider (:meth:`~.kek.KekProvider.mac`) with a key that exists
+matter, made by the KEK provider (:meth:`~.kek_base.KekProvider.mac`) with a key that exists
 only inside it: an HMAC-SHA256 key derived from a file KEK, or GMAC by the HSM with the
 PKCS#11 KEK itself.  ``mac_kek`` names the KEK that made it, so ``keyserver rewrap`` can
 move MACs to a new KEK like wrapped keys.  The keyserver checks the MAC every time it
@@ -30,13 +30,16 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 from .. import crypto
-from ..errors import StoreIntegrityError
-from .kek import KekProvider, KekRing, KekUnavailable
+from ..errors import KekUnavailable, StoreIntegrityError
+from .kek import KekRing
+from .kek_base import KekProvider
 from .protocol import canonical_json
 from .store import AdminTokenRecord, KeyRecord, ModelRecord
+
+_Row = TypeVar("_Row", ModelRecord, KeyRecord, AdminTokenRecord)
 
 log = logging.getLogger("sealedtorch.keyserver")
 
@@ -86,6 +89,11 @@ class RowIntegrity:
             return self.kek.mac_with_id(data)
         return self.kek.mac(data), self.kek.kek_id
 
+    def _sealed(self, row: _Row, data: bytes) -> _Row:
+        """``row`` with the tag over its canonical bytes ``data`` (and the KEK that made it)."""
+        tag, kek_id = self.tag(data)
+        return replace(row, row_mac=tag, mac_kek=kek_id)
+
     def valid(self, data: bytes, tag: bytes | None, kek_id: str | None) -> bool:
         """True if ``tag`` is a MAC over ``data`` made by the KEK ``kek_id``."""
         if tag is None or kek_id is None:
@@ -118,8 +126,7 @@ class RowIntegrity:
 
     # --- models -------------------------------------------------------------------------
     def seal_model(self, m: ModelRecord) -> ModelRecord:
-        tag, kek_id = self.tag(model_bytes(m))
-        return replace(m, row_mac=tag, mac_kek=kek_id)
+        return self._sealed(m, model_bytes(m))
 
     def check_model(self, m: ModelRecord) -> ModelRecord:
         if not self.valid(model_bytes(m), m.row_mac, m.mac_kek):
@@ -128,8 +135,7 @@ class RowIntegrity:
 
     # --- key versions ---------------------------------------------------------------------
     def seal_key(self, k: KeyRecord) -> KeyRecord:
-        tag, kek_id = self.tag(key_bytes(k))
-        return replace(k, row_mac=tag, mac_kek=kek_id)
+        return self._sealed(k, key_bytes(k))
 
     def check_key(self, k: KeyRecord) -> KeyRecord:
         if not self.valid(key_bytes(k), k.row_mac, k.mac_kek):
@@ -139,8 +145,7 @@ class RowIntegrity:
 
     # --- admin tokens ---------------------------------------------------------------------
     def seal_token(self, t: AdminTokenRecord) -> AdminTokenRecord:
-        tag, kek_id = self.tag(token_bytes(t))
-        return replace(t, row_mac=tag, mac_kek=kek_id)
+        return self._sealed(t, token_bytes(t))
 
     def check_token(self, t: AdminTokenRecord) -> AdminTokenRecord:
         if not self.valid(token_bytes(t), t.row_mac, t.mac_kek):

@@ -27,6 +27,7 @@ from ..listen import bind_tcp, parse_listen
 from ..logs import configure_logging
 from . import tlog, tls
 from .app import RateLimit, create_app
+from .audit_recorder import Clock
 from .config import (
     ROW_MACS_SETTING,
     KeyserverConfig,
@@ -36,7 +37,7 @@ from .config import (
     set_setting,
     with_database,
 )
-from .service import Clock, Keyserver
+from .service import Keyserver
 from .tokens import TokenSigner
 
 log = logging.getLogger("sealedtorch.keyserver")

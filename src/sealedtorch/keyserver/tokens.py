@@ -15,7 +15,6 @@ SHA-256, so a copy of the database cannot be used to administer the keyserver.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import typing
 from dataclasses import dataclass
@@ -149,9 +148,16 @@ class TokenSigner:
                                 claims_from_json(payload["claims"]))
 
 
-@functools.cache
+#: Resolved field types of each claims class, computed on first use (resolving them at
+#: import could meet annotations that are not importable yet).
+_HINTS: dict[type[Claims], dict[str, Any]] = {}
+
+
 def _hints(cls: type[Claims]) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    return hints
 
 
 def claims_from_json(data: dict[str, Any]) -> Claims:
