@@ -3,9 +3,10 @@
 Public API, like safetensors' few functions: :func:`seal` (returns a :class:`SealResult`),
 :func:`load_state_dict`, :func:`load_model`, :func:`load_pretrained` (Hugging Face
 transformers models), :func:`unseal`, :func:`read_preamble`, the key helpers
-(:class:`ModelKey`, :func:`read_key_file`, :func:`write_key_file`) and every exception of
-:mod:`sealedtorch.errors` (one tree, drawn in its docstring).  Heavy imports (torch) happen on first use, so the CLI and the
-services start fast; ``dir(sealedtorch)`` lists the lazy names too.
+(:class:`ModelKey`, :func:`read_key_file`, :func:`write_key_file`) and every exception
+of :mod:`sealedtorch.errors` (one tree, drawn in its docstring).  Heavy imports (torch)
+happen on first use, so the CLI and the services start fast; ``dir(sealedtorch)`` lists
+the lazy names too.
 """
 
 from __future__ import annotations
@@ -15,11 +16,10 @@ from .errors import *  # noqa: F403 (every exception is public: see errors.__all
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ModelKey", "SealResult", "__version__", "load_model", "load_pretrained",
-    "load_state_dict", "read_key_file", "read_preamble", "seal", "unseal", "write_key_file",
-    *errors.__all__,
-]
+#: The functions and types, imported on first use (see ``__getattr__``).
+_LAZY_API = ("ModelKey", "SealResult", "load_model", "load_pretrained", "load_state_dict",
+             "read_key_file", "read_preamble", "seal", "unseal", "write_key_file")
+__all__ = ["__version__", *_LAZY_API, *errors.__all__]
 
 _FROM_FORMAT = frozenset({"seal", "load_state_dict", "load_model", "unseal", "read_preamble",
                           "SealResult"})
