@@ -35,6 +35,7 @@ from pydantic import (
     model_validator,
 )
 
+from .. import uniquejson
 from ..errors import PolicyDenied, PolicyError
 from .evidence import Claims
 
@@ -505,23 +506,15 @@ _UniqueKeyLoader.add_constructor(
     yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def _no_duplicate_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
 
 def _parse_text(text: str, label: str) -> Any:
     stripped = text.lstrip()
     if stripped.startswith("{"):
         try:  # JSON is YAML, but PyYAML stumbles on tab indentation: try JSON first
-            return json.loads(text, object_pairs_hook=_no_duplicate_pairs)
-        except ValueError as exc:
-            if "duplicate key" in str(exc):
-                raise PolicyError(f"invalid policy {label}: {exc}") from None
+            return uniquejson.loads(
+                text, error=lambda problem: PolicyError(f"invalid policy {label}: {problem}"))
+        except ValueError:
+            pass  # not JSON after all: YAML says what is wrong with it
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .. import uniquejson
 from ..errors import FormatError
 from .spec import DTYPES, chunks_of
 
@@ -71,7 +72,7 @@ class Header:
                 value of the wrong type, or a table that does not match the preamble.
         """
         try:
-            doc = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
+            doc = uniquejson.loads(raw)
             header = cls._from_json(doc)
         except (ValueError, TypeError) as exc:
             raise FormatError(f"{source}: header is authentic but malformed ({exc})") from None
@@ -114,17 +115,6 @@ class Header:
 
 _TENSOR_FIELDS = {"name", "dtype", "shape", "offset", "nbytes"}
 _ALIAS_FIELDS = {"name", "alias_of"}
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """``json.loads`` hook: a key given twice is an error, not "the last one wins" (two
-    readers could otherwise see two different tables in the same authentic header)."""
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k!r}")
-        out[k] = v
-    return out
 
 
 def _check_fields(obj: object, what: str, *, required: set[str],
