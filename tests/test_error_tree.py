@@ -49,7 +49,8 @@ def test_every_subclass_of_the_base_lives_in_errors_py():
         cls = todo.pop()
         seen.add(cls)
         todo.extend(c for c in cls.__subclasses__() if c not in seen)
-    assert {c.__module__ for c in seen} == {"sealedtorch.errors"}
+    ours = {c.__module__ for c in seen if c.__module__.startswith("sealedtorch.")}
+    assert ours == {"sealedtorch.errors"}  # (tests may define stand-ins of their own)
 
 
 @pytest.mark.parametrize("cls", _tree_classes(), ids=lambda c: c.__name__)

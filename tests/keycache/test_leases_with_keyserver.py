@@ -66,6 +66,7 @@ class Site:
     proxy: Proxy | None = None
     keyserver: subprocess.Popen[str] | None = None
     keycache: subprocess.Popen[str] | None = None
+    stderr: dict[int, Path] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -76,10 +77,19 @@ class Site:
         return self.data / "tls" / "ca.pem"
 
     def start(self, *args: str) -> subprocess.Popen[str]:
-        proc = subprocess.Popen([sys.executable, "-m", "sealedtorch.cli", *args],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # Output goes to files, not pipes: nobody reads a pipe while the test runs, and a
+        # service whose pipe is full blocks on its next log line (and stops answering).
+        err = self.tmp / f"proc-{len(self.procs)}.err"
+        with err.open("w") as stderr:
+            proc = subprocess.Popen([sys.executable, "-m", "sealedtorch.cli", *args],
+                                    stdout=subprocess.DEVNULL, stderr=stderr, text=True)
         self.procs.append(proc)
+        self.stderr[proc.pid] = err
         return proc
+
+    def errors(self, proc: subprocess.Popen[str]) -> str:
+        """Everything ``proc`` wrote to stderr so far."""
+        return self.stderr[proc.pid].read_text()
 
     def start_keyserver(self, trust_root: Path | None = None) -> None:
         root = trust_root or self.platform.directory / sim.PUB_FILE
@@ -136,7 +146,7 @@ class Site:
     def wait_serving(self, client: KeycacheClient) -> None:
         def serving() -> bool:
             assert self.keycache is not None
-            assert self.keycache.poll() is None, self.keycache.communicate()[1]
+            assert self.keycache.poll() is None, self.errors(self.keycache)
             return bool(self.socket.exists() and client.status()["serving"])
 
         _wait(serving, 30, "keycache serving")
@@ -144,14 +154,15 @@ class Site:
     def keycache_log(self) -> list[dict[str, Any]]:
         assert self.keycache is not None
         self.keycache.send_signal(signal.SIGTERM)
-        _out, err = self.keycache.communicate(timeout=30)
+        self.keycache.wait(timeout=30)
+        err = self.errors(self.keycache)
         return [json.loads(line) for line in err.splitlines() if line.startswith("{")]
 
     def stop_all(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:
                 proc.kill()
-            proc.communicate(timeout=10)
+            proc.wait(timeout=10)
         if self.proxy is not None:
             with contextlib.suppress(Exception):
                 self.proxy.cut()

@@ -46,25 +46,36 @@ pytestmark = pytest.mark.slow
 
 
 class Procs:
-    def __init__(self) -> None:
+    def __init__(self, logs: Path) -> None:
         self.procs: list[subprocess.Popen[str]] = []
+        self.logs = logs
+        self._stderr: dict[int, Path] = {}
 
     def start(self, *args: str) -> subprocess.Popen[str]:
-        proc = subprocess.Popen([sys.executable, "-m", "sealedtorch.cli", *args],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # Output goes to files, not pipes: nobody reads a pipe while the test runs, and a
+        # service whose pipe is full blocks on its next log line (and stops answering).
+        err = self.logs / f"proc-{len(self.procs)}.err"
+        with err.open("w") as stderr:
+            proc = subprocess.Popen([sys.executable, "-m", "sealedtorch.cli", *args],
+                                    stdout=subprocess.DEVNULL, stderr=stderr, text=True)
         self.procs.append(proc)
+        self._stderr[proc.pid] = err
         return proc
+
+    def errors(self, proc: subprocess.Popen[str]) -> str:
+        """Everything ``proc`` wrote to stderr so far."""
+        return self._stderr[proc.pid].read_text()
 
     def stop_all(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:
                 proc.kill()
-            proc.communicate(timeout=10)
+            proc.wait(timeout=10)
 
 
 @pytest.fixture
-def procs():
-    p = Procs()
+def procs(tmp_path_factory):
+    p = Procs(tmp_path_factory.mktemp("logs"))
     try:
         yield p
     finally:
@@ -130,7 +141,7 @@ def test_keycache_with_a_real_keyserver(tmp_path, short_dir, procs, capsys):
                             keycache_rules=trusted)
 
     def serving() -> bool:
-        assert keycache.poll() is None, keycache.communicate()[1]
+        assert keycache.poll() is None, procs.errors(keycache)
         return bool(sock.exists() and client.status()["serving"])
 
     _wait(serving, 20, "keycache serving")
@@ -215,7 +226,8 @@ def test_keycache_with_a_real_keyserver(tmp_path, short_dir, procs, capsys):
     # --- keycache restarted: it attests again and serves again -----------------------------
     attests = _holder_attests(db)
     keycache.send_signal(signal.SIGTERM)
-    _out, err = keycache.communicate(timeout=20)
+    keycache.wait(timeout=20)
+    err = procs.errors(keycache)
     assert keycache.returncode == 0, err
     assert not sock.exists()
     logs = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
