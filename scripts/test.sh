@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install sealedtorch with its test extras into ./.venv (created if missing), lint (ruff,
-# with the C901 complexity limit), type-check (mypy, strict about src/), test.
+# with the C901 complexity limit), type-check src/ (mypy), test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # SoftHSM2: the PKCS#11 token that the HSM KEK tests run against (installed once, with apt).
