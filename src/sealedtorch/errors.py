@@ -537,8 +537,3 @@ class InferenceError(RequestError):
 
     def __init__(self, status: int, message: str, **context: Any) -> None:
         super().__init__(f"HTTP {status}: {message}", http_status=status, **context)
-
-    @property
-    def status(self) -> int:
-        """The HTTP status (``http_status``), under the name earlier releases used."""
-        return self.http_status

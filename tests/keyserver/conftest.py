@@ -239,6 +239,21 @@ def start_keyserver(data: Path, sim_pub: Path, log: Any, *, database: str | None
     return proc, f"https://127.0.0.1:{port}"
 
 
+def start_replicas(procs: list[subprocess.Popen], data: Path, sim_pub: Path, log: Any, *,
+                   database: str, ca: Path, count: int = 2) -> list[str]:
+    """``count`` keyserver processes on one database, appended to ``procs`` as they start
+    (so the caller's cleanup stops them even if a later one fails); returns their URLs once
+    every one is ready."""
+    urls = []
+    for _ in range(count):
+        proc, url = start_keyserver(data, sim_pub, log, database=database)
+        procs.append(proc)
+        urls.append(url)
+    for proc, url in zip(procs[-count:], urls, strict=True):
+        wait_ready(url, ca, proc)
+    return urls
+
+
 def disable_rate_limit(data: Path) -> None:
     import json
 

@@ -34,8 +34,7 @@ from .conftest import (
     assert_no_plaintext_keys,
     disable_rate_limit,
     schema_of,
-    start_keyserver,
-    wait_ready,
+    start_replicas,
 )
 
 
@@ -138,15 +137,10 @@ def replicas(pg_url, tmp_path):
     disable_rate_limit(init.config.data_dir)
     platform = sim.init_platform(tmp_path / "sim")
     log = open(tmp_path / "server.log", "w+")
-    procs, urls = [], []
+    procs: list[subprocess.Popen] = []
     try:
-        for _ in range(2):
-            proc, url = start_keyserver(init.config.data_dir, platform.directory / sim.PUB_FILE,
-                                        log, database=pg_url)
-            procs.append(proc)
-            urls.append(url)
-        for proc, url in zip(procs, urls, strict=True):
-            wait_ready(url, init.ca_file, proc)
+        urls = start_replicas(procs, init.config.data_dir, platform.directory / sim.PUB_FILE,
+                              log, database=pg_url, ca=init.ca_file)
         yield init, platform, urls, tmp_path / "server.log"
     finally:
         for proc in procs:

@@ -159,22 +159,17 @@ def test_two_replica_processes_keep_one_log_a_witness_can_follow(pg_url: str,
     from sealedtorch.keyserver import config
     from sealedtorch.keyserver.client import AdminClient, AttestedKeyClient
 
-    from .conftest import disable_rate_limit, start_keyserver, wait_ready
+    from .conftest import disable_rate_limit, start_replicas
 
     init = config.init_data_dir(tmp_path / "data", now=time.time(), database=pg_url)
     disable_rate_limit(init.config.data_dir)
     platform = sim.init_platform(tmp_path / "sim")
     m = measure.measurement(b"tlog-replicas")
     log = open(tmp_path / "server.log", "w+")
-    procs, urls = [], []
+    procs: list = []
     try:
-        for _ in range(2):
-            proc, url = start_keyserver(init.config.data_dir, platform.directory / sim.PUB_FILE,
-                                        log, database=pg_url)
-            procs.append(proc)
-            urls.append(url)
-        for proc, url in zip(procs, urls, strict=True):
-            wait_ready(url, init.ca_file, proc)
+        urls = start_replicas(procs, init.config.data_dir, platform.directory / sim.PUB_FILE,
+                              log, database=pg_url, ca=init.ca_file)
         with AdminClient.from_token_file(urls[0], init.ca_file, init.admin_token_file) as a:
             a.register(ModelKey.generate("replicated"),
                        {"allow": [{"tee": "sim", "measurement": m.hex()}]})
